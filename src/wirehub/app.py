@@ -1,0 +1,121 @@
+"""The framework API: an :class:`App` is the handlers of one kind of server.
+
+Write handlers with decorators::
+
+    app = wirehub.App(framing="line")
+
+    @app.on_frame
+    def echo(conn, frame):
+        conn.send(frame)
+
+or subclass :class:`App` and override the methods of the same names (``connect``, ``frame``,
+``frame_error``, ``closing``, ``disconnect``, ``refusal``, ``startup``, ``shutdown``).
+
+A handler may be a plain function or ``async def``. Plain functions run inline as bytes
+arrive, the fastest path. When ``connect``, ``frame`` or ``frame_error`` is ``async``, each
+connection gets a task that runs its handler calls one at a time in arrival order, and
+reading from the peer pauses while it is behind. Either way a handler that raises is logged
+and closes only its own connection.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from .protocol.framing import Framing, FrameError, get_framing
+from .transport.connection import PROTOCOL, Connection, Handlers
+
+if TYPE_CHECKING:
+    from .server.server import Server
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class App:
+    """Handlers for connection events, plus the framing the app speaks on byte streams
+    (``"line"``: one frame per ``\\n``-terminated line; ``"length"``: 4-byte big-endian
+    length prefix). WebSocket messages and UDP datagrams are one frame each whatever the
+    framing."""
+
+    def __init__(self, *, framing: str | Framing = "line", name: str | None = None) -> None:
+        self.framing: Framing = get_framing(framing) if isinstance(framing, str) else framing
+        self.name = name or type(self).__name__
+
+    # --------------------------------------------------------------- overridable handlers
+
+    def connect(self, conn: Connection) -> Any:
+        """A connection opened (after any TLS or WebSocket handshake)."""
+
+    def frame(self, conn: Connection, frame: bytes) -> Any:
+        """One complete frame arrived."""
+        raise NotImplementedError(f"{self.name} has no frame handler: decorate one with @app.on_frame or override frame()")
+
+    def frame_error(self, conn: Connection, error: FrameError) -> Any:
+        """The peer broke the framing (``error.code`` is ``too_large`` or ``bad_frame``).
+        The default closes the connection with reason ``protocol``."""
+        conn.close(PROTOCOL)
+
+    def closing(self, conn: Connection, reason: str) -> None:
+        """The server is about to close ``conn`` (``idle``, ``shutdown``, ``kicked``,
+        ``slow_consumer``, ``handshake_timeout``...). A last ``conn.send`` here is
+        flushed before the close. Must be a plain function."""
+
+    def disconnect(self, conn: Connection, reason: str) -> Any:
+        """The connection is gone; ``reason`` says why (``closed`` when the peer left)."""
+
+    def refusal(self, reason: str) -> bytes | None:
+        """The frame to send a client refused at accept (``max_connections_per_ip``), or None."""
+        return None
+
+    async def startup(self, server: Server) -> None:
+        """Runs once per process before the listeners open."""
+
+    async def shutdown(self, server: Server) -> None:
+        """Runs once per process after the connections drained."""
+
+    # --------------------------------------------------------------- decorators
+
+    def on_connect(self, fn: F) -> F:
+        self.connect = fn  # type: ignore[method-assign]
+        return fn
+
+    def on_frame(self, fn: F) -> F:
+        self.frame = fn  # type: ignore[method-assign]
+        return fn
+
+    def on_frame_error(self, fn: F) -> F:
+        self.frame_error = fn  # type: ignore[method-assign]
+        return fn
+
+    def on_closing(self, fn: F) -> F:
+        self.closing = fn  # type: ignore[method-assign]
+        return fn
+
+    def on_disconnect(self, fn: F) -> F:
+        self.disconnect = fn  # type: ignore[method-assign]
+        return fn
+
+    def on_refusal(self, fn: F) -> F:
+        self.refusal = fn  # type: ignore[method-assign]
+        return fn
+
+    def on_startup(self, fn: F) -> F:
+        self.startup = fn  # type: ignore[method-assign]
+        return fn
+
+    def on_shutdown(self, fn: F) -> F:
+        self.shutdown = fn  # type: ignore[method-assign]
+        return fn
+
+    # --------------------------------------------------------------- for the server
+
+    def handlers(self) -> Handlers:
+        if type(self).frame is App.frame and "frame" not in self.__dict__:
+            raise TypeError(f"{self.name} has no frame handler: decorate one with @app.on_frame or override frame()")
+        return Handlers(
+            connect=self.connect,
+            frame=self.frame,
+            frame_error=self.frame_error,
+            disconnect=self.disconnect,
+            closing=self.closing,
+        )

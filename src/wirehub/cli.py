@@ -1,0 +1,150 @@
+"""The ``wirehub`` command line."""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import os
+import sys
+from typing import Any
+
+import click
+
+from . import config as cfg
+from ._version import __version__
+from .app import App
+
+EXIT_CONFIG = 2
+
+
+def _load_config(params: dict[str, Any]) -> cfg.Config:
+    file, flags = cfg.flags_from_click(params)
+    try:
+        return cfg.load(file=file, flags=flags)
+    except cfg.ConfigError as exc:
+        click.echo(f"wirehub: {exc}", err=True)
+        click.echo("Nothing was started. Fix the values above (see `wirehub serve --help`).", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warnings(config: cfg.Config) -> list[str]:
+    """Listeners reachable from other machines that have neither TLS nor auth."""
+    if config.secret:
+        return []
+    out = []
+    for kind in ("tcp", "ws", "udp"):
+        for host, port in getattr(config, kind):
+            if not _is_loopback(host):
+                out.append(
+                    f"{kind} {cfg.format_addr((host, port))} is reachable from other machines without TLS or auth: "
+                    f"anyone who can reach it can connect. Set --secret to require tokens, use --tls/--wss, or bind 127.0.0.1."
+                )
+    return out
+
+
+def load_app(spec: str) -> App:
+    """Import ``module:attribute`` (or ``path/file.py:attribute``) and return the App."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise click.UsageError(f"APP must look like module:attribute (for example examples.echo:app), got {spec!r}")
+    if module_name.endswith(".py") or os.sep in module_name:
+        path = os.path.abspath(module_name)
+        sys.path.insert(0, os.path.dirname(path))
+        module_name = os.path.splitext(os.path.basename(path))[0]
+    elif "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.UsageError(f"cannot import module {module_name!r}: {exc}") from None
+    try:
+        obj: Any = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise click.UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if isinstance(obj, type) and issubclass(obj, App):
+        obj = obj()
+    if not isinstance(obj, App):
+        raise click.UsageError(f"{spec} is a {type(obj).__name__}, not a wirehub.App")
+    return obj
+
+
+class _Group(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # in the order they were added, not sorted
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="wirehub")
+def main() -> None:
+    """wirehub: a socket server for Python.
+
+    \b
+    Run the real-time hub:            wirehub serve
+    Serve your own framework app:     wirehub run module:app
+    Check a config file:              wirehub config check wirehub.toml
+
+    Every option can also come from a TOML file (--config) or a WIREHUB_* environment
+    variable; flags win over the environment, which wins over the file.
+    """
+
+
+@main.command()
+@cfg.click_options
+def serve(**params: Any) -> None:
+    """Run the hub on TCP 127.0.0.1:7400, WebSocket 127.0.0.1:7401 and UDP 127.0.0.1:7400.
+
+    Until the hub lands, frames are echoed back to their sender.
+    """
+    from .apps.echo import app
+    from .server.supervisor import run
+
+    config = _load_config(params)
+    for warning in exposure_warnings(config):
+        click.echo(f"wirehub: warning: {warning}", err=True)
+    sys.exit(run(app, config))
+
+
+@main.command("run")
+@click.argument("app_spec", metavar="MODULE:APP")
+@cfg.click_options
+def run_app(app_spec: str, **params: Any) -> None:
+    """Serve your own App (for example: wirehub run examples.echo:app --tcp 127.0.0.1:9000)."""
+    from .server.supervisor import run
+
+    config = _load_config(params)
+    app = load_app(app_spec)
+    sys.exit(run(app, config))
+
+
+@main.group("config")
+def config_group() -> None:
+    """Configuration files."""
+
+
+@config_group.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+def config_check(file: str) -> None:
+    """Validate FILE; print every problem with its location. Exit 0 when it is valid."""
+    problems = cfg.check_file(file)
+    if not problems:
+        click.echo(f"{file}: ok")
+        return
+    for problem in problems:
+        click.echo(str(problem), err=True)
+    click.echo(f"{file}: {len(problems)} problem{'s' if len(problems) != 1 else ''}", err=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,112 @@
+"""The registry of open connections and the gate that limits them at accept time."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable, Iterator
+
+MAX_CONNECTIONS = "max_connections"
+MAX_CONNECTIONS_PER_IP = "max_connections_per_ip"
+
+
+class AcceptGate:
+    """Counts connections from accept to close, total and per client IP.
+
+    A slot is taken at accept (before any TLS handshake) and given back when the connection
+    ends. When the total is reached the listeners are paused (``on_full``) so the kernel's
+    backlog holds new clients until a slot frees (``on_space``); a client IP over its own
+    limit is refused.
+    """
+
+    __slots__ = ("max_total", "max_per_ip", "count", "_per_ip", "_on_full", "_on_space", "_full")
+
+    def __init__(self, max_total: int, max_per_ip: int, on_full: Callable[[], None], on_space: Callable[[], None]) -> None:
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.count = 0
+        self._per_ip: dict[str, int] = {}
+        self._on_full = on_full
+        self._on_space = on_space
+        self._full = False
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.max_total
+
+    def admit(self, ip: str) -> str | None:
+        """Take a slot for ``ip``; return None on success or the name of the limit hit."""
+        if self.count >= self.max_total:
+            self._set_full()
+            return MAX_CONNECTIONS
+        if self.max_per_ip:
+            n = self._per_ip.get(ip, 0)
+            if n >= self.max_per_ip:
+                return MAX_CONNECTIONS_PER_IP
+            self._per_ip[ip] = n + 1
+        self.count += 1
+        if self.count >= self.max_total:
+            self._set_full()
+        return None
+
+    def release(self, ip: str) -> None:
+        self.count -= 1
+        if self.max_per_ip:
+            n = self._per_ip.get(ip, 0) - 1
+            if n > 0:
+                self._per_ip[ip] = n
+            else:
+                self._per_ip.pop(ip, None)
+        if self._full and self.count < self.max_total:
+            self._full = False
+            self._on_space()
+
+    def _set_full(self) -> None:
+        if not self._full:
+            self._full = True
+            self._on_full()
+
+    def per_ip(self, ip: str) -> int:
+        return self._per_ip.get(ip, 0)
+
+
+class ConnectionRegistry:
+    """Every open connection of this process, by id. Reading it is cheap; the admin API and
+    the dashboard iterate it."""
+
+    __slots__ = ("_conns", "_gate", "_empty", "accepted_total")
+
+    def __init__(self, gate: AcceptGate) -> None:
+        self._conns: dict[str, object] = {}
+        self._gate = gate
+        self._empty: asyncio.Event | None = None
+        self.accepted_total = 0
+
+    def add(self, conn) -> None:
+        self._conns[conn.id] = conn
+        self.accepted_total += 1
+
+    def remove(self, conn) -> None:
+        if self._conns.pop(conn.id, None) is not None:
+            self._gate.release(conn.peer_ip)
+            if not self._conns and self._empty is not None:
+                self._empty.set()
+
+    def release_unregistered(self, ip: str) -> None:
+        """Give back the slot of a connection that ended before it was registered
+        (a WebSocket whose upgrade failed)."""
+        self._gate.release(ip)
+
+    def get(self, conn_id: str):
+        return self._conns.get(conn_id)
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def __iter__(self) -> Iterator:
+        return iter(list(self._conns.values()))
+
+    async def wait_empty(self) -> None:
+        if not self._conns:
+            return
+        self._empty = asyncio.Event()
+        await self._empty.wait()

@@ -1,0 +1,549 @@
+"""One open connection: counters, deadlines, the outbound buffer and handler dispatch.
+
+A :class:`Connection` is what an application's handlers receive. Subclasses bind it to a
+transport: :class:`~wirehub.transport.stream.StreamConnection` (TCP, TLS, Unix),
+:class:`~wirehub.transport.datagram.DatagramSession` (UDP) and
+:class:`~wirehub.transport.websocket.WebSocketConnection`.
+
+Outbound data goes through a per-connection buffer of whole frames (``_pending``) that a
+shared :class:`Flusher` writes once per event-loop turn, so many frames sent in one turn cost
+one write. While the transport is above its high water mark (``pause_writing``) frames wait in
+``_pending``; past ``max_send_buffer`` the slow-consumer policy applies: disconnect, or drop
+the oldest frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import itertools
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from .._log import get_logger
+
+log = get_logger("wirehub.connection")
+
+# Framework-level reasons a connection ended; apps map them to their own words.
+CLOSED = "closed"  # the peer closed
+ERROR = "error"  # the transport failed (reset, TLS error)
+IDLE = "idle"
+HANDSHAKE_TIMEOUT = "handshake_timeout"
+SLOW_CONSUMER = "slow_consumer"
+SHUTDOWN = "shutdown"
+KICKED = "kicked"
+PROTOCOL = "protocol"  # the peer broke the framing
+HANDLER_ERROR = "handler_error"  # the app's handler raised
+
+#: frames queued for an ``async`` frame handler before reading pauses
+MAX_QUEUED_FRAMES = 64
+
+_PROCESS_TAG = secrets.token_hex(4)
+_ids = itertools.count(1)
+
+
+def new_connection_id() -> str:
+    """A short id unique across processes and restarts: a random process tag and a counter."""
+    return f"{_PROCESS_TAG}.{next(_ids):x}"
+
+
+def _renew_process_tag() -> None:
+    """Called in a freshly forked worker so that ids stay unique."""
+    global _PROCESS_TAG, _ids
+    _PROCESS_TAG = secrets.token_hex(4)
+    _ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class Handlers:
+    """An application's callbacks as the transport layer sees them."""
+
+    connect: Callable[[Any], Any]
+    frame: Callable[[Any, bytes], Any]
+    frame_error: Callable[[Any, Any], Any]
+    disconnect: Callable[[Any, str], Any]
+    closing: Callable[[Any, str], Any]
+    connect_async: bool = False
+    frame_async: bool = False
+    frame_error_async: bool = False
+    disconnect_async: bool = False
+
+    def __post_init__(self) -> None:
+        self.connect_async = inspect.iscoroutinefunction(self.connect)
+        self.frame_async = inspect.iscoroutinefunction(self.frame)
+        self.frame_error_async = inspect.iscoroutinefunction(self.frame_error)
+        self.disconnect_async = inspect.iscoroutinefunction(self.disconnect)
+        if inspect.iscoroutinefunction(self.closing):
+            raise TypeError("the closing handler must be a plain function: it runs just before the close")
+
+    @property
+    def pumped(self) -> bool:
+        """True when frames must go through a per-connection task (some handler awaits)."""
+        return self.connect_async or self.frame_async or self.frame_error_async
+
+
+@dataclass(slots=True)
+class Settings:
+    """Per-connection limits and timeouts, shared by every connection of a server."""
+
+    max_frame: int = 65536
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    close_timeout: float = 5.0
+    send_buffer_low: int = 16384
+    send_buffer_high: int = 65536
+    max_send_buffer: int = 1048576
+    drop_oldest: bool = False  # slow-consumer policy: False = disconnect
+
+
+class Flusher:
+    """Writes every connection's pending frames once per event-loop turn."""
+
+    __slots__ = ("_loop", "_dirty", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[Connection] = []
+        self._scheduled = False
+
+    def add(self, conn: Connection) -> None:
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.run)
+
+    def run(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn._flush()
+
+
+class Context:
+    """What every connection of one server shares: loop, handlers, settings, registry."""
+
+    __slots__ = ("loop", "handlers", "settings", "flusher", "registry", "now")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, handlers: Handlers, settings: Settings, registry: Any) -> None:
+        self.loop = loop
+        self.handlers = handlers
+        self.settings = settings
+        self.flusher = Flusher(loop)
+        self.registry = registry
+        self.now = loop.time
+
+
+class Connection:
+    """One client connection, as handlers see it.
+
+    Public attributes: ``id``, ``transport`` (``"tcp"``, ``"tls"``, ``"unix"``, ``"udp"``,
+    ``"ws"``, ``"wss"``), ``peer`` (``"host:port"``), ``peer_ip``, ``connected_at`` (Unix
+    time), the counters ``bytes_in``, ``bytes_out``, ``frames_in``, ``frames_out``,
+    ``frames_dropped``, and ``state``, a dict that belongs to the application.
+    """
+
+    __slots__ = (
+        "id",
+        "transport",
+        "peer",
+        "peer_ip",
+        "connected_at",
+        "state",
+        "bytes_in",
+        "bytes_out",
+        "frames_in",
+        "frames_out",
+        "frames_dropped",
+        "last_activity",
+        "_ctx",
+        "_encode",
+        "_pending",
+        "_pending_size",
+        "_write_paused",
+        "_close_reason",
+        "_closed",
+        "_greeted",
+        "_idle_timeout",
+        "_timer",
+        "_queue",
+        "_pump",
+        "_drain_waiter",
+        "_reading_paused",
+        "_eof",
+        "__weakref__",
+    )
+
+    def __init__(self, ctx: Context, transport_name: str, encode: Callable[[bytes], bytes]) -> None:
+        self.id = new_connection_id()
+        self.transport = transport_name
+        self.peer = ""
+        self.peer_ip = ""
+        self.connected_at = time.time()
+        self.state: dict[str, Any] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.frames_in = 0
+        self.frames_out = 0
+        self.frames_dropped = 0
+        self.last_activity = ctx.now()
+        self._ctx = ctx
+        self._encode = encode
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._write_paused = False
+        self._close_reason: str | None = None
+        self._closed = False
+        self._greeted = False
+        self._idle_timeout = ctx.settings.idle_timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._queue: collections.deque | None = None
+        self._pump: asyncio.Task | None = None
+        self._drain_waiter: asyncio.Future | None = None
+        self._reading_paused = False
+        self._eof = False
+
+    # ------------------------------------------------------------------ public API
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} {self.transport} {self.peer}>"
+
+    @property
+    def open(self) -> bool:
+        """False once a close has started: sends are then refused."""
+        return self._close_reason is None and not self._closed
+
+    @property
+    def idle_s(self) -> float:
+        return max(0.0, self._ctx.now() - self.last_activity)
+
+    @property
+    def send_buffer(self) -> int:
+        """Bytes queued for this peer: frames not yet written plus the transport's buffer."""
+        return self._pending_size + self._transport_buffered()
+
+    @property
+    def writable(self) -> bool:
+        """False while the peer is behind (above the high water mark)."""
+        return not self._write_paused
+
+    @property
+    def idle_timeout(self) -> float:
+        return self._idle_timeout
+
+    @idle_timeout.setter
+    def idle_timeout(self, seconds: float) -> None:
+        """Change this connection's idle timeout (the hub lengthens it after hello)."""
+        self._idle_timeout = seconds
+        if self._greeted and not self._closed:
+            self._arm_idle()
+
+    def send(self, payload: bytes) -> bool:
+        """Queue one frame. Returns False when it was not queued (closing, or dropped)."""
+        if self._close_reason is not None or self._closed:
+            return False
+        return self._queue_wire(self._encode(payload))
+
+    def send_wire(self, data: bytes) -> bool:
+        """Queue bytes already encoded for this connection's framing (see ``framing``)."""
+        if self._close_reason is not None or self._closed:
+            return False
+        return self._queue_wire(data)
+
+    def close(self, reason: str = KICKED) -> None:
+        """Close from the server side: the app's ``closing`` handler may send a last frame,
+        queued frames are flushed, then the transport closes (aborted after ``close_timeout``)."""
+        if self._close_reason is not None or self._closed:
+            return
+        self._close_reason = reason
+        self._cancel_timer()
+        if reason == SLOW_CONSUMER:
+            self._discard_pending()
+        try:
+            self._ctx.handlers.closing(self, reason)
+        except Exception:
+            log.exception("handler_failed", handler="closing", conn=self.id)
+        self._flush(force=True)
+        self._close_transport()
+        if not self._closed:
+            self._timer = self._ctx.loop.call_later(self._ctx.settings.close_timeout, self.abort)
+
+    def abort(self) -> None:
+        """Drop the connection at once, discarding anything queued."""
+        if self._closed:
+            return
+        if self._close_reason is None:
+            self._close_reason = KICKED
+        self._discard_pending()
+        self._abort_transport()
+
+    async def drain(self) -> None:
+        """Wait until the peer has caught up (below the low water mark) or the connection closed."""
+        if not self._write_paused or self._closed:
+            return
+        if self._drain_waiter is None:
+            self._drain_waiter = self._ctx.loop.create_future()
+        await asyncio.shield(self._drain_waiter)
+
+    # ------------------------------------------------------------------ outbound
+
+    def _queue_wire(self, data: bytes) -> bool:
+        pending = self._pending
+        if not pending and not self._write_paused:
+            self._ctx.flusher.add(self)
+        pending.append(data)
+        self._pending_size += len(data)
+        self.frames_out += 1
+        if self._pending_size > self._ctx.settings.max_send_buffer:
+            return self._overflow()
+        return True
+
+    def _overflow(self) -> bool:
+        settings = self._ctx.settings
+        if not settings.drop_oldest:
+            log.info("slow_consumer", conn=self.id, peer=self.peer, send_buffer=self.send_buffer)
+            self.close(SLOW_CONSUMER)
+            return False
+        pending = self._pending
+        size = self._pending_size
+        drop = 0
+        while size > settings.max_send_buffer and drop < len(pending):
+            size -= len(pending[drop])
+            drop += 1
+        del pending[:drop]
+        self._pending_size = size
+        self.frames_dropped += drop
+        return bool(pending)
+
+    def _discard_pending(self) -> None:
+        self.frames_dropped += len(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+
+    def _flush(self, force: bool = False) -> None:
+        """Write pending frames to the transport (subclasses implement ``_write``)."""
+        pending = self._pending
+        if not pending or self._closed or (self._write_paused and not force):
+            return
+        self._write(pending)
+        pending.clear()
+        self._pending_size = 0
+
+    # transport hooks, implemented by subclasses
+    def _write(self, frames: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _transport_buffered(self) -> int:
+        return 0
+
+    def _close_transport(self) -> None:
+        raise NotImplementedError
+
+    def _abort_transport(self) -> None:
+        raise NotImplementedError
+
+    def _pause_reading(self) -> None:
+        pass
+
+    def _resume_reading(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ flow control callbacks
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        self._flush()
+
+    # ------------------------------------------------------------------ deadlines
+
+    def _start(self) -> None:
+        """The transport is up: register, arm the handshake deadline, greet the app."""
+        ctx = self._ctx
+        ctx.registry.add(self)
+        if ctx.settings.handshake_timeout:
+            self._timer = ctx.loop.call_later(ctx.settings.handshake_timeout, self._handshake_expired)
+        handlers = ctx.handlers
+        if handlers.pumped:
+            self._enqueue(_CONNECT)
+        else:
+            try:
+                handlers.connect(self)
+            except Exception:
+                self._handler_failed("connect")
+
+    def _handshake_expired(self) -> None:
+        self._timer = None
+        if not self._greeted:
+            log.info("handshake_timeout", conn=self.id, peer=self.peer)
+            self.close(HANDSHAKE_TIMEOUT)
+
+    def _greet(self) -> None:
+        """First complete frame: the handshake deadline gives way to the idle timeout."""
+        self._greeted = True
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        self._cancel_timer()
+        if self._idle_timeout:
+            self._timer = self._ctx.loop.call_at(self.last_activity + self._idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        # Lazy deadline: reading does not touch the timer; it fires at most once per timeout
+        # and re-arms itself from the last activity.
+        self._timer = None
+        if self._closed or self._close_reason is not None:
+            return
+        deadline = self.last_activity + self._idle_timeout
+        if self._ctx.now() >= deadline - 0.001:
+            log.info("idle_timeout", conn=self.id, peer=self.peer, idle_s=round(self.idle_s, 3))
+            self.close(IDLE)
+        else:
+            self._timer = self._ctx.loop.call_at(deadline, self._idle_check)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # ------------------------------------------------------------------ inbound dispatch
+
+    def _dispatch(self, items: list) -> None:
+        """Hand decoded frames (bytes) and framing errors to the app, in order."""
+        if not self._greeted:
+            for item in items:
+                if type(item) is bytes:
+                    self._greet()
+                    break
+        handlers = self._ctx.handlers
+        if handlers.pumped:
+            for item in items:
+                self._enqueue(item)
+            return
+        frame = handlers.frame
+        try:
+            for item in items:
+                if self._close_reason is not None:
+                    return
+                if type(item) is bytes:
+                    self.frames_in += 1
+                    frame(self, item)
+                else:
+                    handlers.frame_error(self, item)
+        except Exception:
+            self._handler_failed("frame")
+
+    def _handler_failed(self, which: str) -> None:
+        log.exception("handler_failed", handler=which, conn=self.id, peer=self.peer)
+        self.close(HANDLER_ERROR)
+
+    def _enqueue(self, item: Any) -> None:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = collections.deque()
+        queue.append(item)
+        if self._pump is None:
+            self._pump = self._ctx.loop.create_task(self._run_pump())
+        if len(queue) >= MAX_QUEUED_FRAMES and not self._reading_paused:
+            self._reading_paused = True
+            self._pause_reading()
+
+    async def _run_pump(self) -> None:
+        """Runs handler calls one at a time, in arrival order, while any are queued."""
+        handlers = self._ctx.handlers
+        queue = self._queue
+        assert queue is not None
+        try:
+            while queue:
+                item = queue.popleft()
+                if self._reading_paused and len(queue) <= MAX_QUEUED_FRAMES // 2:
+                    self._reading_paused = False
+                    if not self._closed:
+                        self._resume_reading()
+                if item is _CONNECT:
+                    await _maybe_await(handlers.connect(self))
+                elif type(item) is bytes:
+                    if self._close_reason is not None:
+                        continue
+                    self.frames_in += 1
+                    await _maybe_await(handlers.frame(self, item))
+                elif type(item) is _Disconnect:
+                    await _maybe_await(handlers.disconnect(self, item.reason))
+                elif self._close_reason is None:
+                    await _maybe_await(handlers.frame_error(self, item))
+        except Exception:
+            queue.clear()
+            self._handler_failed("frame")
+        finally:
+            self._pump = None
+            if self._eof and not self._closed:
+                self._finish()
+
+    def _peer_finished(self) -> bool:
+        """The peer sent EOF. Returns True to keep the transport open until queued frames
+        are handled (``async`` handlers), False to let it close after the flush."""
+        self._eof = True
+        if self._pump is not None:
+            return True
+        self._finish()
+        return False
+
+    def _finish(self) -> None:
+        if self._close_reason is None:
+            self._close_reason = CLOSED
+        self._cancel_timer()
+        self._flush(force=True)
+        self._close_transport()
+
+    def _lost(self, exc: BaseException | None) -> None:
+        """The transport is gone: release everything and tell the app."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._close_reason is None:
+            self._close_reason = CLOSED if exc is None else ERROR
+        self._cancel_timer()
+        self._discard_pending()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        ctx = self._ctx
+        ctx.registry.remove(self)
+        handlers = ctx.handlers
+        reason = self._close_reason
+        if handlers.pumped or handlers.disconnect_async:
+            self._enqueue(_Disconnect(reason))
+        else:
+            try:
+                handlers.disconnect(self, reason)
+            except Exception:
+                log.exception("handler_failed", handler="disconnect", conn=self.id)
+
+    @property
+    def close_reason(self) -> str | None:
+        """Why the connection closed (or is closing); None while open."""
+        return self._close_reason
+
+
+class _Disconnect:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+_CONNECT = object()
+
+
+async def _maybe_await(result: Any) -> None:
+    if isinstance(result, Awaitable):
+        await result

@@ -1,0 +1,98 @@
+"""Byte-stream connections (TCP, TLS, Unix) on an :class:`asyncio.Protocol`.
+
+The protocol *is* the connection: one object per socket, no streams, no task per frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any, Callable
+
+from .connection import Connection, Context
+
+
+def format_peer(peername: Any, family: int) -> tuple[str, str]:
+    """Return ``(peer, ip)`` for a socket's peer name: ``"[::1]:5000"``, ``"::1"``."""
+    if family == socket.AF_UNIX:
+        return "unix", "unix"
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = peername[0], peername[1]
+        if ":" in host:
+            return f"[{host}]:{port}", host
+        return f"{host}:{port}", host
+    return str(peername), str(peername)
+
+
+class StreamConnection(Connection, asyncio.Protocol):
+    """A connection over a byte stream, framed by the app's stream decoder."""
+
+    __slots__ = ("_transport", "_decoder")
+
+    def __init__(self, ctx: Context, transport_name: str, framing: Any) -> None:
+        super().__init__(ctx, transport_name, framing.encode)
+        self._decoder = framing.stream_decoder(ctx.settings.max_frame)
+        self._transport: asyncio.Transport | None = None
+
+    # asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        family = sock.family if sock is not None else socket.AF_INET
+        self.peer, self.peer_ip = format_peer(transport.get_extra_info("peername"), family)
+        settings = self._ctx.settings
+        transport.set_write_buffer_limits(high=settings.send_buffer_high, low=settings.send_buffer_low)  # type: ignore[attr-defined]
+        self._start()
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.last_activity = self._ctx.now()
+        items = self._decoder.feed(data)
+        if items:
+            self._dispatch(items)
+
+    def eof_received(self) -> bool | None:
+        # Half-close from the peer: answer what it sent, then close our side too.
+        return self._peer_finished()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost(exc)
+        self._transport = None
+
+    # Connection transport hooks ---------------------------------------------------
+
+    def _write(self, frames: list[bytes]) -> None:
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        self.bytes_out += len(data)
+        self._transport.write(data)  # type: ignore[union-attr]
+
+    def _transport_buffered(self) -> int:
+        t = self._transport
+        return t.get_write_buffer_size() if t is not None else 0
+
+    def _close_transport(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _abort_transport(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _pause_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    @property
+    def tls_peer_certificate(self) -> dict | None:
+        """The client certificate (mutual TLS), as :meth:`ssl.SSLSocket.getpeercert` gives it."""
+        t = self._transport
+        return t.get_extra_info("peercert") if t is not None else None
+
+
+def stream_factory(ctx: Context, transport_name: str, framing: Any) -> Callable[[], StreamConnection]:
+    return lambda: StreamConnection(ctx, transport_name, framing)

@@ -1,0 +1,197 @@
+"""WebSocket connections on an :class:`asyncio.Protocol`, using the sans-I/O core of the
+``websockets`` library (handshake, framing, ping/pong, close handshake, size limits).
+
+Each WebSocket message (text or binary, possibly fragmented) is one frame for the app; any
+request path is accepted. Frames the app sends go out as text messages, or binary ones when
+``conn.binary`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from websockets.frames import CloseCode, Opcode
+from websockets.http11 import Request
+from websockets.protocol import OPEN, State
+from websockets.server import ServerProtocol
+
+from .._log import get_logger
+from .connection import PROTOCOL, SHUTDOWN, Connection, Context
+from .stream import format_peer
+
+log = get_logger("wirehub.websocket")
+
+_TEXT = Opcode.TEXT
+_BINARY = Opcode.BINARY
+_CONT = Opcode.CONT
+
+
+def _identity(payload: bytes) -> bytes:
+    return payload
+
+
+class WebSocketConnection(Connection, asyncio.Protocol):
+    __slots__ = ("_transport", "_ws", "_upgraded", "_fragments", "_fragment_size", "binary")
+
+    def __init__(self, ctx: Context, transport_name: str, max_frame: int) -> None:
+        super().__init__(ctx, transport_name, _identity)
+        self._ws = ServerProtocol(max_size=max_frame)
+        self._transport: asyncio.Transport | None = None
+        self._upgraded = False
+        self._fragments: list[bytes] | None = None
+        self.binary = False
+
+    # asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        family = sock.family if sock is not None else socket.AF_INET
+        self.peer, self.peer_ip = format_peer(transport.get_extra_info("peername"), family)
+        settings = self._ctx.settings
+        transport.set_write_buffer_limits(high=settings.send_buffer_high, low=settings.send_buffer_low)  # type: ignore[attr-defined]
+        # The HTTP upgrade must finish within the handshake deadline; the app has not
+        # seen this connection yet, so an expired upgrade is simply dropped.
+        if settings.handshake_timeout:
+            self._timer = self._ctx.loop.call_later(settings.handshake_timeout, self._upgrade_expired)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.last_activity = self._ctx.now()
+        ws = self._ws
+        ws.receive_data(data)
+        events = ws.events_received()
+        if not self._upgraded:
+            for event in events:
+                if isinstance(event, Request):
+                    self._upgrade(event)
+                    break
+            self._send_pending_ws_data()
+            return
+        items: list = []
+        for frame in events:
+            opcode = frame.opcode
+            if opcode is _TEXT or opcode is _BINARY:
+                if frame.fin:
+                    items.append(frame.data)
+                else:
+                    self._fragments = [frame.data]
+            elif opcode is _CONT and self._fragments is not None:
+                self._fragments.append(frame.data)
+                if frame.fin:
+                    items.append(b"".join(self._fragments))
+                    self._fragments = None
+        self._send_pending_ws_data()
+        if items:
+            self._dispatch(items)
+        if ws.parser_exc is not None and self._close_reason is None:
+            # Too large, bad UTF-8, bad opcode...: websockets already sent the close frame.
+            log.info("websocket_protocol_error", conn=self.id, error=str(ws.parser_exc))
+            self._close_reason = PROTOCOL
+            self._cancel_timer()
+            self._schedule_abort()
+        elif ws.close_expected() and self._close_reason is None:
+            # The peer started the close handshake; websockets answered it.
+            self._close_reason = "closed"
+            self._cancel_timer()
+            self._schedule_abort()
+
+    def eof_received(self) -> bool | None:
+        self._ws.receive_eof()
+        self._send_pending_ws_data()
+        if self._upgraded:
+            return self._peer_finished()
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._upgraded:
+            self._lost(exc)
+        else:
+            self._cancel_timer()
+            self._closed = True
+            self._ctx.registry.release_unregistered(self.peer_ip)
+        self._transport = None
+
+    # handshake --------------------------------------------------------------------
+
+    def _upgrade(self, request: Request) -> None:
+        ws = self._ws
+        response = ws.accept(request)
+        ws.send_response(response)
+        if ws.state is OPEN:
+            self._upgraded = True
+            self._cancel_timer()
+            self._start()
+        else:
+            self._cancel_timer()
+            self._close_reason = PROTOCOL
+
+    def _upgrade_expired(self) -> None:
+        self._timer = None
+        if not self._upgraded and self._transport is not None:
+            log.info("handshake_timeout", transport=self.transport, peer=self.peer)
+            self._transport.abort()
+
+    def _send_pending_ws_data(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        out = self._ws.data_to_send()
+        if not out:
+            return
+        eof = out[-1] == b""
+        data = b"".join(out)
+        if data:
+            self.bytes_out += len(data)
+            transport.write(data)
+        if eof or (not self._upgraded and self._close_reason is not None):
+            transport.close()
+
+    def _schedule_abort(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._timer = self._ctx.loop.call_later(self._ctx.settings.close_timeout, self.abort)
+
+    # Connection transport hooks ---------------------------------------------------------
+
+    def _write(self, frames: list[bytes]) -> None:
+        ws = self._ws
+        if ws.state is not OPEN:
+            return
+        send = ws.send_binary if self.binary else ws.send_text
+        for payload in frames:
+            send(payload)
+        self._send_pending_ws_data()
+
+    def _transport_buffered(self) -> int:
+        t = self._transport
+        return t.get_write_buffer_size() if t is not None else 0
+
+    def _close_transport(self) -> None:
+        ws = self._ws
+        if ws.state is OPEN:
+            code = CloseCode.GOING_AWAY if self._close_reason == SHUTDOWN else CloseCode.NORMAL_CLOSURE
+            ws.send_close(code, self._close_reason or "")
+            self._send_pending_ws_data()
+        elif self._transport is not None and ws.state is State.CLOSED:
+            self._transport.close()
+
+    def _abort_transport(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _pause_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+
+__all__ = ["WebSocketConnection"]
+
+
+def _unused(_: Any) -> None:  # pragma: no cover - keeps linters quiet about Any
+    pass
