@@ -173,6 +173,7 @@ class Connection:
         "_drain_waiter",
         "_reading_paused",
         "_eof",
+        "_last_word",
         "__weakref__",
     )
 
@@ -204,6 +205,7 @@ class Connection:
         self._drain_waiter: asyncio.Future | None = None
         self._reading_paused = False
         self._eof = False
+        self._last_word = False  # True while the closing handler may still send
 
     # ------------------------------------------------------------------ public API
 
@@ -242,13 +244,13 @@ class Connection:
 
     def send(self, payload: bytes) -> bool:
         """Queue one frame. Returns False when it was not queued (closing, or dropped)."""
-        if self._close_reason is not None or self._closed:
+        if (self._close_reason is not None and not self._last_word) or self._closed:
             return False
         return self._queue_wire(self._encode(payload))
 
     def send_wire(self, data: bytes) -> bool:
         """Queue bytes already encoded for this connection's framing (see ``framing``)."""
-        if self._close_reason is not None or self._closed:
+        if (self._close_reason is not None and not self._last_word) or self._closed:
             return False
         return self._queue_wire(data)
 
@@ -261,10 +263,13 @@ class Connection:
         self._cancel_timer()
         if reason == SLOW_CONSUMER:
             self._discard_pending()
+        self._last_word = True
         try:
             self._ctx.handlers.closing(self, reason)
         except Exception:
             log.exception("handler_failed", handler="closing", conn=self.id)
+        finally:
+            self._last_word = False
         self._flush(force=True)
         self._close_transport()
         if not self._closed:
@@ -280,7 +285,9 @@ class Connection:
         self._abort_transport()
 
     async def drain(self) -> None:
-        """Wait until the peer has caught up (below the low water mark) or the connection closed."""
+        """Write what is queued now, then wait while the peer is behind (until the send buffer
+        falls below the low water mark) or the connection closes."""
+        self._flush()
         if not self._write_paused or self._closed:
             return
         if self._drain_waiter is None:

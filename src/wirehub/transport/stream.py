@@ -47,6 +47,8 @@ class StreamConnection(Connection, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if self._close_reason is not None:
+            return  # closing: what the peer still sends is read and discarded
         self.last_activity = self._ctx.now()
         items = self._decoder.feed(data)
         if items:
@@ -72,8 +74,19 @@ class StreamConnection(Connection, asyncio.Protocol):
         return t.get_write_buffer_size() if t is not None else 0
 
     def _close_transport(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+        # Lingering close: send FIN once the buffer is flushed, then keep reading (and
+        # discarding) until the peer closes too. Closing a socket with unread input sends
+        # RST instead, and an RST can destroy replies the peer has not read yet.
+        t = self._transport
+        if t is None or t.is_closing():
+            return
+        if self._eof or not t.can_write_eof():
+            t.close()
+            return
+        t.write_eof()
+        if self._reading_paused:
+            self._reading_paused = False
+            t.resume_reading()
 
     def _abort_transport(self) -> None:
         if self._transport is not None:

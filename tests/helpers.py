@@ -1,0 +1,128 @@
+"""Test helpers: run a server in the test's loop, talk to it over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, AsyncIterator
+
+from wirehub import App, Config, Server
+from wirehub.config import load
+
+#: no default listener unless a test asks for it
+NO_LISTENERS = {"tcp": "off", "ws": "off", "udp": "off", "admin": "off"}
+WAIT = 10.0  # the longest any test waits for an event
+
+
+def make_config(**options: Any) -> Config:
+    flags = dict(NO_LISTENERS)
+    flags.update({k: v for k, v in options.items()})
+    return load(env={}, flags=flags)
+
+
+@contextlib.asynccontextmanager
+async def serving(app: App, **options: Any) -> AsyncIterator[Server]:
+    """Start ``app`` on the given listeners (use port 0) in this loop; drain on exit."""
+    server = Server(app, make_config(**options))
+    await server.start()
+    try:
+        yield server
+    finally:
+        server.request_stop()
+        await asyncio.wait_for(server.shutdown(), WAIT)
+
+
+def addr(server: Server, kind: str = "tcp") -> tuple[str, int]:
+    host, _, port = server.addresses[kind][0].rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def wait_for(predicate, timeout: float = WAIT, what: str = "condition") -> None:
+    """Wait until ``predicate()`` is true, checking once per loop turn (no fixed sleeps)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def read_lines(reader: asyncio.StreamReader, n: int, timeout: float = WAIT) -> list[bytes]:
+    out = []
+    for _ in range(n):
+        out.append((await asyncio.wait_for(reader.readline(), timeout)).rstrip(b"\n"))
+    return out
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``wirehub ARGS...`` in a subprocess, with its stderr captured to a file."""
+
+    def __init__(self, *args: str, cwd: str | None = None, env: dict | None = None) -> None:
+        self.args = args
+        self.cwd = cwd
+        self.env = dict(os.environ, **(env or {}))
+        self.proc: subprocess.Popen | None = None
+        self.log_path: str | None = None
+
+    def start(self, tmp_path) -> "ServerProcess":
+        self.log_path = str(tmp_path / f"server-{time.monotonic_ns()}.log")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wirehub", *self.args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=self.cwd,
+            env=self.env,
+        )
+        return self
+
+    @property
+    def log(self) -> str:
+        assert self.log_path is not None
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def wait_log(self, text: str, timeout: float = WAIT, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while self.log.count(text) < count:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode} before logging {text!r}:\n{self.log}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server did not log {text!r} within {timeout}s:\n{self.log}")
+            time.sleep(0.02)
+
+    def wait_port(self, port: int, timeout: float = WAIT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"port {port} not open within {timeout}s:\n{self.log}")
+                time.sleep(0.02)
+
+    def stop(self, timeout: float = WAIT) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._log.close()
