@@ -83,7 +83,11 @@ class StreamConnection(Connection, asyncio.Protocol):
         if self._eof or not t.can_write_eof():
             t.close()
             return
-        t.write_eof()
+        try:
+            t.write_eof()
+        except OSError:  # the peer is already gone
+            t.abort()
+            return
         if self._reading_paused:
             self._reading_paused = False
             t.resume_reading()
