@@ -84,6 +84,8 @@ async def test_silent_client_is_dropped_at_the_handshake_deadline():
         partial[1].write(b"no newline yet")
         assert await asyncio.wait_for(silent[0].read(), WAIT) == b"bye handshake_timeout\n"
         assert await asyncio.wait_for(partial[0].read(), WAIT) == b"bye handshake_timeout\n"
+        silent[1].close()  # as a client does on EOF; the server lingers until then
+        partial[1].close()
         assert loop.time() - started >= 0.29
         # The client that completed a frame in time is still served.
         await _round_trip(*greeted)
@@ -105,6 +107,7 @@ async def test_idle_timeout_and_activity():
             await _round_trip(*active)
             await asyncio.wait([idle_closed], timeout=0.05)
         assert idle_closed.result() == b"bye idle\n"
+        idle[1].close()
         await _round_trip(*active)
         (event,) = await app.disconnected(1)
         assert event[2] == "idle"
@@ -124,6 +127,7 @@ async def test_idle_timeout_can_be_changed_per_connection():
         w.write(b"0.2\n")
         assert await read_lines(r, 1) == [b"set"]
         assert await asyncio.wait_for(r.read(), WAIT) == b"bye idle\n"
+        w.close()
 
 
 async def test_client_that_never_reads_is_disconnected_with_bounded_memory():
@@ -140,7 +144,8 @@ async def test_client_that_never_reads_is_disconnected_with_bounded_memory():
             conn.send(data)
         peak = max(peak, conn.send_buffer)
 
-    async with serving(app, tcp="127.0.0.1:0", max_send_buffer=limit, send_buffer_high="64KiB", max_frame="8KiB") as server:
+    # close_timeout: the flooder never reads, so the server's lingering close is cut short
+    async with serving(app, tcp="127.0.0.1:0", max_send_buffer=limit, send_buffer_high="64KiB", max_frame="8KiB", close_timeout=0.3) as server:
         other = await asyncio.open_connection(*addr(server))
         reader, writer = await asyncio.open_connection(*addr(server))
         line = b"x" * 4000 + b"\n"

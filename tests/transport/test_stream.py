@@ -188,6 +188,7 @@ async def test_handler_exception_closes_only_that_connection():
         r2, w2 = await asyncio.open_connection(*addr(server))
         w1.write(b"boom\n")
         assert await asyncio.wait_for(r1.read(), WAIT) == b""
+        w1.close()
         w2.write(b"still here\n")
         assert await read_lines(r2, 1) == [b"still here"]
         w2.close()
