@@ -604,7 +604,7 @@ def test_problems_from_all_sources_at_once(tmp_path):
         ("env WIREHUB_BACKLOG", "backlog"),
         ("env WIREHUB_NOPE", "WIREHUB_NOPE"),
         ("flag --max-frame", "max_frame"),
-        ("config", "tls"),
+        ("flag --tls", "tls"),  # a cross-field problem names where its value came from
     ]
 
 
@@ -632,7 +632,7 @@ def test_unknown_flag_name():
 def test_tls_listener_needs_cert_and_key(certs):
     cert, key, _ = certs
     found = problems(flags={"tls": ("0.0.0.0:7443",), "wss": ("0.0.0.0:7444",)})
-    assert [(p.where, p.key) for p in found] == [("config", "tls"), ("config", "wss")]
+    assert [(p.where, p.key) for p in found] == [("flag --tls", "tls"), ("flag --wss", "wss")]
     c = load(env={}, flags={"tls": ("0.0.0.0:7443",), "cert": cert, "key": key})
     assert c.tls == (("0.0.0.0", 7443),)
 
@@ -640,15 +640,15 @@ def test_tls_listener_needs_cert_and_key(certs):
 def test_cert_without_key_and_key_without_cert(certs):
     cert, key, _ = certs
     p = one_problem(flags={"cert": cert, "tls": ("h:1",)})
-    assert (p.where, p.key) == ("config", "cert") and "key" in p.message
+    assert (p.where, p.key) == ("flag --cert", "cert") and "key" in p.message
     p = one_problem(flags={"key": key})
-    assert (p.where, p.key) == ("config", "key")
+    assert (p.where, p.key) == ("flag --key", "key")
 
 
 def test_client_ca_needs_cert_and_key(certs):
     cert, key, ca = certs
     p = one_problem(flags={"client_ca": ca})
-    assert (p.where, p.key) == ("config", "client_ca")
+    assert (p.where, p.key) == ("flag --client-ca", "client_ca")
     assert load(env={}, flags={"client_ca": ca, "cert": cert, "key": key}).client_ca == ca
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import ipaddress
 import os
 import sys
 from typing import Any
@@ -23,17 +22,9 @@ def _load_config(params: dict[str, Any]) -> cfg.Config:
         return cfg.load(file=file, flags=flags)
     except cfg.ConfigError as exc:
         click.echo(f"wirehub: {exc}", err=True)
-        click.echo("Nothing was started. Fix the values above (see `wirehub serve --help`).", err=True)
+        command = click.get_current_context().command_path
+        click.echo(f"Nothing was started. Fix the values above (see `{command} --help`).", err=True)
         sys.exit(EXIT_CONFIG)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def exposure_warnings(config: cfg.Config) -> list[str]:
@@ -43,7 +34,7 @@ def exposure_warnings(config: cfg.Config) -> list[str]:
     out = []
     for kind in ("tcp", "ws", "udp"):
         for host, port in getattr(config, kind):
-            if not _is_loopback(host):
+            if not cfg.is_loopback(host):
                 out.append(
                     f"{kind} {cfg.format_addr((host, port))} is reachable from other machines without TLS or auth: "
                     f"anyone who can reach it can connect. Set --secret to require tokens, use --tls/--wss, or bind 127.0.0.1."
@@ -76,6 +67,10 @@ def load_app(spec: str) -> App:
         obj = obj()
     if not isinstance(obj, App):
         raise click.UsageError(f"{spec} is a {type(obj).__name__}, not a wirehub.App")
+    try:
+        obj.handlers()
+    except TypeError as exc:
+        raise click.UsageError(str(exc)) from None
     return obj
 
 

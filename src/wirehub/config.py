@@ -440,6 +440,9 @@ OPTIONS: tuple[Option, ...] = (
            "CA bundle (PEM); when set, TLS clients must present a certificate signed by it (mutual TLS).",
            group=_TLS),
     Option("secret", "str", None, "Shared secret for signed tokens; setting it turns token auth on.", group=_HUB),
+    Option("admin_token", "str", None,
+           "Bearer token the admin API requires (Authorization: Bearer ...); mandatory when --admin "
+           "binds a non-loopback address.", group=_ACC),
     Option("broker", "url", "memory://",
            "Message broker for multi-process/multi-host fan-out: memory://, redis://, rediss://, nats://, tls://.",
            choices=("memory", "redis", "rediss", "nats", "tls"), group=_HUB),
@@ -514,6 +517,7 @@ class Config:
     key: str | None = _DEFAULTS["key"]
     client_ca: str | None = _DEFAULTS["client_ca"]
     secret: str | None = _DEFAULTS["secret"]
+    admin_token: str | None = _DEFAULTS["admin_token"]
     broker: str = _DEFAULTS["broker"]
     workers: int = _DEFAULTS["workers"]
     reuse_port: bool = _DEFAULTS["reuse_port"]
@@ -603,16 +607,38 @@ def _buffers(v: Mapping[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: addresses other machines cannot reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _admin_exposed(v: Mapping[str, Any]) -> list[tuple[str, str]]:
+    if v["admin_token"]:
+        return []
+    return [
+        ("admin_token", f"the admin API on {format_addr(a)} is reachable from other machines: set admin_token "
+                        "(clients then send Authorization: Bearer TOKEN) or bind --admin 127.0.0.1:PORT")
+        for a in v["admin"] if not is_loopback(a[0])
+    ]
+
+
 _RULES: tuple[tuple[frozenset[str], Callable[[Mapping[str, Any]], list[tuple[str, str]]]], ...] = (
     (frozenset({"cert", "key"}), _tls_pair),
     (frozenset({"cert", "key", "tls", "wss", "client_ca"}), _tls_users),
     (frozenset({"send_buffer_low", "send_buffer_high", "max_send_buffer"}), _buffers),
+    (frozenset({"admin", "admin_token"}), _admin_exposed),
 )
 
 
-def _cross_check(values: Mapping[str, Any], bad: set[str]) -> list[Problem]:
+def _cross_check(values: Mapping[str, Any], bad: set[str], origin: Mapping[str, str] | None = None) -> list[Problem]:
+    origin = origin or {}
     return [
-        Problem("config", key, msg)
+        Problem(origin.get(key, "config"), key, msg)
         for names, rule in _RULES
         if not names & bad
         for key, msg in rule(values)
@@ -692,9 +718,12 @@ def load(
     values: dict[str, Any] = dict(_DEFAULTS)
     bad: set[str] = set()
 
+    origin: dict[str, str] = {}  # option name -> where its value came from
+
     def apply(opt: Option, raw: Any, where: str, text: bool) -> None:
         try:
             values[opt.name] = _parse(opt, raw, text)
+            origin[opt.name] = where
         except _Invalid as exc:
             problems.append(Problem(where, opt.name, str(exc)))
             bad.add(opt.name)
@@ -717,7 +746,11 @@ def load(
             continue
         opt = _BY_ENV.get(var)
         if opt is None:
-            problems.append(Problem(f"env {var}", var, "unknown environment variable" + _hint(var, list(_BY_ENV))))
+            # A near miss of an option's variable is surely a typo; anything else may belong
+            # to some other tool and is left alone.
+            hint = _hint(var, list(_BY_ENV))
+            if hint:
+                problems.append(Problem(f"env {var}", var, "unknown environment variable" + hint))
         else:
             apply(opt, env[var], f"env {var}", True)
 
@@ -731,7 +764,7 @@ def load(
         else:
             apply(opt, raw, f"flag {opt.flag}", True)
 
-    problems += _cross_check(values, bad)
+    problems += _cross_check(values, bad, origin)
     if problems:
         raise ConfigError(problems)
     return Config(**values, config_file=file)

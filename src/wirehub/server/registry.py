@@ -73,13 +73,20 @@ class ConnectionRegistry:
     """Every open connection of this process, by id. Reading it is cheap; the admin API and
     the dashboard iterate it."""
 
-    __slots__ = ("_conns", "_gate", "_empty", "accepted_total")
+    __slots__ = ("_conns", "_gate", "_empty", "accepted_total", "closed_totals", "closed_reasons", "handshaking", "closing")
 
     def __init__(self, gate: AcceptGate) -> None:
         self._conns: dict[str, object] = {}
         self._gate = gate
         self._empty: asyncio.Event | None = None
         self.accepted_total = 0
+        #: counters of connections that have closed, so totals survive them
+        self.closed_totals = dict.fromkeys(("bytes_in", "bytes_out", "frames_in", "frames_out", "frames_dropped"), 0)
+        self.closed_reasons: dict[str, int] = {}
+        #: connections still in a protocol handshake (WebSocket upgrade): not yet the app's
+        self.handshaking: set = set()
+        #: True once the server drains: handshakes still running must not complete
+        self.closing = False
 
     def add(self, conn) -> None:
         self._conns[conn.id] = conn
@@ -88,13 +95,23 @@ class ConnectionRegistry:
     def remove(self, conn) -> None:
         if self._conns.pop(conn.id, None) is not None:
             self._gate.release(conn.peer_ip)
+            totals = self.closed_totals
+            totals["bytes_in"] += conn.bytes_in
+            totals["bytes_out"] += conn.bytes_out
+            totals["frames_in"] += conn.frames_in
+            totals["frames_out"] += conn.frames_out
+            totals["frames_dropped"] += conn.frames_dropped
+            reason = conn.close_reason or "closed"
+            self.closed_reasons[reason] = self.closed_reasons.get(reason, 0) + 1
             if not self._conns and self._empty is not None:
                 self._empty.set()
 
-    def release_unregistered(self, ip: str) -> None:
-        """Give back the slot of a connection that ended before it was registered
-        (a WebSocket whose upgrade failed)."""
-        self._gate.release(ip)
+    def handshake_ended(self, conn, registered: bool) -> None:
+        """A connection left the handshaking set: it is either registered now, or gone
+        (then its slot is given back)."""
+        self.handshaking.discard(conn)
+        if not registered:
+            self._gate.release(conn.peer_ip)
 
     def get(self, conn_id: str):
         return self._conns.get(conn_id)

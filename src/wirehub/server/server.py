@@ -57,7 +57,7 @@ def bind_all(config: Config, *, reuse_port: bool | None = None, kinds: Iterable[
     errors: list[str] = []
     common = dict(backlog=config.backlog, reuse_address=config.reuse_address, reuse_port=reuse_port)
     plan: list[tuple[str, Any]] = []
-    for kind in ("tcp", "tls", "ws", "wss", "udp"):
+    for kind in ("tcp", "tls", "ws", "wss", "udp", "admin"):
         for host, port in getattr(config, kind):
             plan.append((kind, (host, port)))
     for path in config.unix:
@@ -102,6 +102,9 @@ class Server:
         self._allow = tuple(config.allow)
         self._deny = tuple(config.deny)
         self._tasks: set[asyncio.Task] = set()
+        self.refused: dict[str, int] = {}
+        self.loop_lag = LoopLag()
+        self.admin: Any = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -127,13 +130,20 @@ class Server:
         tls = None
         if any(ep.kind in ("tls", "wss") for ep in endpoints):
             tls = server_context(config.cert, config.key, config.client_ca)
+        admin = [ep for ep in endpoints if ep.kind == "admin"]
+        if admin:
+            from .admin import AdminServer
+
+            self.admin = AdminServer(self)
+            await self.admin.start(admin)
+        self._spawn(self.loop_lag.run())
         for ep in endpoints:
             if ep.kind == "udp":
                 _, proto = await self.loop.create_datagram_endpoint(
                     lambda: DatagramEndpoint(self.ctx, framing, self._admit_datagram), sock=ep.sock
                 )
                 self.datagram_endpoints.append(proto)  # type: ignore[arg-type]
-            else:
+            elif ep.kind != "admin":
                 factory = self._protocol_factory(ep.kind, framing)
                 listener = StreamListener(self.loop, ep, factory, self._accepted, ssl=tls if ep.kind in ("tls", "wss") else None)
                 self.listeners.append(listener)
@@ -208,6 +218,9 @@ class Server:
             listener.close()
         for endpoint in self.datagram_endpoints:
             endpoint.stop_accepting()
+        self.registry.closing = True
+        for conn in list(self.registry.handshaking):  # WebSocket upgrades not yet done
+            conn.abort()
         self._drain_task = loop.create_task(self._drain_connections(deadline))
         try:
             await self._drain_task
@@ -221,6 +234,8 @@ class Server:
             endpoint.close()
         for task in list(self._tasks):
             task.cancel()
+        if self.admin is not None:
+            await self.admin.close()
         try:
             await asyncio.wait_for(self.app.shutdown(self), timeout=max(0.1, deadline - loop.time()) if not self._forced else 0.5)
         except (asyncio.TimeoutError, asyncio.CancelledError):
@@ -265,6 +280,7 @@ class Server:
         peer, ip = format_peer(addr, sock.family)
         if not self._ip_allowed(ip):
             log.info("refused", reason="denied", peer=peer, listener=listener.endpoint.address)
+            self.refused["denied"] = self.refused.get("denied", 0) + 1
             _reset(sock)
             return True
         refusal = self.gate.admit(ip)
@@ -284,6 +300,10 @@ class Server:
                 ssl=listener.ssl,
                 ssl_handshake_timeout=self.config.handshake_timeout if listener.ssl else None,
             )
+        except asyncio.CancelledError:  # shutdown while the TLS handshake was running
+            self.gate.release(ip)
+            sock.close()
+            raise
         except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
             # TLS handshake failed or timed out: give the slot back.
             log.info("handshake_failed", peer=peer, transport=listener.kind, error=str(exc) or type(exc).__name__)
@@ -296,6 +316,7 @@ class Server:
 
     def _refuse(self, listener: StreamListener, sock: socket.socket, peer: str, reason: str) -> None:
         log.info("refused", reason=reason, peer=peer, listener=listener.endpoint.address)
+        self.refused[reason] = self.refused.get(reason, 0) + 1
         if listener.ssl is None and listener.kind in STREAM_KINDS:
             payload = self.app.refusal(reason)
             if payload:
@@ -333,6 +354,17 @@ class Server:
 
     # ------------------------------------------------------------------ inspection
 
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not): false while starting or draining, or when the app says so."""
+        if not self.started:
+            return False, "starting"
+        if self.draining:
+            return False, "draining"
+        app_ready = getattr(self.app, "ready", None)
+        if app_ready is not None:
+            return app_ready(self)
+        return True, "ok"
+
     def connections(self) -> list:
         return list(self.registry)
 
@@ -342,6 +374,42 @@ class Server:
             return False
         conn.close(reason)
         return True
+
+
+class LoopLag:
+    """Samples how late the event loop runs a timer: the time a handler that blocks the
+    loop steals from every connection. Exported as a histogram by the admin API."""
+
+    bounds = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+        self.last = 0.0
+
+    def record(self, lag: float) -> None:
+        self.last = lag
+        self.total += lag
+        for i, bound in enumerate(self.bounds):
+            if lag <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def cumulative(self) -> list[int]:
+        out, running = [], 0
+        for n in self.counts:
+            running += n
+            out.append(running)
+        return out
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(self.interval)
+            self.record(max(0.0, loop.time() - start - self.interval))
 
 
 def _reset(sock: socket.socket) -> None:

@@ -33,7 +33,7 @@ def _identity(payload: bytes) -> bytes:
 
 
 class WebSocketConnection(Connection, asyncio.Protocol):
-    __slots__ = ("_transport", "_ws", "_upgraded", "_fragments", "_fragment_size", "binary")
+    __slots__ = ("_transport", "_ws", "_upgraded", "_fragments", "_text", "binary")
 
     def __init__(self, ctx: Context, transport_name: str, max_frame: int) -> None:
         super().__init__(ctx, transport_name, _identity)
@@ -41,6 +41,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._upgraded = False
         self._fragments: list[bytes] | None = None
+        self._text = True
         self.binary = False
 
     # asyncio.Protocol -----------------------------------------------------------
@@ -56,6 +57,7 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         # seen this connection yet, so an expired upgrade is simply dropped.
         if settings.handshake_timeout:
             self._timer = self._ctx.loop.call_later(settings.handshake_timeout, self._upgrade_expired)
+        self._ctx.registry.handshaking.add(self)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -71,30 +73,45 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             self._send_pending_ws_data()
             return
         items: list = []
+        failed = False
         for frame in events:
             opcode = frame.opcode
             if opcode is _TEXT or opcode is _BINARY:
                 if frame.fin:
-                    items.append(frame.data)
+                    message = frame.data
                 else:
                     self._fragments = [frame.data]
+                    self._text = opcode is _TEXT
+                    continue
             elif opcode is _CONT and self._fragments is not None:
                 self._fragments.append(frame.data)
-                if frame.fin:
-                    items.append(b"".join(self._fragments))
-                    self._fragments = None
+                if not frame.fin:
+                    continue
+                message = b"".join(self._fragments)
+                self._fragments = None
+                opcode = _TEXT if self._text else _BINARY
+            else:
+                continue
+            if opcode is _TEXT:
+                # RFC 6455 8.1: a text message that is not UTF-8 fails the connection (1007).
+                try:
+                    message.decode()
+                except UnicodeDecodeError:
+                    ws.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
+                    failed = True
+                    break
+            items.append(message)
         self._send_pending_ws_data()
         if items:
             self._dispatch(items)
-        if ws.parser_exc is not None and self._close_reason is None:
-            # Too large, bad UTF-8, bad opcode...: websockets already sent the close frame.
-            log.info("websocket_protocol_error", conn=self.id, error=str(ws.parser_exc))
-            self._close_reason = PROTOCOL
-            self._cancel_timer()
-            self._schedule_abort()
-        elif ws.close_expected() and self._close_reason is None:
-            # The peer started the close handshake; websockets answered it.
-            self._close_reason = "closed"
+        if self._close_reason is None and ws.close_expected():
+            # Either we failed the connection (too large, bad UTF-8, bad opcode: the close
+            # frame is already sent) or the peer started the close handshake (answered).
+            if failed or ws.parser_exc is not None:
+                log.info("websocket_protocol_error", conn=self.id, error=str(ws.parser_exc or "invalid UTF-8"))
+                self._close_reason = PROTOCOL
+            else:
+                self._close_reason = "closed"
             self._cancel_timer()
             self._schedule_abort()
 
@@ -111,18 +128,22 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         else:
             self._cancel_timer()
             self._closed = True
-            self._ctx.registry.release_unregistered(self.peer_ip)
+            self._ctx.registry.handshake_ended(self, registered=False)
         self._transport = None
 
     # handshake --------------------------------------------------------------------
 
     def _upgrade(self, request: Request) -> None:
         ws = self._ws
-        response = ws.accept(request)
+        if self._ctx.registry.closing:  # the server is draining: no new sessions
+            response = ws.reject(503, "server is shutting down\n")
+        else:
+            response = ws.accept(request)
         ws.send_response(response)
         if ws.state is OPEN:
             self._upgraded = True
             self._cancel_timer()
+            self._ctx.registry.handshake_ended(self, registered=True)
             self._start()
         else:
             self._cancel_timer()

@@ -1,0 +1,176 @@
+"""The admin HTTP API (aiohttp, in the server's own event loop).
+
+Framework routes: health, readiness, the connection list, disconnecting one connection, and
+Prometheus metrics. An app adds its own routes (the hub adds rooms and the dashboard) with
+its ``admin`` hook. With ``admin_token`` set, every route but the health probes requires
+``Authorization: Bearer TOKEN``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import TYPE_CHECKING, Any, Iterable
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from .._log import get_logger
+from .._version import __version__
+
+if TYPE_CHECKING:
+    from .listeners import Endpoint
+    from .server import Server
+
+log = get_logger("wirehub.admin")
+
+_json = msgspec.json.Encoder()
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+SERVER_KEY = web.AppKey("wirehub_server", object)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_json.encode(data), status=status, content_type="application/json")
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return json_response({"error": code, "message": message}, status)
+
+
+def describe_connection(conn: Any, now: float) -> dict[str, Any]:
+    """The framework's view of one connection, as ``/api/connections`` lists it."""
+    return {
+        "id": conn.id,
+        "transport": conn.transport,
+        "peer": conn.peer,
+        "connected_at": round(conn.connected_at, 3),
+        "idle_s": round(max(0.0, now - conn.last_activity), 3),
+        "bytes_in": conn.bytes_in,
+        "bytes_out": conn.bytes_out,
+        "msgs_in": conn.frames_in,
+        "msgs_out": conn.frames_out,
+        "msgs_dropped": conn.frames_dropped,
+        "send_buffer": conn.send_buffer,
+    }
+
+
+class _Collector:
+    """Computes the server's metrics at scrape time from the registry (nothing is counted
+    twice on the hot path)."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def collect(self) -> Iterable[Any]:
+        server = self.server
+        conns = server.connections()
+        by_transport: dict[str, int] = {}
+        totals = dict(server.registry.closed_totals)
+        for conn in conns:
+            by_transport[conn.transport] = by_transport.get(conn.transport, 0) + 1
+            totals["bytes_in"] += conn.bytes_in
+            totals["bytes_out"] += conn.bytes_out
+            totals["frames_in"] += conn.frames_in
+            totals["frames_out"] += conn.frames_out
+            totals["frames_dropped"] += conn.frames_dropped
+        g = GaugeMetricFamily("wirehub_connections", "Open connections.", labels=["transport"])
+        for transport, n in sorted(by_transport.items()):
+            g.add_metric([transport], n)
+        yield g
+        yield CounterMetricFamily("wirehub_connections_accepted", "Connections accepted.", value=server.registry.accepted_total)
+        refused = CounterMetricFamily("wirehub_connections_refused", "Connections refused at accept, by reason.", labels=["reason"])
+        for reason, n in sorted(server.refused.items()):
+            refused.add_metric([reason], n)
+        yield refused
+        closed = CounterMetricFamily("wirehub_connections_closed", "Connections closed, by reason.", labels=["reason"])
+        for reason, n in sorted(server.registry.closed_reasons.items()):
+            closed.add_metric([reason], n)
+        yield closed
+        for key, help_text in (
+            ("bytes_in", "Bytes received."),
+            ("bytes_out", "Bytes sent."),
+            ("frames_in", "Frames received."),
+            ("frames_out", "Frames sent."),
+            ("frames_dropped", "Frames dropped by the drop_oldest slow-consumer policy or at close."),
+        ):
+            yield CounterMetricFamily(f"wirehub_{key}", help_text, value=totals[key])
+        yield GaugeMetricFamily("wirehub_send_buffer_bytes", "Bytes queued to all peers.", value=sum(c.send_buffer for c in conns))
+        lag = server.loop_lag
+        yield GaugeMetricFamily("wirehub_event_loop_lag_last_seconds", "Latest event-loop lag sample.", value=lag.last)
+        h = HistogramMetricFamily("wirehub_event_loop_lag_seconds", "How late the event loop ran a timer, sampled every 0.25 s.")
+        edges = [repr(float(b)) for b in lag.bounds] + ["+Inf"]
+        h.add_metric([], buckets=list(zip(edges, lag.cumulative())), sum_value=lag.total)
+        yield h
+        yield GaugeMetricFamily("wirehub_draining", "1 while the server drains.", value=1 if server.draining else 0)
+
+
+class AdminServer:
+    """Serves the admin routes on already-bound sockets."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.token = server.config.admin_token
+        self.web = web.Application(middlewares=[self._auth])
+        self.web[SERVER_KEY] = server
+        self.metrics = CollectorRegistry(auto_describe=False)
+        self.metrics.register(_Collector(server))  # type: ignore[arg-type]
+        self.web.router.add_get("/healthz", self.healthz)
+        self.web.router.add_get("/readyz", self.readyz)
+        self.web.router.add_get("/metrics", self.prometheus)
+        self.web.router.add_get("/api/connections", self.list_connections)
+        self.web.router.add_delete("/api/connections/{id}", self.delete_connection)
+        hook = getattr(server.app, "admin", None)
+        if hook is not None:
+            hook(self.web, server)
+        self._runner: web.AppRunner | None = None
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if self.token and request.path not in PUBLIC_PATHS:
+            header = request.headers.get("Authorization", "")
+            given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                return error_response(401, "unauthorized", "send Authorization: Bearer <admin_token>")
+        return await handler(request)
+
+    async def start(self, endpoints: list[Endpoint]) -> None:
+        self._runner = web.AppRunner(self.web, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        for ep in endpoints:
+            await web.SockSite(self._runner, ep.sock).start()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # routes -------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return json_response({"status": "ok", "server": f"wirehub/{__version__}"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready, why = self.server.readiness()
+        return json_response({"ready": ready, "reason": why}, 200 if ready else 503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def list_connections(self, request: web.Request) -> web.Response:
+        now = self.server.loop.time() if self.server.loop else time.monotonic()
+        describe = getattr(self.server.app, "describe", None)
+        out = []
+        for conn in self.server.connections():
+            row = describe_connection(conn, now)
+            if describe is not None:
+                row.update(describe(conn))
+            out.append(row)
+        return json_response(out)
+
+    async def delete_connection(self, request: web.Request) -> web.Response:
+        conn_id = request.match_info["id"]
+        if not self.server.disconnect(conn_id):
+            return error_response(404, "no_such_connection", f"no open connection has id {conn_id!r}; GET /api/connections lists them")
+        return json_response({"id": conn_id, "disconnected": True})

@@ -1,0 +1,204 @@
+"""UDP listeners over real loopback sockets: one session per source address."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from ..helpers import WAIT, addr, serving
+from .test_stream import Recorder
+
+
+class UdpClient(asyncio.DatagramProtocol):
+    """A UDP socket of its own (its own source port) whose replies queue up to be awaited."""
+
+    def __init__(self) -> None:
+        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.replies.put_nowait(data)
+
+    @classmethod
+    async def open(cls, server, family: int = socket.AF_INET) -> "UdpClient":
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.connect(addr(server, "udp"))
+        _, proto = await asyncio.get_running_loop().create_datagram_endpoint(cls, sock=sock)
+        proto.sock = sock
+        return proto
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    @property
+    def port(self) -> int:
+        return self.transport.get_extra_info("sockname")[1]
+
+    def send(self, data: bytes) -> None:
+        # straight to the socket: asyncio's sendto() silently skips empty datagrams
+        self.sock.send(data)
+
+    async def recv(self) -> bytes:
+        return await asyncio.wait_for(self.replies.get(), WAIT)
+
+    async def exchange(self, data: bytes) -> bytes:
+        self.send(data)
+        return await self.recv()
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+async def test_echo_per_datagram_exact_bytes():
+    app = Recorder()
+    async with serving(app, udp="127.0.0.1:0") as server:
+        client = await UdpClient.open(server)
+        cases = [
+            (b"hello\n", b"hello\n"),  # one trailing newline stripped, one added back
+            (b"hello", b"hello\n"),  # none to strip
+            (b"two\n\n", b"two\n\n"),  # only one is stripped
+            (b"crlf\r\n", b"crlf\n"),  # \r\n counts as the newline
+            (b"in\nside", b"in\nside\n"),  # a datagram is one frame, newlines and all
+            (b"\x00\xff binary", b"\x00\xff binary\n"),
+            (b"\n", b"\n"),  # an empty frame: unlike a blank line on a stream, not skipped
+            (b"", b"\n"),
+        ]
+        for sent, expected in cases:
+            assert await client.exchange(sent) == expected, sent
+        frames = [e[2] for e in app.log if e[0] == "frame"]
+        assert frames == [b"hello", b"hello", b"two\n", b"crlf", b"in\nside", b"\x00\xff binary", b"", b""]
+        (conn,) = server.connections()
+        assert conn.transport == "udp" and conn.peer == f"127.0.0.1:{client.port}"
+        assert conn.frames_in == len(cases) and conn.frames_out == len(cases)
+        assert conn.bytes_in == sum(len(s) for s, _ in cases)
+        assert conn.bytes_out == sum(len(e) for _, e in cases)
+        client.close()
+
+
+async def test_two_source_addresses_get_two_sessions():
+    app = Recorder()
+    async with serving(app, udp="127.0.0.1:0") as server:
+        a = await UdpClient.open(server)
+        b = await UdpClient.open(server)
+        assert await a.exchange(b"from a") == b"from a\n"
+        assert await b.exchange(b"from b") == b"from b\n"
+        assert await a.exchange(b"a again") == b"a again\n"
+        conns = server.connections()
+        assert len(conns) == 2 and {c.transport for c in conns} == {"udp"}
+        assert {c.peer for c in conns} == {f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"}
+        assert [e[0] for e in app.log].count("connect") == 2
+        assert server.gate.count == 2
+        a.close()
+        b.close()
+
+
+async def test_idle_session_is_closed_with_a_last_datagram():
+    app = Recorder()
+    async with serving(app, udp="127.0.0.1:0", idle_timeout=0.3) as server:
+        loop = asyncio.get_running_loop()
+        client = await UdpClient.open(server)
+        assert await client.exchange(b"hi") == b"hi\n"
+        start = loop.time()
+        assert await client.recv() == b"bye idle\n"  # the closing handler's frame, as a datagram
+        assert 0.2 <= loop.time() - start < 2.3
+        (event,) = await app.disconnected()
+        assert event[2] == "idle"
+        assert [e[0] for e in app.log] == ["connect", "frame", "closing", "disconnect"]
+        assert server.connections() == [] and server.gate.count == 0
+        # the same address opens a fresh session
+        assert await client.exchange(b"back") == b"back\n"
+        (conn,) = server.connections()
+        assert conn.id != app.conns[0].id
+        client.close()
+
+
+async def test_oversized_datagram_is_a_frame_error():
+    app = Recorder()
+    async with serving(app, udp="127.0.0.1:0", max_frame="1KiB") as server:
+        client = await UdpClient.open(server)
+        assert await client.exchange(b"x" * 1024 + b"\n") == b"x" * 1024 + b"\n"  # limit, after stripping
+        assert await client.exchange(b"y" * 1025) == b"error too_large\n"
+        assert await client.exchange(b"z" * 1025 + b"\n") == b"error too_large\n"
+        assert await client.exchange(b"fine") == b"fine\n"  # the session lives on
+        errors = [e for e in app.log if e[0] == "error"]
+        assert [e[2] for e in errors] == ["too_large", "too_large"]
+        assert len(server.connections()) == 1
+        client.close()
+
+
+async def test_max_connections_per_ip_limits_sessions():
+    app = Recorder()
+    async with serving(app, udp="127.0.0.1:0", max_connections_per_ip=1) as server:
+        a = await UdpClient.open(server)
+        b = await UdpClient.open(server)
+        assert await a.exchange(b"first") == b"first\n"
+        b.send(b"refused")
+        # Datagrams to one socket are handled in order: once a's reply is back, b's datagram
+        # has been seen (and dropped).
+        assert await a.exchange(b"still a") == b"still a\n"
+        assert b.replies.empty()
+        (conn,) = server.connections()
+        assert conn.peer == f"127.0.0.1:{a.port}"
+        assert [e[0] for e in app.log].count("connect") == 1
+        assert server.gate.count == 1
+        a.close()
+        b.close()
+
+
+async def test_freed_slot_admits_the_next_source():
+    app = Recorder()
+    async with serving(app, udp="127.0.0.1:0", max_connections_per_ip=1, idle_timeout=0.2) as server:
+        a = await UdpClient.open(server)
+        b = await UdpClient.open(server)
+        assert await a.exchange(b"a") == b"a\n"
+        assert await a.recv() == b"bye idle\n"
+        await app.disconnected()
+        assert await b.exchange(b"b") == b"b\n"
+        assert [c.peer for c in server.connections()] == [f"127.0.0.1:{b.port}"]
+        a.close()
+        b.close()
+
+
+async def test_length_framing_sends_raw_datagrams():
+    app = Recorder(framing="length")
+    async with serving(app, udp="127.0.0.1:0") as server:
+        client = await UdpClient.open(server)
+        for payload in (b"raw", b"with newline\n", b"\x00\x00\x00\x05hello", b"\r\n"):
+            assert await client.exchange(payload) == payload  # no prefix, nothing stripped
+        frames = [e[2] for e in app.log if e[0] == "frame"]
+        assert frames == [b"raw", b"with newline\n", b"\x00\x00\x00\x05hello", b"\r\n"]
+        client.close()
+
+
+async def test_ipv6():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    app = Recorder()
+    async with serving(app, udp="[::1]:0") as server:
+        assert server.addresses["udp"][0].startswith("[::1]:")
+        client = await UdpClient.open(server, socket.AF_INET6)
+        assert await client.exchange(b"six\n") == b"six\n"
+        (conn,) = server.connections()
+        assert conn.peer == f"[::1]:{client.port}" and conn.peer_ip == "::1"
+        client.close()
+
+
+async def test_shutdown_closes_sessions_with_a_last_datagram():
+    app = Recorder()
+    async with serving(app, udp="127.0.0.1:0") as server:
+        client = await UdpClient.open(server)
+        assert await client.exchange(b"hi") == b"hi\n"
+        await asyncio.wait_for(server.shutdown(), WAIT)
+        assert await client.recv() == b"bye shutdown\n"
+        (event,) = await app.disconnected()
+        assert event[2] == "shutdown"
+        assert server.connections() == [] and server.gate.count == 0
+        client.close()
