@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any, Callable
+from typing import Any
 
 from .connection import Connection, Context
 
@@ -24,10 +24,48 @@ def format_peer(peername: Any, family: int) -> tuple[str, str]:
     return str(peername), str(peername)
 
 
-class StreamConnection(Connection, asyncio.Protocol):
+class SocketConnection(Connection, asyncio.Protocol):
+    """A connection that owns an asyncio transport over a connected socket: what stream
+    and WebSocket connections share."""
+
+    __slots__ = ("_transport",)
+
+    def _bind(self, transport: asyncio.BaseTransport) -> None:
+        """Take the transport: note the peer, set the water marks."""
+        self._transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        family = sock.family if sock is not None else socket.AF_INET
+        self.peer, self.peer_ip = format_peer(transport.get_extra_info("peername"), family)
+        settings = self._ctx.settings
+        transport.set_write_buffer_limits(high=settings.send_buffer_high, low=settings.send_buffer_low)  # type: ignore[attr-defined]
+
+    def _transport_buffered(self) -> int:
+        t = self._transport
+        return t.get_write_buffer_size() if t is not None else 0
+
+    def _abort_transport(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _pause_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    @property
+    def tls_peer_certificate(self) -> dict | None:
+        """The client certificate (mutual TLS), as :meth:`ssl.SSLSocket.getpeercert` gives it."""
+        t = self._transport
+        return t.get_extra_info("peercert") if t is not None else None
+
+
+class StreamConnection(SocketConnection):
     """A connection over a byte stream, framed by the app's stream decoder."""
 
-    __slots__ = ("_transport", "_decoder")
+    __slots__ = ("_decoder",)
 
     def __init__(self, ctx: Context, transport_name: str, framing: Any) -> None:
         super().__init__(ctx, transport_name, framing.encode)
@@ -37,12 +75,7 @@ class StreamConnection(Connection, asyncio.Protocol):
     # asyncio.Protocol -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        family = sock.family if sock is not None else socket.AF_INET
-        self.peer, self.peer_ip = format_peer(transport.get_extra_info("peername"), family)
-        settings = self._ctx.settings
-        transport.set_write_buffer_limits(high=settings.send_buffer_high, low=settings.send_buffer_low)  # type: ignore[attr-defined]
+        self._bind(transport)
         self._start()
 
     def data_received(self, data: bytes) -> None:
@@ -69,10 +102,6 @@ class StreamConnection(Connection, asyncio.Protocol):
         self.bytes_out += len(data)
         self._transport.write(data)  # type: ignore[union-attr]
 
-    def _transport_buffered(self) -> int:
-        t = self._transport
-        return t.get_write_buffer_size() if t is not None else 0
-
     def _close_transport(self) -> None:
         # Lingering close: send FIN once the buffer is flushed, then keep reading (and
         # discarding) until the peer closes too. Closing a socket with unread input sends
@@ -91,25 +120,3 @@ class StreamConnection(Connection, asyncio.Protocol):
         if self._reading_paused:
             self._reading_paused = False
             t.resume_reading()
-
-    def _abort_transport(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _pause_reading(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
-
-    @property
-    def tls_peer_certificate(self) -> dict | None:
-        """The client certificate (mutual TLS), as :meth:`ssl.SSLSocket.getpeercert` gives it."""
-        t = self._transport
-        return t.get_extra_info("peercert") if t is not None else None
-
-
-def stream_factory(ctx: Context, transport_name: str, framing: Any) -> Callable[[], StreamConnection]:
-    return lambda: StreamConnection(ctx, transport_name, framing)

@@ -9,8 +9,6 @@ request path is accepted. Frames the app sends go out as text messages, or binar
 from __future__ import annotations
 
 import asyncio
-import socket
-from typing import Any
 
 from websockets.frames import CloseCode, Opcode
 from websockets.http11 import Request
@@ -18,8 +16,8 @@ from websockets.protocol import OPEN, State
 from websockets.server import ServerProtocol
 
 from .._log import get_logger
-from .connection import PROTOCOL, SHUTDOWN, Connection, Context
-from .stream import format_peer
+from .connection import PROTOCOL, SHUTDOWN, Context
+from .stream import SocketConnection
 
 log = get_logger("wirehub.websocket")
 
@@ -32,8 +30,8 @@ def _identity(payload: bytes) -> bytes:
     return payload
 
 
-class WebSocketConnection(Connection, asyncio.Protocol):
-    __slots__ = ("_transport", "_ws", "_upgraded", "_fragments", "_text", "binary")
+class WebSocketConnection(SocketConnection):
+    __slots__ = ("_ws", "_upgraded", "_fragments", "_text", "binary")
 
     def __init__(self, ctx: Context, transport_name: str, max_frame: int) -> None:
         super().__init__(ctx, transport_name, _identity)
@@ -47,12 +45,8 @@ class WebSocketConnection(Connection, asyncio.Protocol):
     # asyncio.Protocol -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        family = sock.family if sock is not None else socket.AF_INET
-        self.peer, self.peer_ip = format_peer(transport.get_extra_info("peername"), family)
+        self._bind(transport)
         settings = self._ctx.settings
-        transport.set_write_buffer_limits(high=settings.send_buffer_high, low=settings.send_buffer_low)  # type: ignore[attr-defined]
         # The HTTP upgrade must finish within the handshake deadline; the app has not
         # seen this connection yet, so an expired upgrade is simply dropped.
         if settings.handshake_timeout:
@@ -185,10 +179,6 @@ class WebSocketConnection(Connection, asyncio.Protocol):
             send(payload)
         self._send_pending_ws_data()
 
-    def _transport_buffered(self) -> int:
-        t = self._transport
-        return t.get_write_buffer_size() if t is not None else 0
-
     def _close_transport(self) -> None:
         ws = self._ws
         if ws.state is OPEN:
@@ -198,21 +188,5 @@ class WebSocketConnection(Connection, asyncio.Protocol):
         elif self._transport is not None and ws.state is State.CLOSED:
             self._transport.close()
 
-    def _abort_transport(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _pause_reading(self) -> None:
-        if self._transport is not None:
-            self._transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
-
 
 __all__ = ["WebSocketConnection"]
-
-
-def _unused(_: Any) -> None:  # pragma: no cover - keeps linters quiet about Any
-    pass
