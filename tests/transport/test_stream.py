@@ -10,7 +10,7 @@ import pytest
 
 from wirehub import App
 
-from ..helpers import WAIT, addr, read_lines, serving
+from ..helpers import WAIT, addr, read_lines, serving, wait_for
 
 
 def echo_app(framing: str = "line") -> App:
@@ -239,4 +239,32 @@ async def test_drain_waits_for_the_peer():
             total += len(chunk)
         await asyncio.wait_for(done.wait(), WAIT)
         assert server.connections()[0].frames_dropped == 0
+        writer.close()
+
+
+async def test_reading_pauses_while_an_async_handler_is_behind():
+    from wirehub.transport.connection import MAX_QUEUED_FRAMES
+
+    app = App()
+    release = asyncio.Event()
+    handled = []
+
+    @app.on_frame
+    async def frame(conn, data):
+        await release.wait()
+        handled.append(data)
+
+    async with serving(app, tcp="127.0.0.1:0") as server:
+        reader, writer = await asyncio.open_connection(*addr(server))
+        lines = [b"%06d" % i for i in range(100_000)]
+        writer.write(b"\n".join(lines) + b"\n")  # 700 KB the handler cannot keep up with
+        await wait_for(lambda: server.connections() and server.connections()[0]._reading_paused, what="reading to pause")
+        conn = server.connections()[0]
+        queued = len(conn._queue)
+        # Bounded: at most one read's worth of frames beyond the pause threshold.
+        assert MAX_QUEUED_FRAMES <= queued < MAX_QUEUED_FRAMES + 256 * 1024 // 7
+        assert conn.bytes_in < 700_000  # the rest waits in the kernel, not in our memory
+        release.set()
+        await wait_for(lambda: len(handled) == len(lines), what="every frame handled")
+        assert handled == lines
         writer.close()
