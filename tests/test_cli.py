@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import json
 import socket
+import urllib.request
 import subprocess
 import sys
 from pathlib import Path
@@ -324,21 +326,24 @@ def test_serve_with_defaults(tmp_path):
         pytest.skip(busy)
     server = ServerProcess("serve").start(tmp_path)
     try:
-        for kind, port in (("tcp", 7400), ("ws", 7401), ("udp", 7400)):
+        for kind, port in (("tcp", 7400), ("ws", 7401), ("udp", 7400), ("admin", 7480)):
             server.wait_log(f"listening transport={kind} address=127.0.0.1:{port}")
+        # the hub answers its protocol on every default listener
         with socket.create_connection(("127.0.0.1", 7400), timeout=WAIT) as sock:
-            sock.sendall(b"hello hub\n")
+            sock.sendall(b'{"op":"ping","ref":1}\n')
             with sock.makefile("rb") as lines:
-                assert lines.readline() == b"hello hub\n"
+                assert json.loads(lines.readline()) == {"op": "pong", "ref": 1}
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.settimeout(WAIT)
-            udp.sendto(b"datagram\n", ("127.0.0.1", 7400))
-            assert udp.recvfrom(100)[0] == b"datagram\n"
+            udp.sendto(b'{"op":"ping"}\n', ("127.0.0.1", 7400))
+            assert json.loads(udp.recvfrom(100)[0]) == {"op": "pong"}
         from websockets.sync.client import connect
 
         with connect("ws://127.0.0.1:7401/", open_timeout=WAIT) as ws:
-            ws.send("over websocket")
-            assert ws.recv(timeout=WAIT) == "over websocket"
+            ws.send('{"op":"ping","ref":"w"}')
+            assert json.loads(ws.recv(timeout=WAIT)) == {"op": "pong", "ref": "w"}
+        with urllib.request.urlopen("http://127.0.0.1:7480/healthz", timeout=WAIT) as r:
+            assert json.loads(r.read())["status"] == "ok"
     finally:
         code = server.stop()  # SIGTERM
     log = server.log

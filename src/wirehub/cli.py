@@ -97,17 +97,50 @@ def main() -> None:
 @main.command()
 @cfg.click_options
 def serve(**params: Any) -> None:
-    """Run the hub on TCP 127.0.0.1:7400, WebSocket 127.0.0.1:7401 and UDP 127.0.0.1:7400.
+    """Run the hub: rooms, presence, history, direct messages, token auth.
 
-    Until the hub lands, frames are echoed back to their sender.
+    Listens on TCP 127.0.0.1:7400, WebSocket 127.0.0.1:7401, UDP 127.0.0.1:7400 and the
+    admin API on 127.0.0.1:7480 unless told otherwise. Talk to it with `wirehub connect`.
     """
-    from .apps.echo import app
+    from .hub import HubApp
+    from .hub.broker import BrokerError
     from .server.supervisor import run
 
     config = _load_config(params)
     for warning in exposure_warnings(config):
         click.echo(f"wirehub: warning: {warning}", err=True)
+    try:
+        app = HubApp(config)
+    except (BrokerError, ValueError, OSError) as exc:
+        click.echo(f"wirehub: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     sys.exit(run(app, config))
+
+
+@main.command()
+@click.option("--sub", required=True, help="The user the token is for (the 'sub' claim).")
+@click.option("--rooms", multiple=True, metavar="GLOB", help="Rooms the user may join (repeatable; default: any).")
+@click.option("--publish", multiple=True, metavar="GLOB", help="Rooms the user may publish to (repeatable; default: those it may join).")
+@click.option("--ttl", default="1h", show_default=True, metavar="DURATION", help="Lifetime: seconds, or 30s, 15m, 1h, 7d...")
+@click.option("--name", default=None, help="Display name claim.")
+@click.option("--secret", envvar="WIREHUB_SECRET", help="The server's --secret (also $WIREHUB_SECRET).")
+def token(sub: str, rooms: tuple[str, ...], publish: tuple[str, ...], ttl: str, name: str | None, secret: str | None) -> None:
+    """Mint an HS256 token for `hello` and `refresh`, signed with the server's secret."""
+    from .hub.auth import mint_token
+
+    if not secret:
+        raise click.UsageError("no secret: pass --secret S or set WIREHUB_SECRET (the same one the server uses)")
+    try:
+        seconds = _parse_ttl(ttl)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ttl") from None
+    click.echo(mint_token(secret, sub, rooms=list(rooms) or None, publish=list(publish) or None, ttl=seconds, name=name))
+
+
+def _parse_ttl(text: str) -> float:
+    if text.endswith("d") and text[:-1].replace(".", "", 1).isdigit():
+        return float(text[:-1]) * 86400
+    return cfg.parse_duration(text)
 
 
 @main.command("run")

@@ -440,6 +440,25 @@ OPTIONS: tuple[Option, ...] = (
            "CA bundle (PEM); when set, TLS clients must present a certificate signed by it (mutual TLS).",
            group=_TLS),
     Option("secret", "str", None, "Shared secret for signed tokens; setting it turns token auth on.", group=_HUB),
+    Option("heartbeat", "duration", 25.0,
+           "Heartbeat interval announced in welcome: clients send a ping at least this often.", group=_HUB),
+    Option("hello_timeout", "duration", 60.0,
+           "Idle timeout of a connection that has not said hello or joined a room (idle_timeout applies after).",
+           group=_HUB),
+    Option("history_size", "int", 100, "Messages each room's history keeps (0: none).", group=_HUB, minimum=0),
+    Option("history_ttl", "duration", 3600.0, "How long a room's history keeps a message.", group=_HUB),
+    Option("presence", "bool", True, "Track room members and send join/leave events.", group=_HUB),
+    Option("max_room_members", "int", 0, "Members a room may have (0 = unlimited); more get room_full.",
+           group=_HUB, minimum=0),
+    Option("max_errors", "int", 20,
+           "Error replies a connection may earn within a minute before it gets bye too_many_errors.",
+           group=_HUB, minimum=1),
+    Option("rate_limit", "int", 0,
+           "Frames per second one connection may send (bursts of twice that); 0 = unlimited.", group=_HUB, minimum=0),
+    Option("token_algorithm", "choice", "hs256",
+           "Token signature algorithm: HS256 with --secret, or RS256/ES256 with --public-key.",
+           choices=("hs256", "rs256", "es256"), group=_HUB),
+    Option("public_key", "path", None, "PEM public key that verifies RS256/ES256 tokens.", group=_HUB),
     Option("admin_token", "str", None,
            "Bearer token the admin API requires (Authorization: Bearer ...); mandatory when --admin "
            "binds a non-loopback address.", group=_ACC),
@@ -517,6 +536,16 @@ class Config:
     key: str | None = _DEFAULTS["key"]
     client_ca: str | None = _DEFAULTS["client_ca"]
     secret: str | None = _DEFAULTS["secret"]
+    heartbeat: float = _DEFAULTS["heartbeat"]
+    hello_timeout: float = _DEFAULTS["hello_timeout"]
+    history_size: int = _DEFAULTS["history_size"]
+    history_ttl: float = _DEFAULTS["history_ttl"]
+    presence: bool = _DEFAULTS["presence"]
+    max_room_members: int = _DEFAULTS["max_room_members"]
+    max_errors: int = _DEFAULTS["max_errors"]
+    rate_limit: int = _DEFAULTS["rate_limit"]
+    token_algorithm: str = _DEFAULTS["token_algorithm"]
+    public_key: str | None = _DEFAULTS["public_key"]
     admin_token: str | None = _DEFAULTS["admin_token"]
     broker: str = _DEFAULTS["broker"]
     workers: int = _DEFAULTS["workers"]

@@ -159,7 +159,7 @@ class Connection:
         "frames_dropped",
         "last_activity",
         "_ctx",
-        "_encode",
+        "encode",
         "_pending",
         "_pending_size",
         "_write_paused",
@@ -191,7 +191,9 @@ class Connection:
         self.frames_dropped = 0
         self.last_activity = ctx.now()
         self._ctx = ctx
-        self._encode = encode
+        #: this connection's framing encoder: payload -> bytes on the wire. Connections with
+        #: the same encoder take the same bytes, so a broadcast encodes once per encoder.
+        self.encode = encode
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._write_paused = False
@@ -246,7 +248,7 @@ class Connection:
         """Queue one frame. Returns False when it was not queued (closing, or dropped)."""
         if (self._close_reason is not None and not self._last_word) or self._closed:
             return False
-        return self._queue_wire(self._encode(payload))
+        return self._queue_wire(self.encode(payload))
 
     def send_wire(self, data: bytes) -> bool:
         """Queue bytes already encoded for this connection's framing (see ``framing``)."""

@@ -1,0 +1,65 @@
+"""The hub's admin routes: rooms, and publishing from a backend."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from ..server.admin import error_response, json_response
+from .broker import BrokerError
+
+if TYPE_CHECKING:
+    from .app import HubApp
+
+
+class _PublishBody(msgspec.Struct):
+    data: msgspec.Raw
+
+
+_publish_body = msgspec.json.Decoder(_PublishBody)
+
+
+async def room_summary(hub: HubApp, room: str) -> dict[str, Any]:
+    position = await hub.broker.position(room)
+    held = await hub.broker.history(room, history=hub.policy)
+    members = await hub.broker.presence(room) if hub.config.presence else []
+    local = hub.rooms.get(room)
+    return {
+        "room": room,
+        "members": len(members) if hub.config.presence else (len(local.members) if local else 0),
+        "seq": position.seq,
+        "epoch": position.epoch,
+        "history_size": len(held.publications),
+    }
+
+
+def add_routes(web_app: web.Application, hub: HubApp) -> None:
+    async def list_rooms(request: web.Request) -> web.Response:
+        names = sorted(set(await hub.broker.rooms()) | set(hub.rooms))
+        return json_response([await room_summary(hub, name) for name in names])
+
+    async def get_room(request: web.Request) -> web.Response:
+        name = request.match_info["room"]
+        if name not in hub.rooms and name not in await hub.broker.rooms():
+            return error_response(404, "no_such_room", f"no room {name!r} has members or messages")
+        summary = await room_summary(hub, name)
+        summary["member_list"] = await hub.broker.presence(name) if hub.config.presence else []
+        return json_response(summary)
+
+    async def publish(request: web.Request) -> web.Response:
+        name = request.match_info["room"]
+        try:
+            body = _publish_body.decode(await request.read())
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return error_response(400, "bad_request", f'send a JSON object {{"data": ANY}}: {exc}')
+        try:
+            pub = await hub.publish_raw(name, bytes(body.data))
+        except BrokerError as exc:
+            return error_response(503, "broker_unavailable", f"nothing was published: {exc}")
+        return json_response({"room": name, "seq": pub.seq, "epoch": pub.epoch})
+
+    web_app.router.add_get("/api/rooms", list_rooms)
+    web_app.router.add_get("/api/rooms/{room}", get_room)
+    web_app.router.add_post("/api/rooms/{room}/publish", publish)

@@ -1,0 +1,541 @@
+"""The hub: rooms, presence, history with recovery, direct messages and token auth, as an
+ordinary :class:`wirehub.App`.
+
+Every transport the framework serves (TCP, TLS, Unix, WebSocket, UDP) speaks the same JSON
+protocol (:mod:`wirehub.hub.protocol`). The hub keeps only this node's view — which local
+connections are in which room — and asks its broker for everything shared: sequence
+numbers, history, presence and delivery to other nodes.
+
+With a broker whose calls complete without I/O (``memory://``) every frame is handled inline
+as it arrives; with a remote broker the frame handler is ``async`` and the framework runs each
+connection's frames in order in a task, pausing reads while it is behind.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from .. import App
+from .._log import get_logger
+from .._version import __version__
+from ..transport.connection import Connection
+from . import protocol as wire
+from .auth import AuthError, Claims, TokenVerifier
+from .broker import Broker, BrokerError, HistoryPolicy, Member, Publication, create_broker
+from .protocol import Hello, History, Join, Leave, Ping, Presence, ProtocolError, Pub, Refresh, Send
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..server.server import Server
+
+log = get_logger("wirehub.hub")
+
+#: framework close reason -> (bye reason, should the client reconnect)
+BYE = {
+    "shutdown": ("shutdown", True),
+    "idle": ("idle", True),
+    "handshake_timeout": ("idle", True),
+    "kicked": ("kicked", False),
+    "slow_consumer": ("slow_consumer", True),
+    "auth_expired": ("auth_expired", True),
+    "too_many_errors": ("too_many_errors", False),
+    "protocol": ("protocol", False),
+    "handler_error": ("protocol", True),
+}
+
+ERROR_WINDOW_S = 60.0
+
+
+class Session:
+    """The hub's state for one connection."""
+
+    __slots__ = (
+        "conn",
+        "client",
+        "client_json",
+        "user",
+        "name",
+        "claims",
+        "greeted",
+        "rooms",
+        "joining",
+        "errors",
+        "errors_since",
+        "tokens",
+        "tokens_at",
+        "expiry",
+    )
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.client = conn.id
+        self.client_json = wire.json_str(conn.id)
+        self.user = "anon-" + conn.id
+        self.name: str | None = None
+        self.claims: Claims | None = None
+        self.greeted = False
+        self.rooms: set[str] = set()
+        #: rooms whose join is in progress: live publications wait here until history is sent
+        self.joining: dict[str, list[Publication]] = {}
+        self.errors = 0
+        self.errors_since = 0.0
+        self.tokens = 0.0
+        self.tokens_at = 0.0
+        self.expiry: Any = None
+
+    def member(self) -> Member:
+        return Member(client=self.client, user=self.user, name=self.name)
+
+
+class Room:
+    """This node's members of one room."""
+
+    __slots__ = ("name", "name_json", "members")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.name_json = wire.json_str(name)
+        self.members: dict[str, Session] = {}
+
+
+def _drive(coro: Awaitable[Any]) -> Any:
+    """Run a coroutine that never suspends (calls into a local broker) to completion now."""
+    try:
+        coro.send(None)  # type: ignore[attr-defined]
+    except StopIteration as done:
+        return done.value
+    coro.close()  # type: ignore[attr-defined]
+    raise RuntimeError("a local broker call suspended; brokers with I/O must set local = False")
+
+
+class HubApp(App):
+    """The real-time hub as a framework app. ``wirehub serve`` runs it; :class:`wirehub.hub.Hub`
+    embeds it."""
+
+    def __init__(self, config: Config, broker: Broker | None = None) -> None:
+        super().__init__(framing="line", name="hub")
+        self.config = config
+        self.broker: Broker = broker if broker is not None else create_broker(config.broker)
+        self.policy = HistoryPolicy(size=config.history_size, ttl=config.history_ttl)
+        self.verifier: TokenVerifier | None = None
+        if config.secret or config.public_key:
+            key = None
+            if config.public_key:
+                with open(config.public_key, "rb") as f:
+                    key = f.read()
+            self.verifier = TokenVerifier(secret=config.secret, public_key=key, algorithms=(config.token_algorithm.upper(),))
+        self.rooms: dict[str, Room] = {}
+        self.sessions: dict[str, Session] = {}
+        self.server: Server | None = None
+        self._heartbeat = int(config.heartbeat) if config.heartbeat == int(config.heartbeat) else config.heartbeat
+        self._ops: dict[type, Callable[[Session, Any], Awaitable[None]]] = {
+            Hello: self._hello,
+            Join: self._join,
+            Leave: self._leave,
+            Pub: self._pub,
+            Send: self._send,
+            Presence: self._presence,
+            History: self._history,
+            Refresh: self._refresh,
+        }
+
+    # ------------------------------------------------------------------ framework hooks
+
+    def handlers(self):  # type: ignore[override]
+        # A local broker answers at once: handle frames inline. Otherwise let the framework
+        # run each connection's frames in order in a task.
+        local = self.broker.local
+        self.connect = self._connect_inline if local else self._connect_async  # type: ignore[method-assign]
+        self.frame = self._frame_inline if local else self._frame_async  # type: ignore[method-assign]
+        self.disconnect = self._disconnect_inline if local else self._disconnect_async  # type: ignore[method-assign]
+        return super().handlers()
+
+    async def startup(self, server: Server) -> None:
+        self.server = server
+        await self.broker.start(self)
+
+    async def shutdown(self, server: Server) -> None:
+        await self.broker.close()
+
+    def _new_session(self, conn: Connection) -> Session:
+        session = Session(conn)
+        conn.state["hub"] = session
+        conn.idle_timeout = self.config.hello_timeout
+        self.sessions[session.client] = session
+        return session
+
+    def _connect_inline(self, conn: Connection) -> None:
+        _drive(self.broker.add_client(self._new_session(conn).client))
+
+    async def _connect_async(self, conn: Connection) -> None:
+        session = self._new_session(conn)
+        try:
+            await self.broker.add_client(session.client)
+        except BrokerError as exc:
+            log.warning("broker_error", op="add_client", error=str(exc))
+
+    def closing(self, conn: Connection, reason: str) -> None:
+        bye_reason, reconnect = BYE.get(reason, (reason, True))
+        conn.send(wire.bye(bye_reason, reconnect))
+
+    def frame_error(self, conn: Connection, error: Any) -> None:
+        session = conn.state.get("hub")
+        if error.fatal or session is None:
+            conn.close("protocol")
+            return
+        self._error(session, error.code, error.message)
+
+    def refusal(self, reason: str) -> bytes:
+        return wire.error("rate_limited", f"connection refused: {reason} reached; try again later")
+
+    def ready(self, server: Server) -> tuple[bool, str]:
+        return (True, "ok") if self.broker.ready() else (False, "broker unreachable")
+
+    def describe(self, conn: Connection) -> dict[str, Any]:
+        session = conn.state.get("hub")
+        if session is None:
+            return {"user": None, "rooms": []}
+        return {"user": session.user, "name": session.name, "rooms": sorted(session.rooms)}
+
+    def admin(self, web_app: Any, server: Server) -> None:
+        from .admin import add_routes
+
+        add_routes(web_app, self)
+
+    # ------------------------------------------------------------------ frames
+
+    def _frame_inline(self, conn: Connection, data: bytes) -> None:
+        session: Session = conn.state["hub"]
+        cmd = wire.decode(data)
+        if type(cmd) is Ping:  # the hot path: no coroutine
+            if self._admit(session, cmd.ref):
+                conn.send(wire.pong(cmd.ref))
+            return
+        if type(cmd) is ProtocolError:
+            self._error(session, cmd.code, cmd.message, cmd.ref)
+            return
+        if self._admit(session, cmd.ref):
+            try:
+                _drive(self._ops[type(cmd)](session, cmd))
+            except Exception:
+                self._failed(session, cmd)
+
+    async def _frame_async(self, conn: Connection, data: bytes) -> None:
+        session: Session = conn.state["hub"]
+        cmd = wire.decode(data)
+        if type(cmd) is ProtocolError:
+            self._error(session, cmd.code, cmd.message, cmd.ref)
+        elif type(cmd) is Ping:
+            if self._admit(session, cmd.ref):
+                conn.send(wire.pong(cmd.ref))
+        elif self._admit(session, cmd.ref):
+            try:
+                await self._ops[type(cmd)](session, cmd)
+            except BrokerError as exc:
+                self._error(session, "internal", f"the broker is unavailable, nothing was done: {exc}", cmd.ref)
+            except Exception:
+                self._failed(session, cmd)
+
+    def _failed(self, session: Session, cmd: Any) -> None:
+        log.exception("hub_op_failed", conn=session.client, op=type(cmd).__name__.lower())
+        self._error(session, "internal", "the server failed to handle this frame; it has been logged", cmd.ref)
+
+    def _admit(self, session: Session, ref: Any) -> bool:
+        """Auth gate and rate limit, before any op but hello."""
+        rate = self.config.rate_limit
+        if rate:
+            now = time.monotonic()
+            session.tokens = min(2.0 * rate, session.tokens + (now - session.tokens_at) * rate) if session.tokens_at else 2.0 * rate
+            session.tokens_at = now
+            if session.tokens < 1.0:
+                self._error(session, "rate_limited", f"more than {rate} frames per second; slow down", ref)
+                return False
+            session.tokens -= 1.0
+        return True
+
+    def _needs_hello(self, session: Session, ref: Any) -> bool:
+        if self.verifier is not None and not session.greeted:
+            self._error(session, "unauthorized", 'authentication is on: send {"op":"hello","token":...} first', ref)
+            return True
+        return False
+
+    def _error(self, session: Session, code: str, message: str, ref: Any = None) -> None:
+        conn = session.conn
+        conn.send(wire.error(code, message, ref))
+        now = time.monotonic()
+        if now - session.errors_since > ERROR_WINDOW_S:
+            session.errors_since = now
+            session.errors = 0
+        session.errors += 1
+        if session.errors > self.config.max_errors:
+            log.info("too_many_errors", conn=session.client, peer=conn.peer, errors=session.errors)
+            conn.close("too_many_errors")
+
+    # ------------------------------------------------------------------ ops
+
+    async def _hello(self, s: Session, cmd: Hello) -> None:
+        if s.greeted:
+            self._error(s, "bad_frame", "hello was already said on this connection", cmd.ref)
+            return
+        if cmd.name is not None and not 0 < len(cmd.name) <= wire.MAX_NAME_LENGTH:
+            self._error(s, "bad_frame", f"'name' must be 1 to {wire.MAX_NAME_LENGTH} characters", cmd.ref)
+            return
+        if self.verifier is not None:
+            if not cmd.token:
+                self._error(s, "unauthorized", "authentication is on: hello needs a 'token'", cmd.ref)
+                return
+            try:
+                claims = self.verifier.verify(cmd.token)
+            except AuthError as exc:
+                self._error(s, "unauthorized", exc.message, cmd.ref)
+                return
+            s.claims = claims
+            s.user = claims.sub
+            s.name = cmd.name or claims.name
+            self._arm_expiry(s)
+        else:
+            s.name = cmd.name
+        s.greeted = True
+        s.conn.idle_timeout = self.config.idle_timeout
+        s.conn.send(
+            wire.with_ref(
+                {"op": "welcome", "client": s.client, "user": s.user, "heartbeat": self._heartbeat, "server": f"wirehub/{__version__}"},
+                cmd.ref,
+            )
+        )
+
+    async def _refresh(self, s: Session, cmd: Refresh) -> None:
+        if self.verifier is None:
+            s.conn.send(wire.with_ref({"op": "refreshed", "exp": None}, cmd.ref))
+            return
+        try:
+            claims = self.verifier.verify(cmd.token)
+        except AuthError as exc:
+            self._error(s, "unauthorized", exc.message, cmd.ref)
+            return
+        if s.claims is not None and claims.sub != s.claims.sub:
+            self._error(s, "unauthorized", f"the new token is for {claims.sub!r}, this connection is {s.claims.sub!r}", cmd.ref)
+            return
+        s.claims = claims
+        s.user = claims.sub
+        s.greeted = True
+        self._arm_expiry(s)
+        exp = int(claims.exp) if claims.exp is not None else None
+        s.conn.send(wire.with_ref({"op": "refreshed", "exp": exp}, cmd.ref))
+
+    def _arm_expiry(self, s: Session) -> None:
+        if s.expiry is not None:
+            s.expiry.cancel()
+            s.expiry = None
+        if s.claims is None or s.claims.exp is None or self.server is None or self.server.loop is None:
+            return
+        delay = max(0.0, s.claims.exp - time.time())
+        s.expiry = self.server.loop.call_later(delay, self._expired, s)
+
+    def _expired(self, s: Session) -> None:
+        s.expiry = None
+        log.info("auth_expired", conn=s.client, user=s.user)
+        s.conn.close("auth_expired")
+
+    async def _join(self, s: Session, cmd: Join) -> None:
+        if self._needs_hello(s, cmd.ref):
+            return
+        name = cmd.room
+        if s.claims is not None and not s.claims.may_join(name):
+            self._error(s, "forbidden", f"your token does not allow joining {name!r}", cmd.ref)
+            return
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = Room(name)
+        limit = self.config.max_room_members
+        if limit and s.client not in room.members and len(room.members) >= limit:
+            self._error(s, "room_full", f"{name!r} has its maximum of {limit} members", cmd.ref)
+            self._drop_room_if_empty(room)
+            return
+        first_here = not room.members
+        rejoin = s.client in room.members
+        room.members[s.client] = s
+        s.rooms.add(name)
+        s.joining[name] = []  # live publications wait until the join reply and history are out
+        try:
+            if first_here:
+                await self.broker.subscribe(name)
+            recovered = False
+            backlog: list[Publication] = []
+            if cmd.since is not None:
+                result = await self.broker.history(name, since=cmd.since, history=self.policy)
+                position = result.position
+                recovered = result.complete and (cmd.epoch is None or cmd.epoch == position.epoch)
+                if recovered:
+                    backlog = result.publications
+            else:
+                position = await self.broker.position(name)
+        except BaseException:
+            s.joining.pop(name, None)
+            if not rejoin:
+                room.members.pop(s.client, None)
+                s.rooms.discard(name)
+                self._drop_room_if_empty(room)
+            raise
+        conn = s.conn
+        conn.send(
+            wire.with_ref({"op": "joined", "room": name, "seq": position.seq, "epoch": position.epoch, "recovered": recovered}, cmd.ref)
+        )
+        last = position.seq
+        for pub in backlog:
+            conn.send(self._msg(room, pub))
+        if backlog:
+            last = backlog[-1].seq
+        for pub in s.joining.pop(name, ()):
+            if pub.seq > last:  # no duplicate of what history already gave
+                conn.send(self._msg(room, pub))
+        conn.idle_timeout = self.config.idle_timeout
+        if self.config.presence and not rejoin:
+            member = s.member()
+            await self.broker.presence_add(name, member)
+            await self.broker.room_event(name, self._presence_event("join", name, member), exclude=s.client)
+
+    async def _leave(self, s: Session, cmd: Leave) -> None:
+        if self._needs_hello(s, cmd.ref):
+            return
+        if cmd.room not in s.rooms:
+            self._error(s, "not_member", f"you are not in {cmd.room!r}", cmd.ref)
+            return
+        s.conn.send(wire.with_ref({"op": "left", "room": cmd.room}, cmd.ref))
+        await self._part(s, cmd.room)
+
+    async def _part(self, s: Session, name: str) -> None:
+        s.rooms.discard(name)
+        s.joining.pop(name, None)
+        room = self.rooms.get(name)
+        if room is None or room.members.pop(s.client, None) is None:
+            return
+        if self.config.presence:
+            member = s.member()
+            await self.broker.presence_remove(name, s.client)
+            await self.broker.room_event(name, self._presence_event("leave", name, member), exclude=s.client)
+        if not room.members:
+            del self.rooms[name]
+            await self.broker.unsubscribe(name)
+
+    def _drop_room_if_empty(self, room: Room) -> None:
+        if not room.members and self.rooms.get(room.name) is room:
+            del self.rooms[room.name]
+
+    async def _pub(self, s: Session, cmd: Pub) -> None:
+        if self._needs_hello(s, cmd.ref):
+            return
+        if s.claims is not None and not s.claims.may_publish(cmd.room):
+            self._error(s, "forbidden", f"your token does not allow publishing to {cmd.room!r}", cmd.ref)
+            return
+        pub = await self.broker.publish(cmd.room, bytes(cmd.data), sender=s.client, ts=int(time.time() * 1000), history=self.policy)
+        if cmd.ref is not None:
+            s.conn.send(wire.encode({"op": "ok", "ref": cmd.ref, "seq": pub.seq}))
+
+    async def _send(self, s: Session, cmd: Send) -> None:
+        if self._needs_hello(s, cmd.ref):
+            return
+        frame = wire.direct_msg(s.client_json, bytes(cmd.data))
+        target = self.sessions.get(cmd.to)
+        if target is not None:
+            target.conn.send(frame)
+            delivered = True
+        else:
+            delivered = await self.broker.send(cmd.to, frame)
+        if not delivered:
+            self._error(s, "no_such_client", f"no client {cmd.to!r} is connected", cmd.ref)
+        elif cmd.ref is not None:
+            s.conn.send(wire.encode({"op": "ok", "ref": cmd.ref}))
+
+    async def _presence(self, s: Session, cmd: Presence) -> None:
+        if self._needs_hello(s, cmd.ref):
+            return
+        if cmd.room not in s.rooms:
+            self._error(s, "not_member", f"join {cmd.room!r} to see who is in it", cmd.ref)
+            return
+        members = await self.broker.presence(cmd.room) if self.config.presence else []
+        s.conn.send(wire.with_ref({"op": "presence", "room": cmd.room, "members": members}, cmd.ref))
+
+    async def _history(self, s: Session, cmd: History) -> None:
+        if self._needs_hello(s, cmd.ref):
+            return
+        if cmd.room not in s.rooms:
+            self._error(s, "not_member", f"join {cmd.room!r} to read its history", cmd.ref)
+            return
+        limit = cmd.limit if cmd.limit is not None and cmd.limit >= 0 else None
+        result = await self.broker.history(cmd.room, limit=limit, history=self.policy)
+        room = self.rooms[cmd.room]
+        head = wire.with_ref({"op": "history", "room": cmd.room, "epoch": result.position.epoch}, cmd.ref)[:-1]
+        body = b",".join(self._msg(room, p) for p in result.publications)
+        s.conn.send(head + b',"messages":[' + body + b"]}")
+
+    # ------------------------------------------------------------------ broker callbacks
+
+    def _msg(self, room: Room, pub: Publication) -> bytes:
+        sender = self.sessions.get(pub.sender)
+        sender_json = sender.client_json if sender is not None else wire.json_str(pub.sender)
+        return wire.room_msg(room.name_json, pub.seq, sender_json, bytes(pub.data), pub.ts)
+
+    def on_publication(self, pub: Publication) -> None:
+        room = self.rooms.get(pub.room)
+        if room is None:
+            return
+        frame = self._msg(room, pub)
+        wires: dict[Any, bytes] = {}
+        for s in room.members.values():
+            if s.joining and pub.room in s.joining:
+                s.joining[pub.room].append(pub)
+                continue
+            conn = s.conn
+            data = wires.get(conn.encode)
+            if data is None:
+                data = wires[conn.encode] = conn.encode(frame)
+            conn.send_wire(data)
+
+    def on_room_event(self, room_name: str, frame: bytes, exclude: str = "") -> None:
+        room = self.rooms.get(room_name)
+        if room is None:
+            return
+        for s in room.members.values():
+            if s.client != exclude:
+                s.conn.send(frame)
+
+    def on_direct(self, client: str, frame: bytes) -> None:
+        s = self.sessions.get(client)
+        if s is not None:
+            s.conn.send(frame)
+
+    def on_broker_state(self, up: bool) -> None:
+        log.warning("broker_state", up=up)
+
+    def _presence_event(self, op: str, room: str, member: Member) -> bytes:
+        return wire.encode({"op": op, "room": room, "client": member.client, "user": member.user, "name": member.name})
+
+    # ------------------------------------------------------------------ disconnect
+
+    def _disconnect_inline(self, conn: Connection, reason: str) -> None:
+        _drive(self._cleanup(conn))
+
+    async def _disconnect_async(self, conn: Connection, reason: str) -> None:
+        try:
+            await self._cleanup(conn)
+        except BrokerError as exc:
+            log.warning("broker_error", op="disconnect", error=str(exc))
+
+    async def _cleanup(self, conn: Connection) -> None:
+        s: Session | None = conn.state.get("hub")
+        if s is None:
+            return
+        if s.expiry is not None:
+            s.expiry.cancel()
+        self.sessions.pop(s.client, None)
+        for name in list(s.rooms):
+            await self._part(s, name)
+        await self.broker.remove_client(s.client)
+
+    # ------------------------------------------------------------------ embedding
+
+    async def publish_raw(self, room: str, data: bytes, *, sender: str = "") -> Publication:
+        """Publish the JSON ``data`` (bytes) to ``room`` from the server side."""
+        return await self.broker.publish(room, data, sender=sender, ts=int(time.time() * 1000), history=self.policy)

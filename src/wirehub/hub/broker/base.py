@@ -1,0 +1,128 @@
+"""The broker interface every backend implements, and the values that cross it.
+
+A node (one hub process) talks to its broker only through :class:`Broker`; the broker calls
+back into the node through :class:`BrokerHandler`. Room streams are identified by
+``(room, epoch)``; ``seq`` rises by one per publication within an epoch. A new epoch means
+the stream's past is gone (the broker lost it), so a client's ``since`` from another epoch
+cannot be recovered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgspec
+
+
+class BrokerError(Exception):
+    """The broker cannot do it now (unreachable, refused). The message says why."""
+
+
+class Position(msgspec.Struct, frozen=True):
+    """The top of a room's stream: the last ``seq`` published (0 when none) and its epoch."""
+
+    seq: int
+    epoch: str
+
+
+class Publication(msgspec.Struct, frozen=True):
+    """One message published to a room, as history keeps it and fan-out carries it."""
+
+    room: str
+    seq: int
+    epoch: str
+    data: msgspec.Raw  # the JSON of the ``data`` value, exactly as the publisher sent it
+    sender: str  # client id, or "" for a backend publish
+    ts: int  # server time, ms since the Unix epoch
+
+
+class Member(msgspec.Struct, frozen=True):
+    """A presence entry: one client in one room."""
+
+    client: str
+    user: str
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPolicy:
+    """How much of a room's stream to keep: the last ``size`` publications, none older
+    than ``ttl`` seconds. ``size`` 0 keeps none (but ``seq`` still rises)."""
+
+    size: int = 100
+    ttl: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryResult:
+    publications: list[Publication]  # oldest first
+    position: Position  # the stream's top when read
+    complete: bool  # True when nothing after ``since`` is missing (history still covers it)
+
+
+class BrokerHandler(Protocol):
+    """What a broker calls on the node. Calls for one room arrive in ``seq`` order."""
+
+    def on_publication(self, pub: Publication) -> None: ...
+
+    def on_room_event(self, room: str, frame: bytes, exclude: str = "") -> None:
+        """A frame for every member of ``room`` on this node but ``exclude``, outside
+        history (presence events)."""
+
+    def on_direct(self, client: str, frame: bytes) -> None:
+        """A frame for one client, if it is connected to this node."""
+
+    def on_broker_state(self, up: bool) -> None:
+        """The broker became unreachable (False) or reachable again (True)."""
+
+
+class Broker(Protocol):
+    #: True when every call completes without I/O, so the hub may run calls inline
+    #: instead of in a task (the memory broker).
+    local: bool
+
+    async def start(self, handler: BrokerHandler) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def ready(self) -> bool:
+        """False while the broker is unreachable."""
+
+    async def subscribe(self, room: str) -> None:
+        """Deliver ``room``'s publications and events to this node (first local member)."""
+
+    async def unsubscribe(self, room: str) -> None:
+        """Stop delivering ``room`` to this node (last local member left)."""
+
+    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
+        """Append to ``room``'s stream (assigning the next ``seq``) and deliver it to every
+        subscribed node. Raises :class:`BrokerError` when that cannot be done; never drops
+        silently."""
+
+    async def room_event(self, room: str, frame: bytes, *, exclude: str = "") -> None:
+        """Deliver ``frame`` to every member of ``room`` on every node, except the client
+        ``exclude``, without history."""
+
+    async def history(self, room: str, *, since: int | None = None, limit: int | None = None, history: HistoryPolicy) -> HistoryResult:
+        """Publications still held: those after ``since`` (all of them when None), the last
+        ``limit`` of them when given, oldest first."""
+
+    async def position(self, room: str) -> Position: ...
+
+    async def add_client(self, client: str) -> None:
+        """``client`` is connected to this node: direct messages for it come here."""
+
+    async def remove_client(self, client: str) -> None: ...
+
+    async def send(self, client: str, frame: bytes) -> bool:
+        """Deliver ``frame`` to ``client`` wherever it is connected; False when no node has it."""
+
+    async def presence_add(self, room: str, member: Member) -> None: ...
+
+    async def presence_remove(self, room: str, client: str) -> None: ...
+
+    async def presence(self, room: str) -> list[Member]: ...
+
+    async def rooms(self) -> list[str]:
+        """Rooms with a stream or members, as far as this broker knows."""

@@ -1,0 +1,157 @@
+"""The hub wire protocol, sans-I/O: client frames in, typed commands or errors out; server
+frames as bytes.
+
+Every frame is one JSON object. Decoding never raises: a frame that is not JSON, not an
+object, or has a field of the wrong type is a :class:`ProtocolError` with code ``bad_frame``;
+an unknown ``op`` is ``unknown_op``. Unknown fields are ignored. ``data`` values are kept as
+the raw JSON the client sent (``msgspec.Raw``), so a publication is never re-encoded.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+Ref = Union[int, str, None]
+
+MAX_ROOM_LENGTH = 200
+MAX_NAME_LENGTH = 64
+
+
+class _Frame(msgspec.Struct, tag_field="op", kw_only=True):
+    ref: int | str | None = None
+
+
+class Hello(_Frame, tag="hello"):
+    token: str | None = None
+    name: str | None = None
+
+
+class Join(_Frame, tag="join"):
+    room: str
+    since: int | None = None
+    epoch: str | None = None
+
+
+class Leave(_Frame, tag="leave"):
+    room: str
+
+
+class Pub(_Frame, tag="pub"):
+    room: str
+    data: msgspec.Raw
+
+
+class Send(_Frame, tag="send"):
+    to: str
+    data: msgspec.Raw
+
+
+class Presence(_Frame, tag="presence"):
+    room: str
+
+
+class History(_Frame, tag="history"):
+    room: str
+    limit: int | None = None
+
+
+class Refresh(_Frame, tag="refresh"):
+    token: str
+
+
+class Ping(_Frame, tag="ping"):
+    pass
+
+
+Command = Union[Hello, Join, Leave, Pub, Send, Presence, History, Refresh, Ping]
+OPS = frozenset(("hello", "join", "leave", "pub", "send", "presence", "history", "refresh", "ping"))
+
+class ProtocolError(msgspec.Struct, frozen=True):
+    code: str  # bad_frame | unknown_op
+    message: str
+    ref: Ref = None
+
+
+_decoder = msgspec.json.Decoder(Command)
+_generic = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+def decode(frame: bytes) -> Command | ProtocolError:
+    """One client frame to a command, or the error to send back."""
+    try:
+        cmd = _decoder.decode(frame)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        return _explain(frame, exc)
+    room = getattr(cmd, "room", None)
+    if room is not None and not 0 < len(room) <= MAX_ROOM_LENGTH:
+        return ProtocolError("bad_frame", f"'room' must be 1 to {MAX_ROOM_LENGTH} characters", cmd.ref)
+    if type(cmd) is Send and not cmd.to:
+        return ProtocolError("bad_frame", "'to' must be a client id", cmd.ref)
+    return cmd
+
+
+def _explain(frame: bytes, exc: Exception) -> ProtocolError:
+    """The slow path: say precisely what is wrong with a frame that did not decode."""
+    try:
+        obj = _generic.decode(frame)
+    except msgspec.DecodeError:
+        return ProtocolError("bad_frame", "frame is not valid JSON: send one JSON object per frame")
+    if not isinstance(obj, dict):
+        return ProtocolError("bad_frame", f"frame must be a JSON object, got {type(obj).__name__}")
+    ref = obj.get("ref")
+    if not isinstance(ref, (int, str)) or isinstance(ref, bool):
+        ref = None
+    op = obj.get("op")
+    if not isinstance(op, str):
+        return ProtocolError("bad_frame", "frame needs an 'op' string field", ref)
+    if op not in OPS:
+        return ProtocolError("unknown_op", f"unknown op {op!r}; known: {', '.join(sorted(OPS))}", ref)
+    detail = str(exc).replace("`$.", "`")
+    return ProtocolError("bad_frame", f"bad '{op}' frame: {detail}", ref)
+
+
+# --------------------------------------------------------------------- server frames
+
+
+def encode(obj: dict) -> bytes:
+    return _encoder.encode(obj)
+
+
+def with_ref(frame: dict, ref: Ref) -> bytes:
+    if ref is not None:
+        frame["ref"] = ref
+    return _encoder.encode(frame)
+
+
+PONG = b'{"op":"pong"}'
+
+
+def pong(ref: Ref) -> bytes:
+    return PONG if ref is None else _encoder.encode({"op": "pong", "ref": ref})
+
+
+def error(code: str, message: str, ref: Ref = None) -> bytes:
+    return with_ref({"op": "error", "code": code, "message": message}, ref)
+
+
+def bye(reason: str, reconnect: bool) -> bytes:
+    return _encoder.encode({"op": "bye", "reason": reason, "reconnect": reconnect})
+
+
+def json_str(text: str) -> bytes:
+    return _encoder.encode(text)
+
+
+def room_msg(room_json: bytes, seq: int, sender_json: bytes, data: bytes, ts: int) -> bytes:
+    """``{"op":"msg","room":R,"seq":N,"from":ID,"data":ANY,"ts":MS}`` built without a
+    dict: this runs once per publication, and its bytes go to every member."""
+    return b"".join(
+        (b'{"op":"msg","room":', room_json, b',"seq":', str(seq).encode(), b',"from":', sender_json, b',"data":', data, b',"ts":', str(ts).encode(), b"}")
+    )
+
+
+def direct_msg(sender_json: bytes, data: bytes) -> bytes:
+    return b"".join((b'{"op":"msg","from":', sender_json, b',"data":', data, b"}"))
