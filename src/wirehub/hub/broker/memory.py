@@ -2,8 +2,9 @@
 
 History is a bounded deque per room; entries older than the room's TTL are dropped when the
 room is next read or written. ``seq`` never goes back within a process; the epoch is random
-per room per process, so a restarted server tells reconnecting clients that their gap cannot
-be recovered (the memory is gone).
+per broker instance, so a restarted server tells reconnecting clients that their gap cannot
+be recovered (the memory is gone). A room nobody ever published to is forgotten when this
+node unsubscribes from it, so joins to arbitrary names do not accumulate.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import collections
 import secrets
 import time
 
+import msgspec
+
 from .base import BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
 
 
 class _Stream:
     __slots__ = ("epoch", "seq", "items")
 
-    def __init__(self) -> None:
-        self.epoch = secrets.token_hex(4)
+    def __init__(self, epoch: str) -> None:
+        self.epoch = epoch
         self.seq = 0
         self.items: collections.deque[Publication] = collections.deque()
 
@@ -37,6 +40,7 @@ class MemoryBroker:
 
     def __init__(self, clock=time.time) -> None:
         self._clock = clock
+        self._epoch = secrets.token_hex(4)
         self._handler: BrokerHandler | None = None
         self._streams: dict[str, _Stream] = {}
         self._subscribed: set[str] = set()
@@ -49,7 +53,7 @@ class MemoryBroker:
     def _stream(self, room: str) -> _Stream:
         stream = self._streams.get(room)
         if stream is None:
-            stream = self._streams[room] = _Stream()
+            stream = self._streams[room] = _Stream(self._epoch)
         return stream
 
     async def start(self, handler: BrokerHandler) -> None:
@@ -66,11 +70,15 @@ class MemoryBroker:
 
     async def unsubscribe(self, room: str) -> None:
         self._subscribed.discard(room)
+        stream = self._streams.get(room)
+        if stream is not None and stream.seq == 0:
+            del self._streams[room]
 
     async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
         stream = self._stream(room)
         stream.seq += 1
-        pub = Publication(room=room, seq=stream.seq, epoch=stream.epoch, data=data, sender=sender, ts=ts)
+        raw = data if isinstance(data, msgspec.Raw) else msgspec.Raw(data)
+        pub = Publication(room=room, seq=stream.seq, epoch=stream.epoch, data=raw, sender=sender, ts=ts)
         if history.size > 0:
             stream.items.append(pub)
         stream.trim(history, ts)
@@ -127,4 +135,4 @@ class MemoryBroker:
         return list(self._presence.get(room, {}).values())
 
     async def rooms(self) -> list[str]:
-        return sorted(set(self._streams) | set(self._presence))
+        return sorted({r for r, s in self._streams.items() if s.seq} | set(self._presence))
