@@ -34,12 +34,13 @@ def run(app: App, config: Config | None = None, **options: Any) -> int:
     """Serve ``app`` in this process until SIGTERM/SIGINT; return the exit code.
 
     ``options`` are configuration keys (``tcp=["127.0.0.1:9000"]``, ``max_frame="1MiB"``...),
-    validated like flags.
+    validated like flags; as on the command line they win over ``WIREHUB_*`` environment
+    variables and the file ``WIREHUB_CONFIG`` names.
     """
     from .server.supervisor import run as _run
 
     if config is None:
-        config = load_config(env={}, flags=options) if options else Config()
+        config = load_config(flags=options)
     elif options:
         config = config.replace(**options)
     return _run(app, config)

@@ -131,29 +131,33 @@ async def test_ping_is_answered_with_pong():
         assert [e[2] for e in app.log if e[0] == "frame"] == [b"first", b"after ping"]
 
 
-async def test_message_over_max_frame_closes_with_1009():
+async def test_message_over_max_frame_is_refused_and_the_connection_stays_open():
     app = WsRecorder()
     async with serving(app, ws="127.0.0.1:0", max_frame="1KiB") as server:
         async with ws_connect(server) as ws:
             await ws.send("x" * 1024)  # exactly the limit is fine
             assert await recv(ws) == "x" * 1024
-            await ws.send("y" * 1025)
-            assert await closed_code(ws) == 1009
-        (event,) = await app.disconnected()
-        assert event[2] == "protocol"
-        assert [e[0] for e in app.log].count("frame") == 1
-        await wait_for(lambda: server.gate.count == 0, what="gate released")
+            await ws.send("y" * 1025)  # over: a framing error the app answers, as on TCP
+            assert await recv(ws) == "error too_large"
+            await ws.send(["a" * 600, "b" * 600])  # each fragment fits, the message does not
+            assert await recv(ws) == "error too_large"
+            await ws.send("still open")
+            assert await recv(ws) == "still open"
+        assert [e[0] for e in app.log].count("frame") == 2
 
 
-async def test_fragmented_message_over_max_frame_closes_with_1009():
+async def test_message_far_over_max_frame_closes_with_1009():
+    from wirehub.transport.websocket import WS_HARD_LIMIT
+
     app = WsRecorder()
     async with serving(app, ws="127.0.0.1:0", max_frame="1KiB") as server:
         async with ws_connect(server) as ws:
-            await ws.send(["a" * 600, "b" * 600])  # each fragment fits, the message does not
+            await ws.send("z" * (1024 * WS_HARD_LIMIT + 1))  # websockets stops reading it
             assert await closed_code(ws) == 1009
         (event,) = await app.disconnected()
         assert event[2] == "protocol"
         assert not [e for e in app.log if e[0] == "frame"]
+        await wait_for(lambda: server.gate.count == 0, what="gate released")
 
 
 async def test_plain_http_get_gets_4xx_and_is_closed():

@@ -47,6 +47,13 @@ class Hub:
         await self.stop()
 
     @property
+    def asgi(self):
+        """The hub's WebSocket side as an ASGI app: ``Mount("/ws", hub.asgi)`` in Starlette,
+        ``app.mount("/ws", hub.asgi)`` in FastAPI. Clients there share rooms with every
+        listener's clients."""
+        return self.server.asgi
+
+    @property
     def addresses(self) -> dict[str, list[str]]:
         """Where each listener is bound: ``{"tcp": ["127.0.0.1:7400"], ...}``."""
         return self.server.addresses

@@ -113,7 +113,7 @@ class Server:
         loop = self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.ctx = Context(loop, self.app.handlers(), settings_from(self.config), self.registry)
-        await self.app.startup(self)
+        await _maybe_await(self.app.startup(self))
         endpoints = self._endpoints if self._endpoints is not None else bind_all(self.config)
         try:
             await self._listen(endpoints)
@@ -237,7 +237,7 @@ class Server:
         if self.admin is not None:
             await self.admin.close()
         try:
-            await asyncio.wait_for(self.app.shutdown(self), timeout=max(0.1, deadline - loop.time()) if not self._forced else 0.5)
+            await asyncio.wait_for(_maybe_await(self.app.shutdown(self)), timeout=max(0.1, deadline - loop.time()) if not self._forced else 0.5)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             log.warning("app_shutdown_timeout")
         log.info("stopped", aborted=remaining, forced=self._forced)
@@ -352,6 +352,19 @@ class Server:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @property
+    def asgi(self):
+        """An ASGI application that serves this server's app over WebSocket, to mount inside
+        a web app (Starlette, FastAPI) so both share one port. Start the server first (in
+        the web app's lifespan)."""
+        if self._asgi is None:
+            from ..transport.asgi import AsgiEndpoint
+
+            self._asgi = AsgiEndpoint(self)
+        return self._asgi
+
+    _asgi = None
+
     # ------------------------------------------------------------------ inspection
 
     def readiness(self) -> tuple[bool, str]:
@@ -410,6 +423,13 @@ class LoopLag:
             start = loop.time()
             await asyncio.sleep(self.interval)
             self.record(max(0.0, loop.time() - start - self.interval))
+
+
+async def _maybe_await(result: Any) -> Any:
+    """Lifespan hooks may be plain functions or coroutines."""
+    if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+        return await result
+    return result
 
 
 def _reset(sock: socket.socket) -> None:

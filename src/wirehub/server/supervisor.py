@@ -101,7 +101,7 @@ class Supervisor:
         self._ctx = multiprocessing.get_context("fork")
 
     def bind(self) -> None:
-        inet = ("tcp", "tls", "ws", "wss", "udp")
+        inet = ("tcp", "tls", "ws", "wss", "udp", "admin")  # admin: each worker serves its own
         shared = bind_all(self.config, kinds=("unix",))
         try:
             for _ in range(self.n):

@@ -241,7 +241,7 @@ class Connection:
     def idle_timeout(self, seconds: float) -> None:
         """Change this connection's idle timeout (the hub lengthens it after hello)."""
         self._idle_timeout = seconds
-        if self._greeted and not self._closed:
+        if self._greeted and not self._closed and self._close_reason is None:
             self._arm_idle()
 
     def send(self, payload: bytes) -> bool:

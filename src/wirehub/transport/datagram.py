@@ -11,7 +11,7 @@ import socket
 from typing import Any, Callable
 
 from .._log import get_logger
-from .connection import Connection, Context
+from .connection import MAX_QUEUED_FRAMES, Connection, Context
 from .stream import format_peer
 
 log = get_logger("wirehub.udp")
@@ -72,6 +72,12 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
             self.sessions[addr] = session
             session._start()
         session.bytes_in += len(data)
+        queue = session._queue
+        if queue is not None and len(queue) >= MAX_QUEUED_FRAMES:
+            # An async handler is behind and a datagram socket cannot pause one peer:
+            # best effort means this datagram is dropped.
+            session.frames_dropped += 1
+            return
         session.last_activity = self.ctx.now()
         item = self.framing.decode_datagram(data, self.ctx.settings.max_frame)
         session._dispatch([item])

@@ -16,10 +16,14 @@ from websockets.protocol import OPEN, State
 from websockets.server import ServerProtocol
 
 from .._log import get_logger
+from ..protocol.framing import FrameError
 from .connection import PROTOCOL, SHUTDOWN, Context
 from .stream import SocketConnection
 
 log = get_logger("wirehub.websocket")
+
+#: messages over max_frame but within this multiple of it are refused without closing
+WS_HARD_LIMIT = 4
 
 _TEXT = Opcode.TEXT
 _BINARY = Opcode.BINARY
@@ -31,11 +35,15 @@ def _identity(payload: bytes) -> bytes:
 
 
 class WebSocketConnection(SocketConnection):
-    __slots__ = ("_ws", "_upgraded", "_fragments", "_text", "binary")
+    __slots__ = ("_ws", "_upgraded", "_fragments", "_text", "_max_frame", "binary")
 
     def __init__(self, ctx: Context, transport_name: str, max_frame: int) -> None:
         super().__init__(ctx, transport_name, _identity)
-        self._ws = ServerProtocol(max_size=max_frame)
+        # Messages up to max_frame reach the app; those up to WS_HARD_LIMIT x max_frame are
+        # read and refused with a too_large framing error (the connection stays open, as on
+        # the other transports); beyond that websockets closes with 1009.
+        self._ws = ServerProtocol(max_size=max_frame * WS_HARD_LIMIT)
+        self._max_frame = max_frame
         self._transport: asyncio.Transport | None = None
         self._upgraded = False
         self._fragments: list[bytes] | None = None
@@ -85,6 +93,9 @@ class WebSocketConnection(SocketConnection):
                 self._fragments = None
                 opcode = _TEXT if self._text else _BINARY
             else:
+                continue
+            if len(message) > self._max_frame:
+                items.append(FrameError("too_large", f"message of {len(message)} bytes exceeds max_frame {self._max_frame}"))
                 continue
             if opcode is _TEXT:
                 # RFC 6455 8.1: a text message that is not UTF-8 fails the connection (1007).
