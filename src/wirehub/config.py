@@ -656,11 +656,21 @@ def _admin_exposed(v: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _token_keys(v: Mapping[str, Any]) -> list[tuple[str, str]]:
+    alg = v["token_algorithm"]
+    if alg != "hs256" and not v["public_key"]:
+        return [("public_key", f"token_algorithm {alg} verifies tokens with a public key: set public_key to its PEM file")]
+    if alg == "hs256" and v["public_key"]:
+        return [("public_key", "public_key is only used with token_algorithm rs256 or es256; HS256 tokens use secret")]
+    return []
+
+
 _RULES: tuple[tuple[frozenset[str], Callable[[Mapping[str, Any]], list[tuple[str, str]]]], ...] = (
     (frozenset({"cert", "key"}), _tls_pair),
     (frozenset({"cert", "key", "tls", "wss", "client_ca"}), _tls_users),
     (frozenset({"send_buffer_low", "send_buffer_high", "max_send_buffer"}), _buffers),
     (frozenset({"admin", "admin_token"}), _admin_exposed),
+    (frozenset({"token_algorithm", "public_key"}), _token_keys),
 )
 
 

@@ -119,12 +119,11 @@ class HubApp(App):
         self.broker: Broker = broker if broker is not None else create_broker(config.broker)
         self.policy = HistoryPolicy(size=config.history_size, ttl=config.history_ttl)
         self.verifier: TokenVerifier | None = None
-        if config.secret or config.public_key:
-            key = None
-            if config.public_key:
-                with open(config.public_key, "rb") as f:
-                    key = f.read()
-            self.verifier = TokenVerifier(secret=config.secret, public_key=key, algorithms=(config.token_algorithm.upper(),))
+        if config.token_algorithm != "hs256":
+            with open(config.public_key, "rb") as f:  # type: ignore[arg-type]  (config requires it)
+                self.verifier = TokenVerifier(public_key=f.read(), algorithms=(config.token_algorithm.upper(),))
+        elif config.secret:
+            self.verifier = TokenVerifier(secret=config.secret, algorithms=("HS256",))
         self.rooms: dict[str, Room] = {}
         self.sessions: dict[str, Session] = {}
         self.server: Server | None = None
