@@ -143,6 +143,27 @@ def _parse_ttl(text: str) -> float:
     return cfg.parse_duration(text)
 
 
+@main.command()
+@click.argument("url")
+@click.option("--token", envvar="WIREHUB_TOKEN", default=None, help="Token for hello (also $WIREHUB_TOKEN); mint one with `wirehub token`.")
+@click.option("--name", default=None, help="Display name sent in hello.")
+@click.option("--cafile", default=None, type=click.Path(dir_okay=False), help="CA bundle (PEM) to verify a tls:// or wss:// hub.")
+@click.option("--no-reconnect", is_flag=True, help="Exit when the connection drops instead of reconnecting.")
+def connect(url: str, token: str | None, name: str | None, cafile: str | None, no_reconnect: bool) -> None:
+    """Interactive client: tcp://, tls://, unix://, ws://, wss://, udp:// URLs.
+
+    \b
+    Prints every frame that arrives, one JSON object per line, on stdout. Reads stdin: a line
+    that is a JSON object is sent as is; otherwise a command:
+      /join ROOM   /leave ROOM   /pub ROOM TEXT   /send CLIENT TEXT
+      /presence ROOM   /history ROOM [LIMIT]   /ping   /quit   /help
+    Exits 0 at end of input or /quit; 1 when it cannot connect or the hub sends it away.
+    """
+    from .client.interactive import main as interactive
+
+    sys.exit(interactive(url, token=token, name=name, cafile=cafile, reconnect=not no_reconnect))
+
+
 @main.command("run")
 @click.argument("app_spec", metavar="MODULE:APP")
 @cfg.click_options

@@ -493,6 +493,10 @@ OPTIONS: tuple[Option, ...] = (
            choices=("disconnect", "drop_oldest"), group=_LIM),
     Option("allow", "cidrs", (), "Only accept clients from these networks (default: everyone).", group=_ACC),
     Option("deny", "cidrs", (), "Refuse clients from these networks.", group=_ACC),
+    Option("proxy_protocol", "cidrs", (),
+           "Load balancers that send a PROXY protocol v1/v2 header (HAProxy, nginx, AWS NLB); connections "
+           "from them must start with one, and the client it names becomes the connection's peer. "
+           "TCP, TLS, WS and WSS listeners.", group=_ACC),
     Option("log_level", "choice", "info", "Log level.", choices=("debug", "info", "warning", "error"),
            group=_LOG),
     Option("log_format", "choice", "text", "Log format.", choices=("text", "json"), group=_LOG),
@@ -567,6 +571,7 @@ class Config:
     slow_consumer: str = _DEFAULTS["slow_consumer"]
     allow: tuple[Network, ...] = _DEFAULTS["allow"]
     deny: tuple[Network, ...] = _DEFAULTS["deny"]
+    proxy_protocol: tuple[Network, ...] = _DEFAULTS["proxy_protocol"]
     log_level: str = _DEFAULTS["log_level"]
     log_format: str = _DEFAULTS["log_format"]
     config_file: str | None = field(default=None)

@@ -33,12 +33,14 @@ class AcceptGate:
     def full(self) -> bool:
         return self.count >= self.max_total
 
-    def admit(self, ip: str) -> str | None:
-        """Take a slot for ``ip``; return None on success or the name of the limit hit."""
+    def admit(self, ip: str, *, per_ip: bool = True) -> str | None:
+        """Take a slot for ``ip``; return None on success or the name of the limit hit.
+        ``per_ip=False`` skips the per-IP limit (a load balancer's address, until the PROXY
+        header names the client: then :meth:`move`)."""
         if self.count >= self.max_total:
             self._set_full()
             return MAX_CONNECTIONS
-        if self.max_per_ip:
+        if self.max_per_ip and per_ip:
             n = self._per_ip.get(ip, 0)
             if n >= self.max_per_ip:
                 return MAX_CONNECTIONS_PER_IP
@@ -48,9 +50,19 @@ class AcceptGate:
             self._set_full()
         return None
 
-    def release(self, ip: str) -> None:
-        self.count -= 1
+    def move(self, ip: str) -> str | None:
+        """A slot taken with ``per_ip=False`` now belongs to ``ip``: apply its limit. On
+        refusal the slot is still held (release it with ``release(ip, per_ip=False)``)."""
         if self.max_per_ip:
+            n = self._per_ip.get(ip, 0)
+            if n >= self.max_per_ip:
+                return MAX_CONNECTIONS_PER_IP
+            self._per_ip[ip] = n + 1
+        return None
+
+    def release(self, ip: str, *, per_ip: bool = True) -> None:
+        self.count -= 1
+        if self.max_per_ip and per_ip:
             n = self._per_ip.get(ip, 0) - 1
             if n > 0:
                 self._per_ip[ip] = n

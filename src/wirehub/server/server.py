@@ -19,6 +19,8 @@ from ..transport.connection import SHUTDOWN, Context, Settings
 from ..transport.datagram import DatagramEndpoint
 from ..transport.stream import StreamConnection, format_peer
 from .listeners import BindError, Endpoint, StreamListener, bind_inet, bind_unix, configure_accepted
+from ..protocol.framing import FrameError
+from ..protocol.proxy import ProxyHeaderParser, ProxyInfo
 from .registry import AcceptGate, ConnectionRegistry
 from .tls import server_context
 
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
     from ..config import Config
 
 log = get_logger("wirehub.server")
+
+#: bytes peeked for a PROXY header: a v2 header with TLVs fits (v1 is at most 107)
+PROXY_PEEK = 4096 + 16
 
 #: connections told to leave per batch while draining, and the longest spread of batches
 DRAIN_BATCH = 500
@@ -101,6 +106,7 @@ class Server:
         self.registry = ConnectionRegistry(self.gate)
         self._allow = tuple(config.allow)
         self._deny = tuple(config.deny)
+        self._proxies = tuple(config.proxy_protocol)
         self._tasks: set[asyncio.Task] = set()
         self.refused: dict[str, int] = {}
         self.loop_lag = LoopLag()
@@ -278,6 +284,15 @@ class Server:
 
     def _accepted(self, listener: StreamListener, sock: socket.socket, addr: Any) -> bool:
         peer, ip = format_peer(addr, sock.family)
+        if self._proxies and listener.kind != "unix" and _in_networks(ip, self._proxies):
+            # A load balancer: the client's address (for limits and lists) comes in the header.
+            if self.gate.admit(ip, per_ip=False) is not None:
+                self._refuse(listener, sock, peer, "max_connections")
+                return False
+            configure_accepted(sock, nodelay=self.config.nodelay, keepalive=self.config.keepalive)
+            sock.setblocking(False)
+            self._spawn(self._connect_proxied(listener, sock, ip, peer))
+            return not self.gate.full
         if not self._ip_allowed(ip):
             log.info("refused", reason="denied", peer=peer, listener=listener.endpoint.address)
             self.refused["denied"] = self.refused.get("denied", 0) + 1
@@ -291,11 +306,45 @@ class Server:
         self._spawn(self._connect(listener, sock, ip, peer))
         return not self.gate.full
 
-    async def _connect(self, listener: StreamListener, sock: socket.socket, ip: str, peer: str) -> None:
+    async def _connect_proxied(self, listener: StreamListener, sock: socket.socket, lb_ip: str, lb_peer: str) -> None:
+        try:
+            info = await read_proxy_header(sock, self.config.handshake_timeout)
+        except BaseException:
+            self.gate.release(lb_ip, per_ip=False)
+            sock.close()
+            raise
+        if isinstance(info, FrameError):
+            log.info("proxy_header_refused", peer=lb_peer, error=info.message)
+            self.gate.release(lb_ip, per_ip=False)
+            _reset(sock)
+            return
+        if info.source is None:  # LOCAL / UNKNOWN: the proxy itself (health checks)
+            peer, ip = lb_peer, lb_ip
+        else:
+            host, port = info.source
+            peer, ip = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), host
+        refusal = None if self._ip_allowed(ip) else "denied"
+        if refusal is None:
+            refusal = self.gate.move(ip)
+        if refusal is not None:
+            self.gate.release(lb_ip, per_ip=False)
+            self.refused[refusal] = self.refused.get(refusal, 0) + 1
+            log.info("refused", reason=refusal, peer=peer, via=lb_peer, listener=listener.endpoint.address)
+            _reset(sock)
+            return
+
+        def factory():
+            conn = listener.protocol_factory()
+            conn.peer, conn.peer_ip, conn.proxied_by = peer, ip, lb_peer
+            return conn
+
+        await self._connect(listener, sock, ip, peer, factory)
+
+    async def _connect(self, listener: StreamListener, sock: socket.socket, ip: str, peer: str, factory: Any = None) -> None:
         assert self.loop is not None
         try:
             await self.loop.connect_accepted_socket(
-                listener.protocol_factory,
+                factory or listener.protocol_factory,
                 sock,
                 ssl=listener.ssl,
                 ssl_handshake_timeout=self.config.handshake_timeout if listener.ssl else None,
@@ -430,6 +479,54 @@ async def _maybe_await(result: Any) -> Any:
     if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
         return await result
     return result
+
+
+def _in_networks(ip: str, networks: tuple) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
+
+
+async def read_proxy_header(sock: socket.socket, timeout: float) -> ProxyInfo | FrameError:
+    """Read exactly one PROXY v1/v2 header off ``sock``, leaving what follows (a TLS
+    ClientHello, a WebSocket upgrade, frames) unread for the transport. Peeks, then consumes
+    only the header's bytes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            data = sock.recv(PROXY_PEEK, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError as exc:
+            return FrameError("bad_frame", f"PROXY protocol: connection failed before the header: {exc.strerror}", fatal=True)
+        if data == b"":
+            return FrameError("bad_frame", "PROXY protocol: connection closed before the header", fatal=True)
+        if data:
+            parser = ProxyHeaderParser()
+            result = parser.feed(data)
+            if result is not None:
+                if isinstance(result, ProxyInfo):
+                    sock.recv(len(data) - len(parser.remainder))  # exactly the header
+                return result
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return FrameError("bad_frame", f"PROXY protocol: no complete header within {timeout:g}s", fatal=True)
+        if data:
+            # Part of a header: readiness stays set while unread bytes wait, so give the
+            # rest a moment instead (proxies send the header in one write: this is rare).
+            await asyncio.sleep(min(0.01, remaining))
+        else:
+            waiter = loop.create_future()
+            loop.add_reader(sock.fileno(), lambda: waiter.done() or waiter.set_result(None))
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(sock.fileno())
 
 
 def _reset(sock: socket.socket) -> None:

@@ -28,14 +28,20 @@ class SocketConnection(Connection, asyncio.Protocol):
     """A connection that owns an asyncio transport over a connected socket: what stream
     and WebSocket connections share."""
 
-    __slots__ = ("_transport",)
+    __slots__ = ("_transport", "proxied_by")
+
+    def __init__(self, ctx: Context, transport_name: str, encode: Any) -> None:
+        super().__init__(ctx, transport_name, encode)
+        #: the load balancer's address when a PROXY header named the peer, else None
+        self.proxied_by: str | None = None
 
     def _bind(self, transport: asyncio.BaseTransport) -> None:
         """Take the transport: note the peer, set the water marks."""
         self._transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        family = sock.family if sock is not None else socket.AF_INET
-        self.peer, self.peer_ip = format_peer(transport.get_extra_info("peername"), family)
+        if self.proxied_by is None:
+            sock = transport.get_extra_info("socket")
+            family = sock.family if sock is not None else socket.AF_INET
+            self.peer, self.peer_ip = format_peer(transport.get_extra_info("peername"), family)
         settings = self._ctx.settings
         transport.set_write_buffer_limits(high=settings.send_buffer_high, low=settings.send_buffer_low)  # type: ignore[attr-defined]
 
