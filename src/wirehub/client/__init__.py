@@ -55,8 +55,9 @@ every event received before that.
 ``on_frame(frame)`` is called with every frame received (replies included) except the
 client's own heartbeat traffic, before the client acts on it; ``on_state(state, reason)``
 with ``"connected"``, ``"reconnecting"`` (reason: the bye reason or ``connection_lost``) and
-``"closed"``. ``client.send_frame(dict)`` sends a raw frame as is (its reply reaches
-``on_frame`` only); ``client.request(dict)`` sends one with a ref and returns the reply.
+``"closed"``. ``client.send_frame(dict)`` sends a raw frame as is (its reply, and the messages
+of a room joined that way, reach ``on_frame`` only: such rooms are not tracked or re-joined);
+``client.request(dict)`` sends one with a fresh ref and returns the reply.
 
 **Heartbeat** — a ``ping`` every ``heartbeat`` seconds (the hub's ``welcome`` says how often,
 unless ``heartbeat=`` overrides it); no ``pong`` within ``timeout`` means the connection is
@@ -70,9 +71,14 @@ and re-joins every room with ``since`` = the seq of the last message of that roo
 and that room's ``epoch``. Every message that history still holds is then replayed in order;
 any ``msg`` whose seq is not above the last accepted one is dropped, so nothing is delivered
 twice. A message that skips a seq on a live connection (a lost datagram, a hub that dropped
-frames for a slow consumer) makes the client re-join the room from its last seq the same way,
-so the program still sees every seq in order or a ``recovery_failed`` event. A reconnect whose
-hello is refused with ``unauthorized``/``forbidden`` stops the client (``Disconnected``).
+frames for a slow consumer) makes the client re-join the room from its last seq the same way
+(what arrives meanwhile is set aside: the re-join replays it in order). If that re-join cannot
+fill the gap — its reply does not come within ``timeout``, or the next message shows the same
+gap again — the client reports it with ``recovery_failed`` and goes on, rather than retry
+forever. Either way the program sees every seq of a room once and in order, or a
+``recovery_failed`` event whose ``since``/``seq`` say exactly which seqs are missing. A
+reconnect whose hello is refused with ``unauthorized``/``forbidden`` stops the client
+(``Disconnected``).
 
 **UDP** is best effort: a lost request times out and is not retried (a lost ``msg`` is caught
 by the gap check above). There is no connection to lose, so the client notices a dead hub by

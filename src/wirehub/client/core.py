@@ -42,7 +42,7 @@ class Room:
     when a re-join after a reconnect was refused).
     """
 
-    __slots__ = ("client", "name", "seq", "epoch", "joined", "_repairing")
+    __slots__ = ("client", "name", "seq", "epoch", "joined", "_repairing", "_stuck_at", "_seen")
 
     def __init__(self, client: Client, name: str) -> None:
         self.client = client
@@ -51,6 +51,8 @@ class Room:
         self.epoch: str | None = None
         self.joined = False
         self._repairing = False
+        self._stuck_at: int | None = None  # the seq a gap repair last started from
+        self._seen = 0  # the highest seq that arrived (and was set aside) during a repair
 
     def __repr__(self) -> str:
         return f"<Room {self.name!r} seq={self.seq} epoch={self.epoch!r}{'' if self.joined else ' (left)'}>"
@@ -137,6 +139,7 @@ class Client:
         self._refs = itertools.count(1)
         self._link: Link | None = None
         self._bye: dict | None = None
+        self._last_error: dict | None = None  # the last error frame that answered no request
         self._connected = asyncio.Event()
         self._events: collections.deque[Any] = collections.deque()
         self._event_waiter: asyncio.Future | None = None
@@ -314,9 +317,9 @@ class Client:
 
     async def _open(self) -> None:
         """Open a link, say hello, re-join every room; the link is current from the start."""
-        link = await open_link(self.endpoint, self._on_frame, self._on_lost, ssl=self._ssl, max_frame=self.max_frame, timeout=self.timeout)
-        self._link = link
-        self._bye = None
+        link = await open_link(
+            self.endpoint, self._on_frame, self._on_lost, ssl=self._ssl, max_frame=self.max_frame, timeout=self.timeout, on_link=self._adopt
+        )
         try:
             hello: dict[str, Any] = {"op": "hello"}
             token = await self._token_now()
@@ -329,11 +332,7 @@ class Client:
             except asyncio.TimeoutError:
                 raise ConnectError(f"cannot connect to {self.url}: no welcome from the hub within {self.timeout:g}s") from None
             except ConnectionLost:
-                cause = link.done.result() if link.done.done() else None
-                why = (os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else str(cause or "")) or (
-                    "the hub closed the connection before it said welcome"
-                )
-                raise ConnectError(f"cannot connect to {self.url}: {why}") from None
+                raise ConnectError(f"cannot connect to {self.url}: {self._why_closed(link)}") from None
             if welcome.get("op") != "welcome":
                 raise ConnectError(f"cannot connect to {self.url}: the hub answered hello with {welcome!r}")
             self.client_id = welcome.get("client")
@@ -348,6 +347,23 @@ class Client:
         if self.heartbeat:
             self._heartbeat_task = self._spawn(self._beat(link))
 
+    def _adopt(self, link: Link) -> None:
+        """A new link is the current one from the moment it exists (the old one is gone)."""
+        self._link = link
+        self._bye = None
+        self._last_error = None
+
+    def _why_closed(self, link: Link) -> str:
+        """Why a link ended before the hello was answered, as well as we know."""
+        if self._bye is not None:
+            return f"the hub said bye ({self._bye.get('reason')})"
+        if self._last_error is not None:
+            return f"the hub refused: {self._last_error.get('code')}: {self._last_error.get('message')}"
+        cause = link.done.result() if link.done.done() else None
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno)
+        return str(cause or "") or "the hub closed the connection before it said welcome"
+
     async def _rejoin(self, link: Link) -> None:
         """Re-join every room with ``since`` = the last seq accepted and its epoch, all at once."""
         rooms = list(self._rooms.values())
@@ -355,7 +371,7 @@ class Client:
             return
 
         async def one(room: Room) -> None:
-            frame = {"op": "join", "room": room.name}
+            frame = {"op": "join", "room": room.name, "since": room.seq}
             if room.epoch is not None:
                 frame["epoch"] = room.epoch
             since, epoch = room.seq, room.epoch
@@ -460,7 +476,7 @@ class Client:
             return
         op = frame.get("op")
         ref = frame.get("ref")
-        if ref is not None:
+        if type(ref) is int or type(ref) is str:
             pending = self._pending.get(ref)
             if pending is not None and pending.link is link:
                 del self._pending[ref]
@@ -494,6 +510,7 @@ class Client:
             self._bye = frame
             link.close()  # the hub closes too; answer at once (a UDP session has no close)
         elif op == "error":
+            self._last_error = frame
             log.debug("wirehub client: error from the hub: %s", frame)
 
     def _tap(self, frame: dict) -> None:
@@ -505,20 +522,30 @@ class Client:
 
     def _room_msg(self, frame: dict, name: Any) -> None:
         room = self._rooms.get(name)
-        if room is None or room._repairing:
-            return  # not (or no longer) a member; or a re-join will bring it again
+        if room is None:
+            return  # not (or no longer) a member
         seq = frame.get("seq")
         if type(seq) is not int:
             self._event(frame)
             return
+        if room._repairing:
+            room._seen = max(room._seen, seq)
+            return  # the re-join in progress brings it again, in order
         if seq <= room.seq:
             self.duplicates_dropped += 1
             return
         if seq > room.seq + 1:
             # A gap on a live connection (a lost datagram, a hub that dropped frames of a
             # slow consumer): re-join from the last seq accepted; history fills it in order.
-            self._repair(room)
-            return
+            if room._stuck_at != room.seq:
+                self._repair(room)
+                return
+            # A re-join from here already failed to fill this gap (its reply or its backlog
+            # was dropped too): report the gap and move on rather than try forever.
+            room._stuck_at = None
+            self._event(
+                {"op": "recovery_failed", "room": room.name, "since": room.seq, "epoch": room.epoch, "seq": seq - 1, "new_epoch": room.epoch}
+            )
         room.seq = seq
         self._event(frame)
 
@@ -527,7 +554,9 @@ class Client:
         if link is None or link.closed or not self._connected.is_set():
             return  # the reconnect will re-join anyway
         room._repairing = True
+        room._seen = 0
         since, epoch = room.seq, room.epoch
+        room._stuck_at = since
         frame: dict[str, Any] = {"op": "join", "room": room.name, "since": since}
         if epoch is not None:
             frame["epoch"] = epoch
@@ -540,8 +569,18 @@ class Client:
                 room.joined = False
                 room._repairing = False
                 self._event({"op": "rejoin_failed", "room": room.name, "code": exc.code, "message": exc.message})
-            except (asyncio.TimeoutError, ClientError):
-                room._repairing = False  # the next gap (or reconnect) tries again
+            except asyncio.TimeoutError:
+                # No reply (it was dropped too, or lost over UDP): what arrived meanwhile was
+                # set aside; report the gap up to it rather than wait for traffic that may
+                # never come.
+                if room._repairing and room._seen > room.seq and self._rooms.get(room.name) is room:
+                    self._event(
+                        {"op": "recovery_failed", "room": room.name, "since": room.seq, "epoch": room.epoch, "seq": room._seen, "new_epoch": room.epoch}
+                    )
+                    room.seq = room._seen
+                room._repairing = False
+            except ClientError:
+                room._repairing = False  # the connection dropped: the reconnect re-joins
 
         self._spawn(run())
 
@@ -573,7 +612,10 @@ class Client:
         if link is not self._link:
             return
         self._connected.clear()
-        lost = ConnectionLost(f"the connection to {self.url} dropped" + (f": {exc}" if exc else ""))
+        if self._closing:
+            lost: ClientError = self._fatal or Disconnected("closed")
+        else:
+            lost = ConnectionLost(f"the connection to {self.url} dropped" + (f": {exc}" if exc else ""))
         for ref, pending in list(self._pending.items()):
             if pending.link is link:
                 del self._pending[ref]
@@ -615,7 +657,14 @@ class Client:
                         return
                     log.info("wirehub client: reconnect to %s refused: %s", self.url, exc)
                 except (ConnectError, ConnectionLost, asyncio.TimeoutError, OSError) as exc:
+                    if self._fatal is not None or self._closing:
+                        return
                     log.debug("wirehub client: reconnect to %s failed: %s", self.url, exc)
+                    bye = self._bye
+                    if bye is not None and bye.get("reconnect") is False:
+                        reason = str(bye.get("reason"))
+                        self._stop(Disconnected(reason, f"the hub said bye ({reason}) and asked not to reconnect"))
+                        return
             self.reconnects += 1
             self._set_state("connected", reason)
 

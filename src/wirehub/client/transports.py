@@ -176,10 +176,14 @@ class StreamLink(Link, asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+        else:
+            self._ended(None)  # never connected, or already gone
 
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+        else:
+            self._ended(None)
 
 
 # ---------------------------------------------------------------------- ws, wss
@@ -226,7 +230,9 @@ class WebSocketLink(Link):
             raise
 
     def close(self) -> None:
-        if self._ws is not None and not self.closed:
+        if self._ws is None:
+            self._ended(None)  # the handshake never finished
+        elif not self.closed:
             asyncio.get_running_loop().create_task(self._close())
 
     async def _close(self) -> None:
@@ -319,12 +325,23 @@ def client_ssl_context(endpoint: Endpoint, ssl: Any) -> Any:
     return ssl
 
 
-async def open_link(endpoint: Endpoint, on_frame: OnFrame, on_lost: OnLost, *, ssl: Any = None, max_frame: int, timeout: float) -> Link:
-    """Open a link; any failure is a :class:`ConnectError` that says where and why."""
+async def open_link(
+    endpoint: Endpoint,
+    on_frame: OnFrame,
+    on_lost: OnLost,
+    *,
+    ssl: Any = None,
+    max_frame: int,
+    timeout: float,
+    on_link: Callable[[Link], None] | None = None,
+) -> Link:
+    """Open a link; any failure is a :class:`ConnectError` that says where and why.
+    ``on_link`` gets the link as soon as it exists, before it can receive anything (a hub
+    may speak first: a refusal is sent at once)."""
     loop = asyncio.get_running_loop()
     context = client_ssl_context(endpoint, ssl)
     try:
-        return await asyncio.wait_for(_open(loop, endpoint, on_frame, on_lost, context, max_frame), timeout)
+        return await asyncio.wait_for(_open(loop, endpoint, on_frame, on_lost, context, max_frame, on_link or _ignore), timeout)
     except ConnectError:
         raise
     except asyncio.TimeoutError:
@@ -340,10 +357,17 @@ async def open_link(endpoint: Endpoint, on_frame: OnFrame, on_lost: OnLost, *, s
         raise
 
 
-async def _open(loop: asyncio.AbstractEventLoop, ep: Endpoint, on_frame: OnFrame, on_lost: OnLost, context: Any, max_frame: int) -> Link:
+def _ignore(link: Link) -> None:
+    pass
+
+
+async def _open(
+    loop: asyncio.AbstractEventLoop, ep: Endpoint, on_frame: OnFrame, on_lost: OnLost, context: Any, max_frame: int, on_link: Callable[[Link], None]
+) -> Link:
     kind = ep.scheme
     if kind in ("tcp", "tls"):
         link = StreamLink(kind, on_frame, on_lost, max_frame)
+        on_link(link)
         transport, _ = await loop.create_connection(lambda: link, ep.host, ep.port, ssl=context, server_hostname=ep.host if context else None)
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -354,10 +378,12 @@ async def _open(loop: asyncio.AbstractEventLoop, ep: Endpoint, on_frame: OnFrame
         return link
     if kind == "unix":
         link = StreamLink(kind, on_frame, on_lost, max_frame)
+        on_link(link)
         await loop.create_unix_connection(lambda: link, ep.path)
         return link
     if kind == "udp":
         dlink = DatagramLink(on_frame, on_lost)
+        on_link(dlink)
         await loop.create_datagram_endpoint(lambda: dlink, remote_addr=(ep.host, ep.port))
         return dlink
     # ws, wss
@@ -367,6 +393,7 @@ async def _open(loop: asyncio.AbstractEventLoop, ep: Endpoint, on_frame: OnFrame
     if _WS_MAJOR >= 15:
         options["proxy"] = None  # a loopback hub must not be reached through $HTTP_PROXY
     wlink = WebSocketLink(kind, on_frame, on_lost)
+    on_link(wlink)
     ws = await ws_connect(ep.url, **options)
     wlink.start(ws)
     return wlink

@@ -56,6 +56,8 @@ def add_routes(web_app: web.Application, hub: HubApp) -> None:
             return error_response(400, "bad_request", f'send a JSON object {{"data": ANY}}: {exc}')
         try:
             pub = await hub.publish_raw(name, bytes(body.data))
+        except ValueError as exc:
+            return error_response(400, "bad_request", str(exc))
         except BrokerError as exc:
             return error_response(503, "broker_unavailable", f"nothing was published: {exc}")
         return json_response({"room": name, "seq": pub.seq, "epoch": pub.epoch})

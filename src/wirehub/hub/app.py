@@ -208,7 +208,7 @@ class HubApp(App):
         session: Session = conn.state["hub"]
         cmd = wire.decode(data)
         if type(cmd) is Ping:  # the hot path: no coroutine
-            if self._admit(session, cmd.ref):
+            if self._admit(session, cmd.ref) and not self._needs_hello(session, cmd.ref):
                 conn.send(wire.pong(cmd.ref))
             return
         if type(cmd) is ProtocolError:
@@ -226,7 +226,7 @@ class HubApp(App):
         if type(cmd) is ProtocolError:
             self._error(session, cmd.code, cmd.message, cmd.ref)
         elif type(cmd) is Ping:
-            if self._admit(session, cmd.ref):
+            if self._admit(session, cmd.ref) and not self._needs_hello(session, cmd.ref):
                 conn.send(wire.pong(cmd.ref))
         elif self._admit(session, cmd.ref):
             try:
@@ -305,6 +305,8 @@ class HubApp(App):
         )
 
     async def _refresh(self, s: Session, cmd: Refresh) -> None:
+        if self._needs_hello(s, cmd.ref):
+            return
         if self.verifier is None:
             s.conn.send(wire.with_ref({"op": "refreshed", "exp": None}, cmd.ref))
             return
@@ -428,14 +430,22 @@ class HubApp(App):
         if s.claims is not None and not s.claims.may_publish(cmd.room):
             self._error(s, "forbidden", f"your token does not allow publishing to {cmd.room!r}", cmd.ref)
             return
-        pub = await self.broker.publish(cmd.room, bytes(cmd.data), sender=s.client, ts=int(time.time() * 1000), history=self.policy)
+        data = wire.data_bytes(cmd.data)
+        if type(data) is str:
+            self._error(s, "bad_frame", data, cmd.ref)
+            return
+        pub = await self.broker.publish(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy)
         if cmd.ref is not None:
             s.conn.send(wire.encode({"op": "ok", "ref": cmd.ref, "seq": pub.seq}))
 
     async def _send(self, s: Session, cmd: Send) -> None:
         if self._needs_hello(s, cmd.ref):
             return
-        frame = wire.direct_msg(s.client_json, bytes(cmd.data))
+        data = wire.data_bytes(cmd.data)
+        if type(data) is str:
+            self._error(s, "bad_frame", data, cmd.ref)
+            return
+        frame = wire.direct_msg(s.client_json, data)
         target = self.sessions.get(cmd.to)
         if target is not None:
             target.conn.send(frame)
@@ -536,5 +546,10 @@ class HubApp(App):
     # ------------------------------------------------------------------ embedding
 
     async def publish_raw(self, room: str, data: bytes, *, sender: str = "") -> Publication:
-        """Publish the JSON ``data`` (bytes) to ``room`` from the server side."""
+        """Publish the JSON ``data`` (bytes) to ``room`` from the server side. Raises
+        ValueError when it is not UTF-8."""
+        checked = wire.data_bytes(data)
+        if type(checked) is str:
+            raise ValueError(checked)
+        data = checked
         return await self.broker.publish(room, data, sender=sender, ts=int(time.time() * 1000), history=self.policy)

@@ -83,7 +83,7 @@ def decode(frame: bytes) -> Command | ProtocolError:
     """One client frame to a command, or the error to send back."""
     try:
         cmd = _decoder.decode(frame)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         return _explain(frame, exc)
     room = getattr(cmd, "room", None)
     if room is not None and not 0 < len(room) <= MAX_ROOM_LENGTH:
@@ -93,12 +93,31 @@ def decode(frame: bytes) -> Command | ProtocolError:
     return cmd
 
 
+def data_bytes(raw: msgspec.Raw | bytes) -> bytes | str:
+    """The ``data`` of a pub or send as bytes to relay, or a message saying what is wrong.
+
+    The raw JSON is relayed as sent, except that text which is not UTF-8 is refused (msgspec
+    does not check inside a Raw value) and JSON spread over several lines is re-encoded on
+    one, since a newline ends a frame on TCP, TLS and Unix sockets."""
+    data = bytes(raw)
+    if not data.isascii():
+        try:
+            data.decode()
+        except UnicodeDecodeError:
+            return "'data' is not valid UTF-8"
+    if b"\n" in data:
+        data = _encoder.encode(_generic.decode(data))
+    return data
+
+
 def _explain(frame: bytes, exc: Exception) -> ProtocolError:
     """The slow path: say precisely what is wrong with a frame that did not decode."""
     try:
         obj = _generic.decode(frame)
     except msgspec.DecodeError:
         return ProtocolError("bad_frame", "frame is not valid JSON: send one JSON object per frame")
+    except RecursionError:
+        return ProtocolError("bad_frame", "frame nests too deeply")
     if not isinstance(obj, dict):
         return ProtocolError("bad_frame", f"frame must be a JSON object, got {type(obj).__name__}")
     ref = obj.get("ref")

@@ -174,6 +174,7 @@ class Connection:
         "_reading_paused",
         "_eof",
         "_last_word",
+        "_handshake_deadline",
         "__weakref__",
     )
 
@@ -208,6 +209,7 @@ class Connection:
         self._reading_paused = False
         self._eof = False
         self._last_word = False  # True while the closing handler may still send
+        self._handshake_deadline = 0.0  # loop time by which the first frame must arrive (0: none)
 
     # ------------------------------------------------------------------ public API
 
@@ -241,8 +243,12 @@ class Connection:
     def idle_timeout(self, seconds: float) -> None:
         """Change this connection's idle timeout (the hub lengthens it after hello)."""
         self._idle_timeout = seconds
-        if self._greeted and not self._closed and self._close_reason is None:
+        if self._closed or self._close_reason is not None:
+            return
+        if self._greeted:
             self._arm_idle()
+        elif self._timer is not None:  # before the first frame, the nearer deadline wins
+            self._arm_first_frame()
 
     def send(self, payload: bytes) -> bool:
         """Queue one frame. Returns False when it was not queued (closing, or dropped)."""
@@ -306,6 +312,12 @@ class Connection:
         self._pending_size += len(data)
         self.frames_out += 1
         if self._pending_size > self._ctx.settings.max_send_buffer:
+            if not self._write_paused:
+                # A burst (a history replay, a fan-out), not a peer that is behind: hand it
+                # to the transport now. If the peer cannot take it, the transport pauses us
+                # and what follows waits here, under the same limit.
+                self._flush()
+                return True
             return self._overflow()
         return True
 
@@ -380,7 +392,8 @@ class Connection:
         ctx = self._ctx
         ctx.registry.add(self)
         if ctx.settings.handshake_timeout:
-            self._timer = ctx.loop.call_later(ctx.settings.handshake_timeout, self._handshake_expired)
+            self._handshake_deadline = ctx.loop.time() + ctx.settings.handshake_timeout
+            self._arm_first_frame()
         handlers = ctx.handlers
         if handlers.pumped:
             self._enqueue(_CONNECT)
@@ -390,9 +403,23 @@ class Connection:
             except Exception:
                 self._handler_failed("connect")
 
+    def _arm_first_frame(self) -> None:
+        """Before the first frame: the handshake deadline, or the idle timeout if an app
+        set one that ends sooner."""
+        self._cancel_timer()
+        when = self._handshake_deadline
+        if self._idle_timeout:
+            when = min(when, self.last_activity + self._idle_timeout)
+        self._timer = self._ctx.loop.call_at(when, self._handshake_expired)
+
     def _handshake_expired(self) -> None:
         self._timer = None
-        if not self._greeted:
+        if self._greeted or self._closed or self._close_reason is not None:
+            return
+        if self._ctx.now() < self._handshake_deadline - 0.001:
+            log.info("idle_timeout", conn=self.id, peer=self.peer, idle_s=round(self.idle_s, 3))
+            self.close(IDLE)
+        else:
             log.info("handshake_timeout", conn=self.id, peer=self.peer)
             self.close(HANDSHAKE_TIMEOUT)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from websockets.frames import CloseCode, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import OPEN, State
 from websockets.server import ServerProtocol
@@ -106,19 +106,44 @@ class WebSocketConnection(SocketConnection):
                     failed = True
                     break
             items.append(message)
-        self._send_pending_ws_data()
+        if not failed and ws.parser_exc is None:
+            self._send_pending_ws_data()  # pongs, the answer to a peer's close
+            if items:
+                self._dispatch(items)
+            if self._close_reason is None and ws.close_expected():  # the peer said goodbye
+                self._close_reason = "closed"
+                self._cancel_timer()
+                self._schedule_abort()
+            return
+        # We fail the connection (too large, bad UTF-8, bad opcode): websockets has queued
+        # its close frame. Messages before the bad one are still handled, and their replies
+        # and the app's last frame (the hub's bye) go out before the close frame.
         if items:
             self._dispatch(items)
-        if self._close_reason is None and ws.close_expected():
-            # Either we failed the connection (too large, bad UTF-8, bad opcode: the close
-            # frame is already sent) or the peer started the close handshake (answered).
-            if failed or ws.parser_exc is not None:
-                log.info("websocket_protocol_error", conn=self.id, error=str(ws.parser_exc or "invalid UTF-8"))
-                self._close_reason = PROTOCOL
-            else:
-                self._close_reason = "closed"
-            self._cancel_timer()
-            self._schedule_abort()
+        prefix = b""
+        if self._close_reason is None:
+            log.info("websocket_protocol_error", conn=self.id, error=str(ws.parser_exc or "invalid UTF-8 in a text message"))
+            prefix = self._last_words(PROTOCOL)
+        self._send_pending_ws_data(prefix)
+        self._cancel_timer()
+        self._schedule_abort()
+
+    def _last_words(self, reason: str) -> bytes:
+        """Run the app's closing handler and serialize every frame still queued, by hand:
+        websockets no longer sends on a connection it has failed."""
+        self._close_reason = reason
+        self._last_word = True
+        try:
+            self._ctx.handlers.closing(self, reason)
+        except Exception:
+            log.exception("handler_failed", handler="closing", conn=self.id)
+        finally:
+            self._last_word = False
+        opcode = _BINARY if self.binary else _TEXT
+        out = b"".join(Frame(opcode, data).serialize(mask=False) for data in self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        return out
 
     def eof_received(self) -> bool | None:
         self._ws.receive_eof()
@@ -160,15 +185,15 @@ class WebSocketConnection(SocketConnection):
             log.info("handshake_timeout", transport=self.transport, peer=self.peer)
             self._transport.abort()
 
-    def _send_pending_ws_data(self) -> None:
+    def _send_pending_ws_data(self, prefix: bytes = b"") -> None:
         transport = self._transport
         if transport is None:
             return
         out = self._ws.data_to_send()
-        if not out:
+        if not out and not prefix:
             return
-        eof = out[-1] == b""
-        data = b"".join(out)
+        eof = bool(out) and out[-1] == b""
+        data = prefix + b"".join(out)
         if data:
             self.bytes_out += len(data)
             transport.write(data)
