@@ -161,9 +161,9 @@ class Server:
     def _protocol_factory(self, kind: str, framing: Any):
         ctx = self.ctx
         if kind in ("ws", "wss"):
-            from ..transport.websocket import WebSocketConnection
+            from ..transport.websocket import websocket_factory
 
-            return lambda: WebSocketConnection(ctx, kind, self.config.max_frame)
+            return websocket_factory(ctx, kind)
         return lambda: StreamConnection(ctx, kind, framing)
 
     async def serve(self, *, install_signals: bool = True) -> int:

@@ -1,228 +1,275 @@
-"""WebSocket connections on an :class:`asyncio.Protocol`, using the sans-I/O core of the
-``websockets`` library (handshake, framing, ping/pong, close handshake, size limits).
+"""WebSocket connections on picows: its Cython protocol does the HTTP upgrade and parses
+(and unmasks) incoming frames; wirehub handles messages, limits and everything else.
+
+Chosen on evidence (``bench/ws_impl.py``, docs/benchmarks.md): the sans-I/O core of the
+``websockets`` library spent 7.4 µs per frame parsing and serializing, which capped the
+whole server at about half of what picows reaches.
 
 Each WebSocket message (text or binary, possibly fragmented) is one frame for the app; any
-request path is accepted. Frames the app sends go out as text messages, or binary ones when
-``conn.binary`` is set.
+request path is accepted. Outgoing frames are framed here (a server frame is a 2-10 byte
+header and the payload, unmasked), so a broadcast encodes a message once for every WebSocket
+member, and all frames of a loop turn go out in one write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+import struct
+from typing import Any, Callable
 
-from websockets.frames import CloseCode, Frame, Opcode
-from websockets.http11 import Request
-from websockets.protocol import OPEN, State
-from websockets.server import ServerProtocol
+from picows import WSCloseCode, WSListener, WSMsgType, WSUpgradeResponse, WSUpgradeResponseWithListener
+from picows.picows import WSAutoPingStrategy, WSProtocol
 
 from .._log import get_logger
 from ..protocol.framing import FrameError
-from .connection import PROTOCOL, SHUTDOWN, Context
-from .stream import SocketConnection
+from .connection import PROTOCOL, SHUTDOWN, Connection, Context
+from .stream import format_peer
 
 log = get_logger("wirehub.websocket")
 
-#: messages over max_frame but within this multiple of it are refused without closing
+#: messages over max_frame but within this multiple of it are refused without closing;
+#: a frame beyond it closes the connection with 1009
 WS_HARD_LIMIT = 4
 
-_TEXT = Opcode.TEXT
-_BINARY = Opcode.BINARY
-_CONT = Opcode.CONT
+_TEXT = WSMsgType.TEXT
+_BINARY = WSMsgType.BINARY
+_CONT = WSMsgType.CONTINUATION
+_CLOSE = WSMsgType.CLOSE
+_pack_short = struct.Struct(">BBH").pack
+_pack_long = struct.Struct(">BBQ").pack
+
+# picows makes a child logging.Logger per connection for a logging.Logger; an adapter keeps
+# it from doing so (memory per connection), and its messages stay at debug level anyway.
+_picows_logger = logging.getLogger("wirehub.websocket.picows")
+# A peer's protocol error is the peer's problem: we log it ourselves, at info.
+_picows_logger.addFilter(lambda record: not str(record.msg).startswith("WS parser error"))
+_picows_log = logging.LoggerAdapter(_picows_logger, {})
 
 
-def _identity(payload: bytes) -> bytes:
-    return payload
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, final text frame: what a server sends."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return _pack_short(0x81, 126, n) + payload
+    return _pack_long(0x81, 127, n) + payload
 
 
-class WebSocketConnection(SocketConnection):
-    __slots__ = ("_ws", "_upgraded", "_fragments", "_text", "_max_frame", "binary")
+def binary_frame(payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        return bytes((0x82, n)) + payload
+    if n < 65536:
+        return _pack_short(0x82, 126, n) + payload
+    return _pack_long(0x82, 127, n) + payload
 
-    def __init__(self, ctx: Context, transport_name: str, max_frame: int) -> None:
-        super().__init__(ctx, transport_name, _identity)
-        # Messages up to max_frame reach the app; those up to WS_HARD_LIMIT x max_frame are
-        # read and refused with a too_large framing error (the connection stays open, as on
-        # the other transports); beyond that websockets closes with 1009.
-        self._ws = ServerProtocol(max_size=max_frame * WS_HARD_LIMIT)
-        self._max_frame = max_frame
-        self._transport: asyncio.Transport | None = None
-        self._upgraded = False
+
+class WebSocketConnection(Connection):
+    """One WebSocket client. ``binary = True`` sends the app's frames as binary messages."""
+
+    __slots__ = ("_ws", "_raw", "_fragments", "_text", "_max_frame", "_protocol", "proxied_by")
+
+    def __init__(self, ctx: Context, transport_name: str, protocol: _Protocol) -> None:
+        super().__init__(ctx, transport_name, text_frame)
+        self._protocol = protocol
+        self._ws: Any = None  # picows WSTransport
+        self._raw: asyncio.Transport | None = None
         self._fragments: list[bytes] | None = None
         self._text = True
-        self.binary = False
+        self._max_frame = ctx.settings.max_frame
+        self.peer, self.peer_ip, self.proxied_by = protocol.peer, protocol.peer_ip, protocol.proxied_by
 
-    # asyncio.Protocol -----------------------------------------------------------
+    @property
+    def binary(self) -> bool:
+        return self.encode is binary_frame
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._bind(transport)
+    @binary.setter
+    def binary(self, value: bool) -> None:
+        self.encode = binary_frame if value else text_frame
+
+    # from picows ----------------------------------------------------------------------
+
+    def _connected(self, ws: Any) -> None:
+        self._ws = ws
+        raw = self._raw = ws.underlying_transport
         settings = self._ctx.settings
-        # The HTTP upgrade must finish within the handshake deadline; the app has not
-        # seen this connection yet, so an expired upgrade is simply dropped.
-        if settings.handshake_timeout:
-            self._timer = self._ctx.loop.call_later(settings.handshake_timeout, self._upgrade_expired)
-        self._ctx.registry.handshaking.add(self)
+        raw.set_write_buffer_limits(high=settings.send_buffer_high, low=settings.send_buffer_low)
+        self._start()
 
-    def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
+    def _frame(self, frame: Any) -> None:
+        self.bytes_in += frame.payload_size + 2
+        if self._close_reason is not None:
+            return
         self.last_activity = self._ctx.now()
-        ws = self._ws
-        ws.receive_data(data)
-        events = ws.events_received()
-        if not self._upgraded:
-            for event in events:
-                if isinstance(event, Request):
-                    self._upgrade(event)
-                    break
-            self._send_pending_ws_data()
-            return
-        items: list = []
-        failed = False
-        for frame in events:
-            opcode = frame.opcode
-            if opcode is _TEXT or opcode is _BINARY:
-                if frame.fin:
-                    message = frame.data
-                else:
-                    self._fragments = [frame.data]
-                    self._text = opcode is _TEXT
-                    continue
-            elif opcode is _CONT and self._fragments is not None:
-                self._fragments.append(frame.data)
-                if not frame.fin:
-                    continue
-                message = b"".join(self._fragments)
-                self._fragments = None
-                opcode = _TEXT if self._text else _BINARY
+        kind = frame.msg_type
+        if kind is _TEXT or kind is _BINARY:
+            if not frame.fin:
+                self._fragments = [frame.get_payload_as_bytes()]
+                self._text = kind is _TEXT
+                return
+            message = frame.get_payload_as_bytes()
+        elif kind is _CONT:
+            if self._fragments is None:
+                return self._fail(WSCloseCode.PROTOCOL_ERROR, "continuation frame without a message")
+            self._fragments.append(frame.get_payload_as_bytes())
+            if sum(map(len, self._fragments)) > self._max_frame * WS_HARD_LIMIT:
+                return self._fail(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
+            if not frame.fin:
+                return
+            message = b"".join(self._fragments)
+            self._fragments = None
+            kind = _TEXT if self._text else _BINARY
+        elif kind is _CLOSE:
+            self._cancel_timer()
+            if self._ws.is_close_frame_sent:
+                # The answer to a close picows sent on a broken frame: a protocol error.
+                self._close_reason = PROTOCOL
             else:
-                continue
-            if len(message) > self._max_frame:
-                items.append(FrameError("too_large", f"message of {len(message)} bytes exceeds max_frame {self._max_frame}"))
-                continue
-            if opcode is _TEXT:
-                # RFC 6455 8.1: a text message that is not UTF-8 fails the connection (1007).
-                try:
-                    message.decode()
-                except UnicodeDecodeError:
-                    ws.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
-                    failed = True
-                    break
-            items.append(message)
-        if not failed and ws.parser_exc is None:
-            self._send_pending_ws_data()  # pongs, the answer to a peer's close
-            if items:
-                self._dispatch(items)
-            if self._close_reason is None and ws.close_expected():  # the peer said goodbye
+                # The peer says goodbye: answer and close (no bye: the peer is leaving).
                 self._close_reason = "closed"
-                self._cancel_timer()
-                self._schedule_abort()
+                self._flush(force=True)
+                self._ws.send_close(frame.get_close_code())
+            self._ws.disconnect()
             return
-        # We fail the connection (too large, bad UTF-8, bad opcode): websockets has queued
-        # its close frame. Messages before the bad one are still handled, and their replies
-        # and the app's last frame (the hub's bye) go out before the close frame.
-        if items:
-            self._dispatch(items)
-        prefix = b""
-        if self._close_reason is None:
-            log.info("websocket_protocol_error", conn=self.id, error=str(ws.parser_exc or "invalid UTF-8 in a text message"))
-            prefix = self._last_words(PROTOCOL)
-        self._send_pending_ws_data(prefix)
-        self._cancel_timer()
-        self._schedule_abort()
+        else:
+            return  # pings are answered by picows; pongs need nothing
+        if len(message) > self._max_frame:
+            self._dispatch([FrameError("too_large", f"message of {len(message)} bytes exceeds max_frame {self._max_frame}")])
+            return
+        if kind is _TEXT and not message.isascii():
+            try:
+                message.decode()
+            except UnicodeDecodeError:  # RFC 6455 8.1
+                return self._fail(WSCloseCode.INVALID_TEXT, "invalid UTF-8 in a text message")
+        self._dispatch([message])
 
-    def _last_words(self, reason: str) -> bytes:
-        """Run the app's closing handler and serialize every frame still queued, by hand:
-        websockets no longer sends on a connection it has failed."""
-        self._close_reason = reason
+    def _fail(self, code: Any, why: str) -> None:
+        """A fatal protocol error: the app's last frame (the hub's bye), then the close."""
+        log.info("websocket_protocol_error", conn=self.id, error=why)
+        self._close_reason = PROTOCOL
+        self._cancel_timer()
         self._last_word = True
         try:
-            self._ctx.handlers.closing(self, reason)
+            self._ctx.handlers.closing(self, PROTOCOL)
         except Exception:
             log.exception("handler_failed", handler="closing", conn=self.id)
         finally:
             self._last_word = False
-        opcode = _BINARY if self.binary else _TEXT
-        out = b"".join(Frame(opcode, data).serialize(mask=False) for data in self._pending)
-        self._pending.clear()
-        self._pending_size = 0
-        return out
+        self._flush(force=True)
+        self._ws.send_close(code, why.encode())
+        self._ws.disconnect()
 
-    def eof_received(self) -> bool | None:
-        self._ws.receive_eof()
-        self._send_pending_ws_data()
-        if self._upgraded:
-            return self._peer_finished()
-        return False
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._upgraded:
-            self._lost(exc)
-        else:
-            self._cancel_timer()
-            self._closed = True
-            self._ctx.registry.handshake_ended(self, registered=False)
-        self._transport = None
-
-    # handshake --------------------------------------------------------------------
-
-    def _upgrade(self, request: Request) -> None:
-        ws = self._ws
-        if self._ctx.registry.closing:  # the server is draining: no new sessions
-            response = ws.reject(503, "server is shutting down\n")
-        else:
-            response = ws.accept(request)
-        ws.send_response(response)
-        if ws.state is OPEN:
-            self._upgraded = True
-            self._cancel_timer()
-            self._ctx.registry.handshake_ended(self, registered=True)
-            self._start()
-        else:
-            self._cancel_timer()
+    def _disconnected(self) -> None:
+        if self._close_reason is None and self._ws is not None and self._ws.is_close_frame_sent:
+            # picows closed it (a frame beyond the hard limit, a broken frame): a protocol error
+            log.info("websocket_protocol_error", conn=self.id, error=str(self._ws.close_handshake))
             self._close_reason = PROTOCOL
-
-    def _upgrade_expired(self) -> None:
-        self._timer = None
-        if not self._upgraded and self._transport is not None:
-            log.info("handshake_timeout", transport=self.transport, peer=self.peer)
-            self._transport.abort()
-
-    def _send_pending_ws_data(self, prefix: bytes = b"") -> None:
-        transport = self._transport
-        if transport is None:
-            return
-        out = self._ws.data_to_send()
-        if not out and not prefix:
-            return
-        eof = bool(out) and out[-1] == b""
-        data = prefix + b"".join(out)
-        if data:
-            self.bytes_out += len(data)
-            transport.write(data)
-        if eof or (not self._upgraded and self._close_reason is not None):
-            transport.close()
-
-    def _schedule_abort(self) -> None:
-        if self._transport is not None and not self._closed:
-            self._timer = self._ctx.loop.call_later(self._ctx.settings.close_timeout, self.abort)
+        self._lost(None)
+        self._raw = None
 
     # Connection transport hooks ---------------------------------------------------------
 
     def _write(self, frames: list[bytes]) -> None:
-        ws = self._ws
-        if ws.state is not OPEN:
-            return
-        send = ws.send_binary if self.binary else ws.send_text
-        for payload in frames:
-            send(payload)
-        self._send_pending_ws_data()
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        self.bytes_out += len(data)
+        self._raw.write(data)  # type: ignore[union-attr]
+
+    def _transport_buffered(self) -> int:
+        return self._raw.get_write_buffer_size() if self._raw is not None else 0
 
     def _close_transport(self) -> None:
         ws = self._ws
-        if ws.state is OPEN:
-            code = CloseCode.GOING_AWAY if self._close_reason == SHUTDOWN else CloseCode.NORMAL_CLOSURE
-            ws.send_close(code, self._close_reason or "")
-            self._send_pending_ws_data()
-        elif self._transport is not None and ws.state is State.CLOSED:
-            self._transport.close()
+        if ws is None or ws.is_disconnected:
+            return
+        ws.send_close(WSCloseCode.GOING_AWAY if self._close_reason == SHUTDOWN else WSCloseCode.OK, (self._close_reason or "").encode())
+        ws.disconnect()  # graceful: after the buffer is written
+
+    def _abort_transport(self) -> None:
+        if self._ws is not None:
+            self._ws.disconnect(False)
+
+    def _pause_reading(self) -> None:
+        if self._raw is not None:
+            self._raw.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._raw is not None and not self._raw.is_closing():
+            self._raw.resume_reading()
 
 
-__all__ = ["WebSocketConnection"]
+class _Listener(WSListener):
+    """picows's callbacks, forwarded to the connection."""
+
+    def __init__(self, conn: WebSocketConnection) -> None:
+        super().__init__()
+        self.conn = conn
+
+    def on_ws_connected(self, transport: Any) -> None:
+        self.conn._protocol.upgraded = True
+        self.conn._ctx.registry.handshake_ended(self.conn._protocol, registered=True)
+        self.conn._connected(transport)
+
+    def on_ws_frame(self, transport: Any, frame: Any) -> None:
+        self.conn._frame(frame)
+
+    def on_ws_disconnected(self, transport: Any) -> None:
+        self.conn._disconnected()
+
+    def pause_writing(self) -> None:
+        self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_writing()
+
+
+class _Protocol(WSProtocol):
+    """picows's protocol, plus what the server needs before the upgrade: the peer, the
+    handshake bookkeeping, and giving the accept slot back if the upgrade never happens."""
+
+    def __init__(self, ctx: Context, transport_name: str) -> None:
+        settings = ctx.settings
+        super().__init__(
+            None, None, False, self._listener_for, _picows_log, True,
+            settings.handshake_timeout or None,
+            False, 20.0, 20.0, WSAutoPingStrategy.PING_WHEN_IDLE,
+            True,  # answer pings
+            settings.max_frame * WS_HARD_LIMIT,
+            None,
+            2048,  # the smallest read buffer picows takes: idle connections stay small
+        )
+        self.ctx = ctx
+        self.kind = transport_name
+        self.peer = self.peer_ip = ""
+        self.proxied_by: str | None = None
+        self.upgraded = False
+
+    def connection_made(self, transport: Any) -> None:
+        if self.proxied_by is None:
+            sock = transport.get_extra_info("socket")
+            family = sock.family if sock is not None else socket.AF_INET
+            self.peer, self.peer_ip = format_peer(transport.get_extra_info("peername"), family)
+        self.ctx.registry.handshaking.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Any) -> None:
+        super().connection_lost(exc)
+        if not self.upgraded:
+            self.upgraded = True  # once
+            self.ctx.registry.handshake_ended(self, registered=False)
+
+    def _listener_for(self, request: Any) -> Any:
+        if self.ctx.registry.closing:  # the server is draining: no new sessions
+            return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(503, b"server is shutting down\n"), None)
+        return _Listener(WebSocketConnection(self.ctx, self.kind, self))
+
+    def abort(self) -> None:
+        """Drop a connection whose upgrade has not finished (the server is draining)."""
+        if self.transport is not None:
+            self.transport.disconnect(False)
+
+
+def websocket_factory(ctx: Context, transport_name: str) -> Callable[[], _Protocol]:
+    return lambda: _Protocol(ctx, transport_name)
