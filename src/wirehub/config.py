@@ -346,6 +346,67 @@ def _list_of(item: Callable[[Any], Any], *, split_items: bool) -> Parser:
     return parse
 
 
+#: what a room pattern may change (``[rooms."chat.*"]`` in TOML, ``--room 'chat.*:presence=off'``)
+ROOM_KEYS = ("history_size", "history_ttl", "presence", "max_room_members")
+
+RoomRules = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+
+
+def _p_rooms(raw: Any, opt: Option, text: bool) -> RoomRules:
+    """Per-room-pattern overrides, in order (the first pattern a room matches wins).
+    TOML: a table of tables; flags and env: ``PATTERN:key=value,key=value`` items
+    (env separates items with ``;``)."""
+    if isinstance(raw, str):
+        raw = [item for item in raw.split(";") if item.strip()]
+    if isinstance(raw, dict):
+        entries = list(raw.items())
+        values_are_text = False
+    elif isinstance(raw, (list, tuple)):
+        entries, errors = [], []
+        for item in raw:
+            if isinstance(item, (list, tuple)) and len(item) == 2:
+                entries.append((item[0], dict(item[1])))
+                continue
+            pattern, sep, rest = item.partition(":") if isinstance(item, str) else ("", "", "")
+            pairs = [kv.split("=", 1) for kv in rest.split(",") if kv.strip()]
+            if not sep or not pattern.strip() or any(len(p) != 2 for p in pairs):
+                errors.append(f"expected PATTERN:key=value[,key=value...], got {_got(item)}")
+                continue
+            entries.append((pattern.strip(), {k.strip(): v.strip() for k, v in pairs}))
+        if errors:
+            raise _Invalid("; ".join(errors))
+        values_are_text = True
+    else:
+        raise _Invalid(f"expected a table of room patterns, got {_got(raw)}")
+    out, errors = [], []
+    for pattern, settings in entries:
+        if not isinstance(pattern, str) or not pattern:
+            errors.append(f"a room pattern must be a non-empty string, got {_got(pattern)}")
+            continue
+        if not isinstance(settings, dict):
+            errors.append(f"rooms.{pattern} must be a table of settings, got {_got(settings)}")
+            continue
+        parsed = []
+        for key, value in settings.items():
+            name = str(key).replace("-", "_")
+            name = "max_room_members" if name == "max_members" else name
+            if name not in ROOM_KEYS:
+                errors.append(f"rooms.{pattern}: unknown setting {key!r} (one of {', '.join(ROOM_KEYS)})")
+                continue
+            try:
+                parsed.append((name, _parse(_BY_NAME[name], value, values_are_text or isinstance(value, str))))
+            except _Invalid as exc:
+                errors.append(f"rooms.{pattern}.{name}: {exc}")
+        out.append((pattern, tuple(parsed)))
+    if errors:
+        raise _Invalid("; ".join(errors))
+    return tuple(out)
+
+
+def _show_rooms(rules: RoomRules) -> str:
+    return "; ".join(f"{p}:" + ",".join(f"{k}={v}" for k, v in kv) for p, kv in rules) if rules else "none"
+
+
 @dataclass(frozen=True, slots=True)
 class _Kind:
     parse: Parser
@@ -370,6 +431,7 @@ _KINDS: dict[str, _Kind] = {
     "size": _Kind(_p_size, "SIZE", format_size),
     "duration": _Kind(_p_duration, "DURATION", format_duration),
     "choice": _Kind(_p_choice, "CHOICE"),
+    "rooms": _Kind(_p_rooms, "PATTERN:KEY=VALUE,...", _show_rooms, True),
 }
 
 
@@ -450,6 +512,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("presence", "bool", True, "Track room members and send join/leave events.", group=_HUB),
     Option("max_room_members", "int", 0, "Members a room may have (0 = unlimited); more get room_full.",
            group=_HUB, minimum=0),
+    Option("rooms", "rooms", (),
+           "Settings for rooms whose name matches a glob, overriding history_size, history_ttl, presence "
+           "and max_room_members; the first matching pattern wins. TOML: [rooms.\"chat.*\"] tables.",
+           metavar="PATTERN:KEY=VALUE,...", group=_HUB),
     Option("max_errors", "int", 20,
            "Error replies a connection may earn within a minute before it gets bye too_many_errors.",
            group=_HUB, minimum=1),
@@ -546,6 +612,7 @@ class Config:
     history_ttl: float = _DEFAULTS["history_ttl"]
     presence: bool = _DEFAULTS["presence"]
     max_room_members: int = _DEFAULTS["max_room_members"]
+    rooms: RoomRules = _DEFAULTS["rooms"]
     max_errors: int = _DEFAULTS["max_errors"]
     rate_limit: int = _DEFAULTS["rate_limit"]
     token_algorithm: str = _DEFAULTS["token_algorithm"]

@@ -142,7 +142,7 @@ async def play(sc: Scenario) -> None:
         finals = {room: (await hub.app.broker.position(room)).seq for room in sc.rooms}
         history = {}
         for room in sc.rooms:
-            result = await hub.app.broker.history(room, history=hub.app.policy)
+            result = await hub.app.broker.history(room, history=hub.app.policy(room).history)
             history[room] = [(p.seq, msgspec.json.decode(p.data)) for p in result.publications]
             assert [s for s, _ in history[room]] == list(range(1, finals[room] + 1))
         for p in people:

@@ -260,3 +260,32 @@ def _gaps(seqs: list[int], first: int, last: int) -> str:
     missing = sorted(set(range(first, last + 1)) - set(seqs))
     dupes = sorted({s for s in seqs if seqs.count(s) > 1})
     return f"missing {missing[:20]} duplicated {dupes[:20]} (of {len(seqs)})"
+
+
+# ---------------------------------------------------------------- per-room-pattern settings
+
+
+async def test_room_patterns_override_the_defaults():
+    """SPEC: defaults are configurable globally and per room pattern; the first pattern a
+    room matches wins."""
+    rules = ("quiet.*:presence=off,history_size=0", "big.*:history_size=50,max_room_members=1")
+    async with hub_server("tcp", history_size=5, rooms=rules) as h:
+        app = h.app
+        assert (app.policy("lobby").history.size, app.policy("lobby").presence) == (5, True)
+        assert (app.policy("quiet.a").history.size, app.policy("quiet.a").presence) == (0, False)
+        assert (app.policy("big.x").history.size, app.policy("big.x").max_members) == (50, 1)
+        a, b = await h.greeted(), await h.greeted()
+        await a.join("quiet.a")
+        await b.join("quiet.a")
+        assert await a.barrier() == []  # no presence event for b's arrival
+        await a.send({"op": "presence", "room": "quiet.a"})
+        assert (await a.expect("presence"))["members"] == []
+        for i in range(3):
+            await a.send({"op": "pub", "room": "quiet.a", "data": i})
+        assert [f["seq"] for f in await a.barrier()] == [1, 2, 3]  # delivered live, as a member
+        await a.send({"op": "history", "room": "quiet.a"})
+        assert (await a.expect("history"))["messages"] == []  # history_size 0 keeps nothing
+        await a.join("big.x")
+        assert [f["seq"] for f in await b.barrier()] == [1, 2, 3]
+        await b.send({"op": "join", "room": "big.x"})
+        await b.expect("error", code="room_full")

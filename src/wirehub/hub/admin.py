@@ -22,13 +22,14 @@ _publish_body = msgspec.json.Decoder(_PublishBody)
 
 
 async def room_summary(hub: HubApp, room: str) -> dict[str, Any]:
+    policy = hub.policy(room)
     position = await hub.broker.position(room)
-    held = await hub.broker.history(room, history=hub.policy)
-    members = await hub.broker.presence(room) if hub.config.presence else []
+    held = await hub.broker.history(room, history=policy.history)
+    members = await hub.broker.presence(room) if policy.presence else []
     local = hub.rooms.get(room)
     return {
         "room": room,
-        "members": len(members) if hub.config.presence else (len(local.members) if local else 0),
+        "members": len(members) if policy.presence else (len(local.members) if local else 0),
         "seq": position.seq,
         "epoch": position.epoch,
         "history_size": len(held.publications),
@@ -45,7 +46,7 @@ def add_routes(web_app: web.Application, hub: HubApp) -> None:
         if name not in hub.rooms and name not in await hub.broker.rooms():
             return error_response(404, "no_such_room", f"no room {name!r} has members or messages")
         summary = await room_summary(hub, name)
-        summary["member_list"] = await hub.broker.presence(name) if hub.config.presence else []
+        summary["member_list"] = await hub.broker.presence(name) if hub.policy(name).presence else []
         return json_response(summary)
 
     async def publish(request: web.Request) -> web.Response:

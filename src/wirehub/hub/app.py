@@ -14,6 +14,7 @@ connection's frames in order in a task, pausing reads while it is behind.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from .. import App
@@ -21,7 +22,7 @@ from .._log import get_logger
 from .._version import __version__
 from ..transport.connection import Connection
 from . import protocol as wire
-from .auth import AuthError, Claims, TokenVerifier
+from .auth import AuthError, Claims, TokenVerifier, glob_match
 from .broker import Broker, BrokerError, HistoryPolicy, Member, Publication, create_broker
 from .protocol import Hello, History, Join, Leave, Ping, Presence, ProtocolError, Pub, Refresh, Send
 
@@ -45,6 +46,16 @@ BYE = {
 }
 
 ERROR_WINDOW_S = 60.0
+POLICY_CACHE = 10_000  # rooms whose resolved settings are remembered
+
+
+@dataclass(frozen=True, slots=True)
+class RoomPolicy:
+    """What applies to one room: its history, whether presence is tracked, its size limit."""
+
+    history: HistoryPolicy
+    presence: bool
+    max_members: int
 
 
 class Session:
@@ -117,7 +128,8 @@ class HubApp(App):
         super().__init__(framing="line", name="hub")
         self.config = config
         self.broker: Broker = broker if broker is not None else create_broker(config.broker)
-        self.policy = HistoryPolicy(size=config.history_size, ttl=config.history_ttl)
+        self.default_policy = RoomPolicy(HistoryPolicy(size=config.history_size, ttl=config.history_ttl), config.presence, config.max_room_members)
+        self._policies: dict[str, RoomPolicy] = {}
         self.verifier: TokenVerifier | None = None
         if config.token_algorithm != "hs256":
             with open(config.public_key, "rb") as f:  # type: ignore[arg-type]  (config requires it)
@@ -138,6 +150,24 @@ class HubApp(App):
             History: self._history,
             Refresh: self._refresh,
         }
+
+    def policy(self, room: str) -> RoomPolicy:
+        """The settings of ``room``: the first ``rooms`` pattern it matches, over the globals."""
+        policy = self._policies.get(room)
+        if policy is None:
+            policy = self.default_policy
+            for pattern, overrides in self.config.rooms:
+                if glob_match(pattern, room):
+                    values = dict(overrides)
+                    history = HistoryPolicy(
+                        size=values.get("history_size", policy.history.size), ttl=values.get("history_ttl", policy.history.ttl)
+                    )
+                    policy = RoomPolicy(history, values.get("presence", policy.presence), values.get("max_room_members", policy.max_members))
+                    break
+            if len(self._policies) >= POLICY_CACHE:
+                self._policies.clear()
+            self._policies[room] = policy
+        return policy
 
     # ------------------------------------------------------------------ framework hooks
 
@@ -349,7 +379,8 @@ class HubApp(App):
         room = self.rooms.get(name)
         if room is None:
             room = self.rooms[name] = Room(name)
-        limit = self.config.max_room_members
+        policy = self.policy(name)
+        limit = policy.max_members
         if limit and s.client not in room.members and len(room.members) >= limit:
             self._error(s, "room_full", f"{name!r} has its maximum of {limit} members", cmd.ref)
             self._drop_room_if_empty(room)
@@ -365,7 +396,7 @@ class HubApp(App):
             recovered = False
             backlog: list[Publication] = []
             if cmd.since is not None:
-                result = await self.broker.history(name, since=cmd.since, history=self.policy)
+                result = await self.broker.history(name, since=cmd.since, history=policy.history)
                 position = result.position
                 recovered = result.complete and (cmd.epoch is None or cmd.epoch == position.epoch)
                 if recovered:
@@ -392,7 +423,7 @@ class HubApp(App):
             if pub.seq > last:  # no duplicate of what history already gave
                 conn.send(self._msg(room, pub))
         conn.idle_timeout = self.config.idle_timeout
-        if self.config.presence and not rejoin:
+        if policy.presence and not rejoin:
             member = s.member()
             await self.broker.presence_add(name, member)
             await self.broker.room_event(name, self._presence_event("join", name, member), exclude=s.client)
@@ -412,7 +443,7 @@ class HubApp(App):
         room = self.rooms.get(name)
         if room is None or room.members.pop(s.client, None) is None:
             return
-        if self.config.presence:
+        if self.policy(name).presence:
             member = s.member()
             await self.broker.presence_remove(name, s.client)
             await self.broker.room_event(name, self._presence_event("leave", name, member), exclude=s.client)
@@ -434,7 +465,7 @@ class HubApp(App):
         if type(data) is str:
             self._error(s, "bad_frame", data, cmd.ref)
             return
-        pub = await self.broker.publish(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy)
+        pub = await self.broker.publish(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy(cmd.room).history)
         if cmd.ref is not None:
             s.conn.send(wire.encode({"op": "ok", "ref": cmd.ref, "seq": pub.seq}))
 
@@ -463,7 +494,7 @@ class HubApp(App):
         if cmd.room not in s.rooms:
             self._error(s, "not_member", f"join {cmd.room!r} to see who is in it", cmd.ref)
             return
-        members = await self.broker.presence(cmd.room) if self.config.presence else []
+        members = await self.broker.presence(cmd.room) if self.policy(cmd.room).presence else []
         s.conn.send(wire.with_ref({"op": "presence", "room": cmd.room, "members": members}, cmd.ref))
 
     async def _history(self, s: Session, cmd: History) -> None:
@@ -473,7 +504,7 @@ class HubApp(App):
             self._error(s, "not_member", f"join {cmd.room!r} to read its history", cmd.ref)
             return
         limit = cmd.limit if cmd.limit is not None and cmd.limit >= 0 else None
-        result = await self.broker.history(cmd.room, limit=limit, history=self.policy)
+        result = await self.broker.history(cmd.room, limit=limit, history=self.policy(cmd.room).history)
         room = self.rooms[cmd.room]
         head = wire.with_ref({"op": "history", "room": cmd.room, "epoch": result.position.epoch}, cmd.ref)[:-1]
         body = b",".join(self._msg(room, p) for p in result.publications)
@@ -552,4 +583,4 @@ class HubApp(App):
         if type(checked) is str:
             raise ValueError(checked)
         data = checked
-        return await self.broker.publish(room, data, sender=sender, ts=int(time.time() * 1000), history=self.policy)
+        return await self.broker.publish(room, data, sender=sender, ts=int(time.time() * 1000), history=self.policy(room).history)

@@ -117,7 +117,8 @@ class Server:
     async def start(self) -> None:
         """Run the app's startup hook, then bind (unless given sockets) and start accepting."""
         loop = self.loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+        if self._stop is None:
+            self._stop = asyncio.Event()
         self.ctx = Context(loop, self.app.handlers(), settings_from(self.config), self.registry)
         await _maybe_await(self.app.startup(self))
         endpoints = self._endpoints if self._endpoints is not None else bind_all(self.config)
@@ -168,10 +169,12 @@ class Server:
 
     async def serve(self, *, install_signals: bool = True) -> int:
         """Start, serve until a stop is requested, drain. Returns the exit code."""
-        await self.start()
-        if install_signals:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        if install_signals:  # before binding: a signal that comes while we start drains at once
             self._install_signals()
         try:
+            await self.start()
             assert self._stop is not None
             await self._stop.wait()
             await self.shutdown()
