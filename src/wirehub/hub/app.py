@@ -314,10 +314,8 @@ class HubApp(App):
             if not cmd.token:
                 self._error(s, "unauthorized", "authentication is on: hello needs a 'token'", cmd.ref)
                 return
-            try:
-                claims = self.verifier.verify(cmd.token)
-            except AuthError as exc:
-                self._error(s, "unauthorized", exc.message, cmd.ref)
+            claims = self._verify(s, cmd.token, cmd.ref)
+            if claims is None:
                 return
             s.claims = claims
             s.user = claims.sub
@@ -340,10 +338,8 @@ class HubApp(App):
         if self.verifier is None:
             s.conn.send(wire.with_ref({"op": "refreshed", "exp": None}, cmd.ref))
             return
-        try:
-            claims = self.verifier.verify(cmd.token)
-        except AuthError as exc:
-            self._error(s, "unauthorized", exc.message, cmd.ref)
+        claims = self._verify(s, cmd.token, cmd.ref)
+        if claims is None:
             return
         if s.claims is not None and claims.sub != s.claims.sub:
             self._error(s, "unauthorized", f"the new token is for {claims.sub!r}, this connection is {s.claims.sub!r}", cmd.ref)
@@ -354,6 +350,15 @@ class HubApp(App):
         self._arm_expiry(s)
         exp = int(claims.exp) if claims.exp is not None else None
         s.conn.send(wire.with_ref({"op": "refreshed", "exp": exp}, cmd.ref))
+
+    def _verify(self, s: Session, token: str, ref: Any) -> Claims | None:
+        """The token's claims, or None after telling the client why not."""
+        assert self.verifier is not None
+        try:
+            return self.verifier.verify(token)
+        except AuthError as exc:
+            self._error(s, "unauthorized", exc.message, ref)
+            return None
 
     def _arm_expiry(self, s: Session) -> None:
         if s.expiry is not None:

@@ -48,23 +48,22 @@ _picows_logger.addFilter(lambda record: not str(record.msg).startswith("WS parse
 _picows_log = logging.LoggerAdapter(_picows_logger, {})
 
 
-def text_frame(payload: bytes) -> bytes:
-    """An unmasked, final text frame: what a server sends."""
+def _server_frame(first: int, payload: bytes) -> bytes:
+    """An unmasked, final frame (``first`` is FIN plus the opcode): what a server sends."""
     n = len(payload)
     if n < 126:
-        return bytes((0x81, n)) + payload
+        return bytes((first, n)) + payload
     if n < 65536:
-        return _pack_short(0x81, 126, n) + payload
-    return _pack_long(0x81, 127, n) + payload
+        return _pack_short(first, 126, n) + payload
+    return _pack_long(first, 127, n) + payload
+
+
+def text_frame(payload: bytes) -> bytes:
+    return _server_frame(0x81, payload)
 
 
 def binary_frame(payload: bytes) -> bytes:
-    n = len(payload)
-    if n < 126:
-        return bytes((0x82, n)) + payload
-    if n < 65536:
-        return _pack_short(0x82, 126, n) + payload
-    return _pack_long(0x82, 127, n) + payload
+    return _server_frame(0x82, payload)
 
 
 class WebSocketConnection(Connection):
