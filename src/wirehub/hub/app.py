@@ -524,27 +524,29 @@ class HubApp(App):
 
     def on_publication(self, pub: Publication) -> None:
         room = self.rooms.get(pub.room)
-        if room is None:
-            return
-        frame = self._msg(room, pub)
+        if room is not None:
+            self._broadcast(room, self._msg(room, pub), pub=pub)
+
+    def on_room_event(self, room_name: str, frame: bytes, exclude: str = "") -> None:
+        room = self.rooms.get(room_name)
+        if room is not None:
+            self._broadcast(room, frame, exclude=exclude)
+
+    def _broadcast(self, room: Room, frame: bytes, *, exclude: str = "", pub: Publication | None = None) -> None:
+        """Write ``frame`` to every local member of ``room``, encoded once per framing.
+        A member whose join is still in progress gets publications after its replay."""
         wires: dict[Any, bytes] = {}
         for s in room.members.values():
-            if s.joining and pub.room in s.joining:
-                s.joining[pub.room].append(pub)
+            if pub is not None and s.joining and room.name in s.joining:
+                s.joining[room.name].append(pub)
+                continue
+            if s.client == exclude:
                 continue
             conn = s.conn
             data = wires.get(conn.encode)
             if data is None:
                 data = wires[conn.encode] = conn.encode(frame)
             conn.send_wire(data)
-
-    def on_room_event(self, room_name: str, frame: bytes, exclude: str = "") -> None:
-        room = self.rooms.get(room_name)
-        if room is None:
-            return
-        for s in room.members.values():
-            if s.client != exclude:
-                s.conn.send(frame)
 
     def on_direct(self, client: str, frame: bytes) -> None:
         s = self.sessions.get(client)
