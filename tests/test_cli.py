@@ -3,13 +3,13 @@ subprocess (and once through the ``wirehub`` console script)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-import json
 import socket
-import urllib.request
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -367,3 +367,11 @@ def test_serve_warns_about_a_non_loopback_listener():
     assert "Set --secret to require tokens, use --tls/--wss, or bind 127.0.0.1." in result.stderr
     assert quiet.returncode == EXIT_BIND
     assert "warning" not in quiet.stderr
+
+
+def test_serve_refuses_workers_on_the_memory_broker():
+    port = free_port()
+    result = wirehub_cli("serve", "--workers", "2", "--tcp", f"127.0.0.1:{port}", "--ws", "off", "--udp", "off", "--admin", "off")
+    assert result.returncode == 2
+    assert "--workers 2 needs a shared broker" in result.stderr and "redis://" in result.stderr
+    assert port_is_free(port)

@@ -107,6 +107,14 @@ def serve(**params: Any) -> None:
     from .server.supervisor import run
 
     config = _load_config(params)
+    if config.workers > 1 and config.broker == "memory://":
+        click.echo(
+            f"wirehub: --workers {config.workers} needs a shared broker: with memory:// each worker would have its own "
+            "rooms, history and presence, and clients on different workers would not see each other. "
+            "Use --broker redis://HOST:PORT or --broker nats://HOST:PORT, or run one worker.",
+            err=True,
+        )
+        sys.exit(EXIT_CONFIG)
     for warning in exposure_warnings(config):
         click.echo(f"wirehub: warning: {warning}", err=True)
     try:
