@@ -122,7 +122,7 @@ async def test_since_equal_to_the_current_seq_is_recovered_with_nothing_to_repla
         await c2.expect("msg", seq=4)
         # a brand-new room: since 0 is the current seq
         c3 = await h.greeted()
-        joined = await c3.join("fresh", since=0, epoch=epoch)
+        joined = await c3.join("fresh", since=0)  # no epoch yet: nothing was ever seen there
         assert (joined["seq"], joined["recovered"]) == (0, True)
 
 

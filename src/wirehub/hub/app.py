@@ -87,8 +87,9 @@ class Session:
         self.claims: Claims | None = None
         self.greeted = False
         self.rooms: set[str] = set()
-        #: rooms whose join is in progress: live publications wait here until history is sent
-        self.joining: dict[str, list[Publication]] = {}
+        #: rooms whose join is in progress: live publications and room events wait here
+        #: until the join reply and the replay are out
+        self.joining: dict[str, list[Publication | bytes]] = {}
         self.errors = 0
         self.errors_since = 0.0
         self.tokens = 0.0
@@ -424,9 +425,11 @@ class HubApp(App):
             conn.send(self._msg(room, pub))
         if backlog:
             last = backlog[-1].seq
-        for pub in s.joining.pop(name, ()):
-            if pub.seq > last:  # no duplicate of what history already gave
-                conn.send(self._msg(room, pub))
+        for item in s.joining.pop(name, ()):
+            if type(item) is bytes:
+                conn.send(item)  # a presence event that came during the join
+            elif item.seq > last:  # no duplicate of what history already gave
+                conn.send(self._msg(room, item))
         conn.idle_timeout = self.config.idle_timeout
         if policy.presence and not rejoin:
             member = s.member()
@@ -452,7 +455,7 @@ class HubApp(App):
             member = s.member()
             await self.broker.presence_remove(name, s.client)
             await self.broker.room_event(name, self._presence_event("leave", name, member), exclude=s.client)
-        if not room.members:
+        if not room.members and self.rooms.get(name) is room:  # another leave may have won the race
             del self.rooms[name]
             await self.broker.unsubscribe(name)
 
@@ -537,10 +540,10 @@ class HubApp(App):
         A member whose join is still in progress gets publications after its replay."""
         wires: dict[Any, bytes] = {}
         for s in room.members.values():
-            if pub is not None and s.joining and room.name in s.joining:
-                s.joining[room.name].append(pub)
-                continue
             if s.client == exclude:
+                continue
+            if s.joining and room.name in s.joining:
+                s.joining[room.name].append(pub if pub is not None else frame)
                 continue
             conn = s.conn
             data = wires.get(conn.encode)

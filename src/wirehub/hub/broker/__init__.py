@@ -16,4 +16,12 @@ def create_broker(url: str) -> Broker:
         from .memory import MemoryBroker
 
         return MemoryBroker()
-    raise BrokerError(f"the {scheme}:// broker is not available yet; use memory://")
+    if scheme in ("nats", "tls"):
+        from .nats import NatsBroker
+
+        return NatsBroker(url)
+    if scheme in ("redis", "rediss"):
+        from .redis import RedisBroker
+
+        return RedisBroker(url)
+    raise BrokerError(f"unknown broker {url!r}: use memory://, redis://HOST:PORT/DB or nats://HOST:PORT")
