@@ -203,5 +203,10 @@ def config_check(file: str) -> None:
     sys.exit(1)
 
 
+from .bench.command import bench as _bench  # noqa: E402
+
+main.add_command(_bench)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
