@@ -13,6 +13,7 @@ connection's frames in order in a task, pausing reads while it is behind.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -186,7 +187,16 @@ class HubApp(App):
         await self.broker.start(self)
 
     async def shutdown(self, server: Server) -> None:
+        # Connections that just closed may still be leaving their rooms through the broker.
+        if self.sessions:
+            self._all_gone = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._all_gone.wait(), server.config.close_timeout)
+            except asyncio.TimeoutError:
+                log.warning("shutdown_with_sessions", sessions=len(self.sessions))
         await self.broker.close()
+
+    _all_gone: asyncio.Event | None = None
 
     def _new_session(self, conn: Connection) -> Session:
         session = Session(conn)
@@ -579,10 +589,14 @@ class HubApp(App):
             return
         if s.expiry is not None:
             s.expiry.cancel()
-        self.sessions.pop(s.client, None)
-        for name in list(s.rooms):
-            await self._part(s, name)
-        await self.broker.remove_client(s.client)
+        try:
+            for name in list(s.rooms):
+                await self._part(s, name)
+            await self.broker.remove_client(s.client)
+        finally:
+            self.sessions.pop(s.client, None)
+            if not self.sessions and self._all_gone is not None:
+                self._all_gone.set()
 
     # ------------------------------------------------------------------ embedding
 

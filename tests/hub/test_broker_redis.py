@@ -1,0 +1,470 @@
+"""The Redis broker: the shared conformance suite (two nodes on one Redis included), plus what
+only a remote broker promises: one sequence under concurrent publishers, presence leases that
+run out when a node dies, and surviving Redis going away and coming back.
+
+Runs against the machine's Redis at 127.0.0.1:6379 (skipped when it is not there), one key
+prefix per test; the restart tests start a ``redis-server`` of their own on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from wirehub.hub.broker.base import BrokerError, HistoryPolicy, Member
+from wirehub.hub.broker.redis import RedisBroker
+
+from .broker_conformance import POLICY, BrokerConformance, Node, RecordingHandler, now_ms, raw
+
+HOST, PORT, DB = "127.0.0.1", 6379, 11
+URL = f"redis://{HOST}:{PORT}/{DB}"
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def _redis_answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+if not _redis_answers(HOST, PORT):
+    pytest.skip(f"Redis is not reachable at {HOST}:{PORT} (start redis-server to run these tests)", allow_module_level=True)
+
+
+async def drop_prefix(prefix: str, url: str = URL) -> None:
+    """Delete every key a test created under ``prefix``."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def eventually(check, what: str, timeout: float = 5.0, interval: float = 0.02):
+    """Poll the async ``check`` until it returns a truthy value (returned); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
+        await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def started(url: str, prefix: str, node_id: str, **kwargs) -> AsyncIterator[Node]:
+    handler = RecordingHandler()
+    broker = RedisBroker(url, prefix=prefix, node_id=node_id, **kwargs)
+    await broker.start(handler)
+    try:
+        yield Node(broker, handler)
+    finally:
+        await broker.close()
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    name = f"wht{uuid.uuid4().hex[:12]}"
+    yield name
+    await drop_prefix(name)
+
+
+class TestRedisBroker(BrokerConformance):
+    @pytest.fixture
+    def broker(self, prefix):
+        return RedisBroker(URL, prefix=prefix, node_id="node-a")
+
+    @pytest.fixture
+    def second_node(self, prefix):
+        return RedisBroker(URL, prefix=prefix, node_id="node-b")
+
+
+# -- a Redis of our own, to stop and start ------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+class OwnRedis:
+    """A ``redis-server`` this test starts, stops (SIGTERM to its own pid) and starts again on
+    the same port; without persistence unless ``aof``."""
+
+    def __init__(self, workdir: Path, *, aof: bool = False) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.aof = aof
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    async def start(self) -> None:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", HOST, "--save", "", *persistence,
+             "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log"), "--daemonize", "no"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+        async def answers() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"redis-server exited with {self.proc.returncode}: {(self.workdir / 'redis.log').read_text()[-2000:]}")
+            return await asyncio.to_thread(_redis_answers, HOST, self.port, 0.2)
+
+        await eventually(answers, f"redis-server on port {self.port}", timeout=10.0)
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)  # a paused server would not act on SIGTERM
+            proc.terminate()
+            await asyncio.to_thread(proc.wait, 10)
+
+
+@pytest.fixture
+async def own_redis(tmp_path) -> AsyncIterator[OwnRedis]:
+    server = OwnRedis(tmp_path)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def own_redis_aof(tmp_path) -> AsyncIterator[OwnRedis]:
+    server = OwnRedis(tmp_path, aof=True)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+class TestRedisOnly:
+    async def test_is_not_local(self):
+        assert RedisBroker.local is False
+        assert RedisBroker(URL).local is False
+
+    async def test_start_fails_fast_when_redis_is_unreachable(self):
+        broker = RedisBroker(f"redis://{HOST}:{free_port()}/0", timeout=1.0)
+        t0 = time.monotonic()
+        with pytest.raises(BrokerError, match="cannot reach redis"):
+            await broker.start(RecordingHandler())
+        assert time.monotonic() - t0 < 3
+        assert broker.ready() is False
+        with pytest.raises(BrokerError):
+            await broker.publish("r", b"1", sender="", ts=now_ms(), history=POLICY)
+        await broker.close()
+
+    async def test_concurrent_publishers_share_one_gapless_sequence(self, prefix):
+        room = f"{prefix}:busy"
+        per_node, nodes = 40, 3
+        async with contextlib.AsyncExitStack() as stack:
+            ns = [await stack.enter_async_context(started(URL, prefix, f"n{i}")) for i in range(nodes)]
+            for node in ns[:2]:
+                await node.broker.subscribe(room)
+
+            async def publish(node: Node, i: int):
+                me = node.broker.node_id
+                return await node.broker.publish(room, raw([me, i]), sender=me, ts=now_ms(), history=POLICY)
+
+            # every publish of every node in flight at once (several connections per node)
+            pubs = await asyncio.gather(*(publish(node, i) for node in ns for i in range(per_node)))
+            total = per_node * nodes
+            assert sorted(p.seq for p in pubs) == list(range(1, total + 1))
+            assert len({p.epoch for p in pubs}) == 1
+            by_seq = {p.seq: p for p in pubs}
+            for node in ns[:2]:
+                got = await node.handler.wait_publications(total, room)
+                assert [p.seq for p in got] == list(range(1, total + 1))
+                assert got == [by_seq[s] for s in range(1, total + 1)]
+            await BrokerConformance().fence(ns[2].broker, ns[2].handler, prefix)
+            assert ns[2].handler.in_room(room) == []
+            held = await ns[2].broker.history(room, since=total - 100, history=POLICY)
+            assert held.complete and held.publications == [by_seq[s] for s in range(total - 99, total + 1)]
+
+    async def test_position_and_history_return_after_what_they_cover_was_delivered(self, prefix):
+        """A node answers a join with position()/history() and then relays live publications:
+        none up to the position it read may reach it afterwards (the hub would send it twice,
+        or out of order). With a local broker that holds trivially; here the call waits for
+        the pub/sub connection to have delivered everything Redis sent it before."""
+        room = f"{prefix}:r"
+        async with started(URL, prefix, "a") as a, started(URL, prefix, "b") as b:
+            await a.broker.subscribe(room)
+            stop = asyncio.Event()
+
+            async def publisher():  # another node, publishing all along
+                while not stop.is_set():
+                    await asyncio.gather(*(b.broker.publish(room, b"0", sender="", ts=now_ms(), history=POLICY) for _ in range(5)))
+
+            task = asyncio.create_task(publisher())
+            try:
+                for i in range(100):
+                    if i % 2:
+                        seq = (await a.broker.position(room)).seq
+                    else:
+                        seq = (await a.broker.history(room, since=0, limit=0, history=POLICY)).position.seq
+                    got = [p.seq for p in a.handler.in_room(room)]
+                    assert got[:seq] == list(range(1, seq + 1)), f"read seq {seq}, delivered only up to {len(got)}"
+            finally:
+                stop.set()
+                await task
+            assert seq > 0
+
+    async def test_presence_and_client_leases_of_a_dead_node_run_out(self, prefix):
+        room, lease = f"{prefix}:r", 0.6
+        alice, bob = Member(client=f"{prefix}-alice", user="alice"), Member(client=f"{prefix}-bob", user="bob")
+        async with started(URL, prefix, "dead", lease_s=lease) as dead, started(URL, prefix, "alive", lease_s=lease) as alive:
+            await dead.broker.presence_add(room, alice)
+            await dead.broker.add_client(alice.client)
+            await alive.broker.presence_add(room, bob)
+            await alive.broker.add_client(bob.client)
+            # the node "dies": nothing refreshes its leases any more (and it cleans nothing up)
+            dead.broker._refresher.cancel()
+            assert sorted(await alive.broker.presence(room), key=lambda m: m.client) == [alice, bob]
+
+            t0 = time.monotonic()
+            members = await eventually(lambda: _without(alive.broker.presence(room), alice), "alice's lease to run out")
+            elapsed = time.monotonic() - t0
+            # bob was added at the same time; only the live node's refresh kept him
+            assert members == [bob]
+            assert elapsed < lease + 2
+            assert room in await alive.broker.rooms()
+            await eventually(lambda: _is_false(alive.broker.send(alice.client, b'"x"')), "alice's registration to run out")
+            assert await dead.broker.send(bob.client, b'"hi"') is True
+            assert await alive.handler.wait_directs(1) == [(bob.client, b'"hi"')]
+            assert await alive.broker.presence(room) == [bob]
+
+    async def test_presence_expiry_follows_the_injected_clock(self, prefix):
+        room = f"{prefix}:r"
+        now = [1_700_000_000.0]
+        alice, bob = Member(client="alice", user="a"), Member(client="bob", user="b", name="Bob")
+        async with started(URL, prefix, "a", clock=lambda: now[0]) as a, started(URL, prefix, "b", clock=lambda: now[0]) as b:
+            a.broker._refresher.cancel()
+            b.broker._refresher.cancel()
+            await a.broker.presence_add(room, alice)
+            await b.broker.presence_add(room, bob)
+            now[0] += 10.0  # exactly the lease: still held
+            assert await b.broker.presence(room) == [alice, bob]
+            await b.broker._refresh(full=False)  # b is alive, a is not
+            now[0] += 0.5
+            assert await a.broker.presence(room) == [bob]
+            # a late refresh of the dead node does not bring a purged entry back
+            await a.broker._refresh(full=False)
+            assert await b.broker.presence(room) == [bob]
+
+    async def test_direct_send_across_nodes(self, prefix):
+        async with started(URL, prefix, "a") as a, started(URL, prefix, "b") as b:
+            await b.broker.add_client("c-b")
+            await a.broker.add_client("c-a")
+            frame = b'{"op":"msg","from":"c-a","data":{"x":[1,"\xc3\xa9"]}}'
+            assert await a.broker.send("c-b", frame) is True
+            assert await b.broker.send("c-a", b'"back"') is True
+            assert await b.handler.wait_directs(1) == [("c-b", frame)]
+            assert await a.handler.wait_directs(1) == [("c-a", b'"back"')]
+            # the client moves to node a
+            await b.broker.remove_client("c-b")
+            assert await a.broker.send("c-b", b'"1"') is False
+            await a.broker.add_client("c-b")
+            assert await b.broker.send("c-b", b'"2"') is True
+            await a.handler.wait_directs(2)
+            assert a.handler.directs[1] == ("c-b", b'"2"')
+            # removing from a node that no longer has it leaves the new registration alone
+            await b.broker.remove_client("c-b")
+            assert await b.broker.send("c-b", b'"3"') is True
+
+    async def test_lost_pubsub_connection_catches_up_without_gap_or_duplicate(self, prefix):
+        """Redis stays up but drops one node's pub/sub connection: what others publish meanwhile
+        reaches the node once, in order, after it resubscribes."""
+        room, node = f"{prefix}:r", f"{prefix}-a"  # a node id no other test run uses
+        async with started(URL, prefix, node) as a, started(URL, prefix, "b") as b:
+            await a.broker.subscribe(room)
+            first = [await b.broker.publish(room, raw(i), sender="", ts=now_ms(), history=POLICY) for i in range(3)]
+            await a.handler.wait_publications(3, room)
+            admin = aioredis.Redis.from_url(URL)
+            try:
+                clients = await admin.client_list()
+                (sub,) = [c for c in clients if c["name"] == f"wirehub-sub-{node}"]
+                await admin.client_kill_filter(_id=sub["id"])
+            finally:
+                await admin.aclose()
+            # a's subscriptions are gone from Redis now: these can only come back by catch-up
+            more = [await b.broker.publish(room, raw(i), sender="", ts=now_ms(), history=POLICY) for i in range(3, 8)]
+            await a.handler.wait_until(lambda: a.handler.states == [False, True], "a down then up")
+            assert a.broker.ready() is True
+            last = await b.broker.publish(room, b'"live"', sender="", ts=now_ms(), history=POLICY)
+            got = await a.handler.wait_publications(9, room)
+            assert got == first + more + [last]
+            await BrokerConformance().fence(a.broker, a.handler, prefix, via=b.broker)
+            assert len(a.handler.in_room(room)) == 9
+
+    async def test_redis_restart_without_persistence(self, own_redis, prefix):
+        room, gone_room = f"{prefix}:r", f"{prefix}:left"
+        alice = Member(client="alice", user="a")
+        async with started(own_redis.url, prefix, "a", timeout=1.0) as a, started(own_redis.url, prefix, "b", timeout=1.0) as b:
+            await a.broker.subscribe(room)
+            await a.broker.subscribe(gone_room)
+            await a.broker.add_client("alice")
+            await a.broker.presence_add(room, alice)
+            before = [await b.broker.publish(room, raw(i), sender="", ts=now_ms(), history=POLICY) for i in range(3)]
+            await a.handler.wait_publications(3, room)
+            old = await a.broker.position(room)
+            assert old.seq == 3
+
+            await own_redis.stop()
+            await a.handler.wait_until(lambda: a.handler.states == [False], "a to see redis gone")
+            await b.handler.wait_until(lambda: b.handler.states == [False], "b to see redis gone")
+            assert a.broker.ready() is False
+            t0 = time.monotonic()
+            with pytest.raises(BrokerError, match="unreachable"):
+                await a.broker.publish(room, b"1", sender="", ts=now_ms(), history=POLICY)
+            for call in (
+                a.broker.history(room, since=1, history=POLICY),
+                a.broker.position(room),
+                a.broker.subscribe(f"{prefix}:new"),
+                a.broker.presence(room),
+                a.broker.send("alice", b"x"),
+                a.broker.room_event(room, b"x"),
+            ):
+                with pytest.raises(BrokerError):
+                    await call
+            await a.broker.unsubscribe(gone_room)  # harmless while down; not resubscribed later
+            assert time.monotonic() - t0 < 1.0  # refused at once, not after timeouts
+
+            await own_redis.start()  # same port, empty
+            await a.handler.wait_until(lambda: a.handler.states == [False, True], "a to see redis back")
+            await b.handler.wait_until(lambda: b.handler.states == [False, True], "b to see redis back")
+            assert a.broker.ready() is True and b.broker.ready() is True
+            # the subscription is back and the stream is new: a new epoch, seq from 1
+            pub = await b.broker.publish(room, b'"after"', sender="", ts=now_ms(), history=POLICY)
+            assert pub.seq == 1 and pub.epoch != old.epoch
+            got = await a.handler.wait_publications(4, room)
+            assert got == before + [pub]
+            now = await a.broker.position(room)
+            assert now.epoch != old.epoch
+            stale = await a.broker.history(room, since=old.seq, history=POLICY)
+            assert stale.position.epoch != old.epoch and stale.complete is False
+            # what the node holds was registered again: presence and direct messages work
+            assert await b.broker.presence(room) == [alice]
+            assert await b.broker.send("alice", b'"dm"') is True
+            assert await a.handler.wait_directs(1) == [("alice", b'"dm"')]
+            await b.broker.publish(gone_room, b"1", sender="", ts=now_ms(), history=POLICY)
+            await BrokerConformance().fence(a.broker, a.handler, prefix, via=b.broker)
+            assert a.handler.in_room(gone_room) == []
+            assert a.handler.states == [False, True]
+
+    async def test_a_hung_redis_is_detected_and_calls_stay_bounded(self, own_redis, prefix):
+        """Redis stops answering but keeps its sockets open (SIGSTOP): calls fail after the
+        timeout instead of hanging, the idle pub/sub connection is found dead by its PING, and
+        everything resumes when Redis does."""
+        room = f"{prefix}:r"
+        async with started(own_redis.url, prefix, "a", timeout=0.5) as a:
+            await a.broker.subscribe(room)
+            await a.broker.publish(room, b"1", sender="", ts=now_ms(), history=POLICY)
+            await a.handler.wait_publications(1, room)
+            own_redis.pause()
+            try:
+                t0 = time.monotonic()
+                with pytest.raises(BrokerError, match="did not answer within 0.5s .it may or may not have been applied"):
+                    await a.broker.publish(room, b"2", sender="", ts=now_ms(), history=POLICY)
+                assert time.monotonic() - t0 < 2
+                await a.handler.wait_until(lambda: a.handler.states == [False], "the hang to be noticed")
+                assert a.broker.ready() is False
+            finally:
+                own_redis.resume()
+            await a.handler.wait_until(lambda: a.handler.states == [False, True], "redis to be back")
+            last = await a.broker.publish(room, b"3", sender="", ts=now_ms(), history=POLICY)
+            # whether the timed-out publish was applied is unknown to its caller; either way
+            # the subscriber sees one gapless sequence
+            assert last.seq in (2, 3)
+            got = await a.handler.wait_publications(last.seq, room)
+            assert [p.seq for p in got] == list(range(1, last.seq + 1))
+
+    async def test_close_while_redis_is_down_is_bounded(self, own_redis, prefix):
+        handler = RecordingHandler()
+        broker = RedisBroker(own_redis.url, prefix=prefix, node_id="a", timeout=1.0)
+        await broker.start(handler)
+        await broker.add_client("c1")
+        await own_redis.stop()
+        await handler.wait_until(lambda: handler.states == [False], "redis gone")
+        t0 = time.monotonic()
+        await broker.close()
+        assert time.monotonic() - t0 < 3
+        assert broker.ready() is False
+
+    async def test_redis_restart_with_persistence_keeps_the_epoch(self, own_redis_aof, prefix):
+        room = f"{prefix}:r"
+        async with started(own_redis_aof.url, prefix, "a", timeout=1.0) as a, started(own_redis_aof.url, prefix, "b", timeout=1.0) as b:
+            await a.broker.subscribe(room)
+            before = [await b.broker.publish(room, raw(i), sender="", ts=now_ms(), history=POLICY) for i in range(3)]
+            await a.handler.wait_publications(3, room)
+            await own_redis_aof.stop()
+            await a.handler.wait_until(lambda: a.handler.states == [False], "redis gone")
+            await own_redis_aof.start()
+            await b.handler.wait_until(lambda: b.handler.states == [False, True], "b back")
+            # b may publish before a has resubscribed: a catches up from the stream
+            after = [await b.broker.publish(room, raw(i), sender="", ts=now_ms(), history=POLICY) for i in range(3, 6)]
+            assert [p.seq for p in after] == [4, 5, 6] and {p.epoch for p in after} == {before[0].epoch}
+            got = await a.handler.wait_publications(6, room)
+            assert got == before + after
+            held = await a.broker.history(room, since=2, history=POLICY)
+            assert held.complete is True and held.publications == before[2:] + after
+
+    async def test_history_ttl_drops_old_entries(self, prefix):
+        room = f"{prefix}:r"
+        now = [1_700_000_000.0]
+        policy = HistoryPolicy(size=100, ttl=60.0)
+        async with started(URL, prefix, "a", clock=lambda: now[0]) as a:
+            ms = lambda: int(now[0] * 1000)  # noqa: E731
+            await a.broker.publish(room, b"1", sender="", ts=ms(), history=policy)
+            now[0] += 30
+            await a.broker.publish(room, b"2", sender="", ts=ms(), history=policy)
+            now[0] += 31  # seq 1 is 61 s old
+            result = await a.broker.history(room, since=0, history=policy)
+            assert [p.seq for p in result.publications] == [2] and result.complete is False
+            assert (await a.broker.history(room, since=1, history=policy)).complete is True
+            now[0] += 30
+            result = await a.broker.history(room, since=1, history=policy)
+            assert result.publications == [] and result.complete is False and result.position.seq == 2
+
+
+async def _without(members_call, member: Member):
+    members = await members_call
+    return None if member in members else members
+
+
+async def _is_false(call) -> bool:
+    return (await call) is False
