@@ -9,6 +9,8 @@ import uvloop
 
 
 def pytest_asyncio_loop_factories(config, item):
+    if item.get_closest_marker("one_loop"):  # the servers under test run in subprocesses
+        return {"uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
