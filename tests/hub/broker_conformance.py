@@ -44,6 +44,19 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+
+async def eventually(check, what: str, timeout: float = 5.0, interval: float = 0.02):
+    """Poll the async ``check`` until it returns a truthy value (returned); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
+        await asyncio.sleep(interval)
+
+
 class RecordingHandler:
     """A :class:`~wirehub.hub.broker.base.BrokerHandler` that records every call, in order.
 

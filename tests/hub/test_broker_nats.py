@@ -30,7 +30,7 @@ import pytest
 from wirehub.hub.broker.base import BrokerError, HistoryPolicy, Member, Position
 from wirehub.hub.broker.nats import NatsBroker
 
-from .broker_conformance import POLICY, BrokerConformance, Node, RecordingHandler, now_ms, raw
+from .broker_conformance import POLICY, BrokerConformance, Node, RecordingHandler, eventually, now_ms, raw
 
 HOST, PORT = "127.0.0.1", 4222
 URL = f"nats://{HOST}:{PORT}"
@@ -76,18 +76,6 @@ async def drop_prefix(prefix: str, url: str = URL) -> None:
                 await js.delete_stream(stream)
     finally:
         await nc.close()
-
-
-async def eventually(check, what: str, timeout: float = 5.0, interval: float = 0.02):
-    """Poll the async ``check`` until it returns a truthy value (returned); fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
-        await asyncio.sleep(interval)
 
 
 def holds(predicate):

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from wirehub.hub.broker.base import BrokerError, HistoryPolicy, Member
 from wirehub.hub.broker.redis import RedisBroker
 
-from .broker_conformance import POLICY, BrokerConformance, Node, RecordingHandler, now_ms, raw
+from .broker_conformance import POLICY, BrokerConformance, Node, RecordingHandler, eventually, now_ms, raw
 
 HOST, PORT, DB = "127.0.0.1", 6379, 11
 URL = f"redis://{HOST}:{PORT}/{DB}"
@@ -56,18 +56,6 @@ async def drop_prefix(prefix: str, url: str = URL) -> None:
             await client.delete(*keys)
     finally:
         await client.aclose()
-
-
-async def eventually(check, what: str, timeout: float = 5.0, interval: float = 0.02):
-    """Poll the async ``check`` until it returns a truthy value (returned); fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
-        await asyncio.sleep(interval)
 
 
 @contextlib.asynccontextmanager
