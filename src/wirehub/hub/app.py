@@ -273,13 +273,18 @@ class HubApp(App):
             try:
                 await self._ops[type(cmd)](session, cmd)
             except BrokerError as exc:
-                self._error(session, "internal", f"the broker is unavailable, nothing was done: {exc}", cmd.ref)
+                if exc.maybe_applied:
+                    why = f"the broker connection failed during this request; it may or may not have taken effect: {exc}"
+                else:
+                    why = f"the broker is unavailable, nothing was done: {exc}"
+                # The server's trouble, not the client's: it does not count toward max_errors.
+                self._error(session, "internal", why, cmd.ref, counts=False)
             except Exception:
                 self._failed(session, cmd)
 
     def _failed(self, session: Session, cmd: Any) -> None:
         log.exception("hub_op_failed", conn=session.client, op=type(cmd).__name__.lower())
-        self._error(session, "internal", "the server failed to handle this frame; it has been logged", cmd.ref)
+        self._error(session, "internal", "the server failed to handle this frame; it has been logged", cmd.ref, counts=False)
 
     def _admit(self, session: Session, ref: Any) -> bool:
         """Auth gate and rate limit, before any op but hello."""
@@ -300,9 +305,11 @@ class HubApp(App):
             return True
         return False
 
-    def _error(self, session: Session, code: str, message: str, ref: Any = None) -> None:
+    def _error(self, session: Session, code: str, message: str, ref: Any = None, *, counts: bool = True) -> None:
         conn = session.conn
         conn.send(wire.error(code, message, ref))
+        if not counts:
+            return
         now = time.monotonic()
         if now - session.errors_since > ERROR_WINDOW_S:
             session.errors_since = now

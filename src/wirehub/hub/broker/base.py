@@ -16,7 +16,14 @@ import msgspec
 
 
 class BrokerError(Exception):
-    """The broker cannot do it now (unreachable, refused). The message says why."""
+    """The broker cannot do it now (unreachable, refused). The message says why.
+
+    ``maybe_applied`` is True when the connection failed after the request was sent: the
+    broker may have carried it out (a publication may still be delivered)."""
+
+    def __init__(self, message: str, *, maybe_applied: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
 
 
 class Position(msgspec.Struct, frozen=True):

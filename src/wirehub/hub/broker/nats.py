@@ -805,7 +805,7 @@ class NatsBroker:
                     if not self._connected():
                         raise
                     if loop.time() > deadline:
-                        raise BrokerError(f"publish to {room!r} not confirmed (it may or may not be stored): {exc}") from exc
+                        raise BrokerError(f"publish to {room!r} not confirmed (it may or may not be stored): {exc}", maybe_applied=True) from exc
                     head = None  # a lost answer: the head tells whether it landed
                     continue
                 self._remember(room, (int(ack["seq"]), seq + 1, epoch))

@@ -426,11 +426,12 @@ class RedisBroker:
         except (RedisError, OSError, TimeoutError) as exc:
             if self._closing:
                 raise BrokerError(f"cannot {what}: the redis broker was closed meanwhile") from exc
+            # The request was sent: a lost answer leaves its outcome unknown.
+            outcome = " (it may or may not have been applied)" if unknown else ""
             if isinstance(exc, (RedisTimeoutError, TimeoutError)):
-                outcome = " (it may or may not have been applied)" if unknown else ""
-                raise BrokerError(f"cannot {what}: {self._where} did not answer within {self._timeout:g}s{outcome}") from exc
+                raise BrokerError(f"cannot {what}: {self._where} did not answer within {self._timeout:g}s{outcome}", maybe_applied=unknown) from exc
             if isinstance(exc, (RedisConnectionError, OSError)):
-                raise BrokerError(f"cannot {what}: {self._where} is unreachable: {exc}") from exc
+                raise BrokerError(f"cannot {what}: {self._where} went away{outcome}: {exc}", maybe_applied=unknown) from exc
             raise BrokerError(f"cannot {what}: {self._where} refused: {exc}") from exc
         finally:
             self._inflight -= 1
