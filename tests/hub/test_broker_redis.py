@@ -204,6 +204,17 @@ class TestRedisOnly:
             held = await ns[2].broker.history(room, since=total - 100, history=POLICY)
             assert held.complete and held.publications == [by_seq[s] for s in range(total - 99, total + 1)]
 
+    async def test_more_calls_in_flight_than_the_pool_has_connections(self, prefix):
+        """A thousand clients arriving at once: calls wait for a pooled connection instead of
+        failing with "Too many connections" (redis-py's default pool limit)."""
+        from wirehub.hub.broker.redis import POOL_SIZE
+
+        async with started(URL, prefix, "n0") as node:
+            n = POOL_SIZE * 4
+            await asyncio.gather(*(node.broker.add_client(f"{prefix}-c{i}") for i in range(n)))
+            positions = await asyncio.gather(*(node.broker.position(f"{prefix}:r{i}") for i in range(n)))
+            assert len(positions) == n and all(p.seq == 0 for p in positions)
+
     async def test_position_and_history_return_after_what_they_cover_was_delivered(self, prefix):
         """A node answers a join with position()/history() and then relays live publications:
         none up to the position it read may reach it afterwards (the hub would send it twice,

@@ -242,6 +242,10 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
+
+#: connections one node keeps to Redis for commands (pub/sub has its own)
+POOL_SIZE = 256
+
 class RedisBroker:
     """:class:`~wirehub.hub.broker.base.Broker` on Redis (see the module docstring)."""
 
@@ -330,14 +334,20 @@ class RedisBroker:
     async def start(self, handler: BrokerHandler) -> None:
         self._handler = handler
         self._closing = False
-        client = aioredis.Redis.from_url(
+        # A blocking pool: when every connection is busy (a thousand clients joining at once),
+        # a call waits for one (up to the timeout) instead of failing with "Too many
+        # connections". ``?max_connections=N`` in the URL changes the size.
+        pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
+            max_connections=POOL_SIZE,
+            timeout=self._timeout,
             protocol=2,
             socket_timeout=self._timeout,
             socket_connect_timeout=self._timeout,
             retry=Retry(NoBackoff(), 0),  # a publish is never sent twice
             client_name=f"wirehub-{self.node_id}",
         )
+        client = aioredis.Redis(connection_pool=pool)
         kwargs = client.connection_pool.connection_kwargs
         self._where = f"redis at {kwargs.get('path') or '%s:%s' % (kwargs.get('host'), kwargs.get('port'))}/{kwargs.get('db', 0)}"
         self._client = client
