@@ -197,3 +197,31 @@ async def test_drop_oldest_policy_keeps_the_connection_and_the_newest_frames():
         lines = await read_lines(reader, kept)
         assert [int(x[:4]) for x in lines] == list(range(conn.frames_dropped, 1000))
         writer.close()
+
+
+async def test_timeouts_keep_working_while_a_handler_is_slow():
+    """SPEC: heartbeats and timeouts keep working while a user handler is slow."""
+    app = Recorder()
+    busy = asyncio.Event()
+    release = asyncio.Event()
+
+    @app.on_frame
+    async def frame(conn, data):
+        if data == b"slow":
+            busy.set()
+            await release.wait()  # a handler stuck on some slow call
+        conn.send(data)
+
+    async with serving(app, tcp="127.0.0.1:0", idle_timeout=0.3, handshake_timeout=0.3) as server:
+        slow = await asyncio.open_connection(*addr(server))
+        slow[1].write(b"slow\n")
+        await asyncio.wait_for(busy.wait(), WAIT)
+        silent = await asyncio.open_connection(*addr(server))  # never sends: handshake deadline
+        idle = await asyncio.open_connection(*addr(server))
+        await _round_trip(*idle)  # then goes quiet: idle timeout
+        assert await asyncio.wait_for(silent[0].read(), WAIT) == b"bye handshake_timeout\n"
+        assert await asyncio.wait_for(idle[0].read(), WAIT) == b"bye idle\n"
+        assert not release.is_set() and busy.is_set()  # all while the slow handler was still waiting
+        release.set()
+        for _, w in (slow, silent, idle):
+            w.close()
