@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from typing import Any, AsyncIterator
 
 from wirehub import App, Config, Server
@@ -126,3 +128,54 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
             self._log.close()
+
+
+def reachable(port: int, host: str = "127.0.0.1") -> bool:
+    """Something accepts TCP connections there (Redis, NATS...)."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+class LineClient:
+    """A raw hub-protocol client over TCP (one JSON object per line), for tests that run the
+    hub in subprocesses: no wirehub client code involved."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.local = writer.get_extra_info("sockname")
+
+    @classmethod
+    async def open(cls, port: int, source: str | None = None, host: str = "127.0.0.1") -> "LineClient":
+        local = (source, 0) if source else None
+        return cls(*await asyncio.wait_for(asyncio.open_connection(host, port, local_addr=local), WAIT))
+
+    def send(self, frame: dict) -> None:
+        self.writer.write(json.dumps(frame).encode() + b"\n")
+
+    async def recv(self) -> dict:
+        line = await asyncio.wait_for(self.reader.readline(), WAIT)
+        assert line, "the server closed the connection"
+        return json.loads(line)
+
+    async def until(self, op: str, **fields: Any) -> dict:
+        """The next frame with this op and fields (others, like presence events, are skipped)."""
+        while True:
+            frame = await self.recv()
+            if frame.get("op") == op and all(frame.get(k) == v for k, v in fields.items()):
+                return frame
+
+    async def request(self, frame: dict, op: str) -> dict:
+        """Send ``frame`` with a fresh ref; the reply carrying that ref must be ``op``."""
+        ref = uuid.uuid4().hex[:8]
+        self.send(frame | {"ref": ref})
+        while True:
+            reply = await self.recv()
+            if reply.get("ref") == ref:
+                assert reply["op"] == op, reply
+                return reply
+
+    def close(self) -> None:
+        self.writer.close()

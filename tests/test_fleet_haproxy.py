@@ -9,10 +9,8 @@ message published meanwhile, once each and in order, with no `recovery_failed`."
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -22,18 +20,10 @@ import pytest
 
 import wirehub.client
 
-from .helpers import WAIT, ServerProcess, free_port
+from .helpers import WAIT, LineClient, ServerProcess, free_port, reachable
 
 BROKER = "redis://127.0.0.1:6379/13"
 HAPROXY = shutil.which("haproxy")
-
-
-def reachable(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 pytestmark = [
@@ -168,50 +158,15 @@ async def publish(http: aiohttp.ClientSession, node: Node, room: str, data) -> i
         return (await r.json())["seq"]
 
 
-class Raw:
-    """A raw hub-protocol client over TCP from a chosen source address."""
-
-    def __init__(self, reader, writer) -> None:
-        self.reader, self.writer = reader, writer
-        self.local = writer.get_extra_info("sockname")
-
-    @classmethod
-    async def open(cls, port: int, source: str) -> "Raw":
-        return cls(*await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)), WAIT))
-
-    async def request(self, frame: dict, op: str) -> dict:
-        ref = uuid.uuid4().hex[:8]
-        self.writer.write(json.dumps(frame | {"ref": ref}).encode() + b"\n")
-        while True:
-            reply = await self.recv()
-            if reply.get("ref") == ref:
-                assert reply["op"] == op, reply
-                return reply
-
-    async def recv(self) -> dict:
-        line = await asyncio.wait_for(self.reader.readline(), WAIT)
-        assert line, "the server closed the connection"
-        return json.loads(line)
-
-    async def until(self, op: str, **fields) -> dict:
-        while True:
-            frame = await self.recv()
-            if frame.get("op") == op and all(frame.get(k) == v for k, v in fields.items()):
-                return frame
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 async def test_real_client_addresses_and_rooms_shared_across_nodes(fleet):
     room = "room-" + uuid.uuid4().hex[:8]
     tag = uuid.uuid4().hex[:6]
     async with aiohttp.ClientSession() as http:
         # connect from distinct loopback source addresses until both nodes hold a client
-        clients: dict[str, tuple[Raw, Node]] = {}
+        clients: dict[str, tuple[LineClient, Node]] = {}
         for i in range(8):
             source = f"127.0.0.{5 + i}"
-            c = await Raw.open(fleet.port, source)
+            c = await LineClient.open(fleet.port, source)
             name = f"{tag}-{i}"
             await c.request({"op": "hello", "name": name}, "welcome")
             node, entry = await where(http, fleet, name)

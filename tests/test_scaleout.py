@@ -3,22 +3,11 @@ messages and recovery work across nodes, and `--workers N` shares state the same
 
 from __future__ import annotations
 
-import asyncio
-import json
-import socket
 import uuid
 
 import pytest
 
-from .helpers import WAIT, ServerProcess, free_port
-
-
-def reachable(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+from .helpers import LineClient, ServerProcess, free_port, reachable
 
 
 BROKERS = [
@@ -42,52 +31,12 @@ def start_nodes(tmp_path, broker: str, *extra: str, count: int = 1) -> list[tupl
     return nodes
 
 
-class Client:
-    def __init__(self, reader, writer):
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> "Client":
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
-
-    def send(self, frame: dict) -> None:
-        self.writer.write(json.dumps(frame).encode() + b"\n")
-
-    async def recv(self) -> dict:
-        line = await asyncio.wait_for(self.reader.readline(), WAIT)
-        assert line, "the server closed the connection"
-        return json.loads(line)
-
-    async def until(self, op: str, **fields) -> dict:
-        """The next frame with this op and fields (others, like presence events, are skipped)."""
-        while True:
-            frame = await self.recv()
-            if frame.get("op") == op and all(frame.get(k) == v for k, v in fields.items()):
-                return frame
-
-    async def request(self, frame: dict, op: str) -> dict:
-        ref = uuid.uuid4().hex[:8]
-        self.send(frame | {"ref": ref})
-        reply = await self.until_ref(ref)
-        assert reply["op"] == op, reply
-        return reply
-
-    async def until_ref(self, ref: str) -> dict:
-        while True:
-            frame = await self.recv()
-            if frame.get("ref") == ref:
-                return frame
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 @pytest.mark.parametrize("broker", BROKERS)
 async def test_two_nodes_share_rooms_presence_direct_and_recovery(tmp_path, broker):
     room = "room-" + uuid.uuid4().hex[:8]
     (node1, port1), (node2, port2) = start_nodes(tmp_path, broker, count=2)
     try:
-        alice, bob = await Client.open(port1), await Client.open(port2)
+        alice, bob = await LineClient.open(port1), await LineClient.open(port2)
         a = await alice.request({"op": "hello", "name": "alice"}, "welcome")
         b = await bob.request({"op": "hello", "name": "bob"}, "welcome")
         joined = await alice.request({"op": "join", "room": room}, "joined")
@@ -107,7 +56,7 @@ async def test_two_nodes_share_rooms_presence_direct_and_recovery(tmp_path, brok
         bob.close()
         for n in (2, 3, 4):
             await alice.request({"op": "pub", "room": room, "data": {"n": n}}, "ok")
-        back = await Client.open(port1)
+        back = await LineClient.open(port1)
         rejoined = await back.request({"op": "join", "room": room, "since": last, "epoch": joined["epoch"]}, "joined")
         assert rejoined["recovered"] is True and rejoined["epoch"] == joined["epoch"]
         replay = [await back.until("msg", room=room) for _ in range(3)]
@@ -125,7 +74,7 @@ async def test_workers_share_state_through_the_broker(tmp_path, broker):
     ((node, port),) = start_nodes(tmp_path, broker, "--workers", "2")
     try:
         node.wait_log("worker_started", count=2)
-        clients = [await Client.open(port) for _ in range(12)]  # SO_REUSEPORT spreads them over both workers
+        clients = [await LineClient.open(port) for _ in range(12)]  # SO_REUSEPORT spreads them over both workers
         ids = []
         for c in clients:
             ids.append((await c.request({"op": "hello"}, "welcome"))["client"])

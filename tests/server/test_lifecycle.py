@@ -8,7 +8,6 @@ import signal
 import socket
 import time
 
-from wirehub import App
 
 from ..helpers import WAIT, ServerProcess, addr, free_port, serving
 from ..transport.test_stream import Recorder

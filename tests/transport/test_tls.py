@@ -7,7 +7,6 @@ import asyncio
 import ssl
 import warnings
 
-import pytest
 import trustme
 from cryptography import x509
 
