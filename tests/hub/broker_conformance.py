@@ -57,6 +57,23 @@ async def eventually(check, what: str, timeout: float = 5.0, interval: float = 0
         await asyncio.sleep(interval)
 
 
+
+class FakeClock:
+    """An injectable ``time.time``: seconds, moved only by the test."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def ms(self) -> int:
+        return int(self.now * 1000)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class RecordingHandler:
     """A :class:`~wirehub.hub.broker.base.BrokerHandler` that records every call, in order.
 

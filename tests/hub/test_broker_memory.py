@@ -8,23 +8,7 @@ import pytest
 from wirehub.hub.broker.base import HistoryPolicy, Member
 from wirehub.hub.broker.memory import MemoryBroker
 
-from .broker_conformance import BrokerConformance, RecordingHandler
-
-
-class FakeClock:
-    """An injectable ``time.time``: seconds, moved only by the test."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def ms(self) -> int:
-        return int(self.now * 1000)
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from .broker_conformance import BrokerConformance, FakeClock, RecordingHandler
 
 
 class TestMemoryBroker(BrokerConformance):

@@ -30,7 +30,7 @@ import pytest
 from wirehub.hub.broker.base import BrokerError, HistoryPolicy, Member, Position
 from wirehub.hub.broker.nats import NatsBroker
 
-from .broker_conformance import POLICY, BrokerConformance, Node, RecordingHandler, eventually, now_ms, raw
+from .broker_conformance import POLICY, BrokerConformance, FakeClock, Node, RecordingHandler, eventually, now_ms, raw
 
 HOST, PORT = "127.0.0.1", 4222
 URL = f"nats://{HOST}:{PORT}"
@@ -48,22 +48,6 @@ def _nats_answers(host: str, port: int, timeout: float = 1.0) -> bool:
 
 if not _nats_answers(HOST, PORT):
     pytest.skip(f"NATS is not reachable at {HOST}:{PORT} (start nats-server -js to run these tests)", allow_module_level=True)
-
-
-class FakeClock:
-    """An injectable ``time.time``: seconds, moved only by the test."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def ms(self) -> int:
-        return int(self.now * 1000)
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 async def drop_prefix(prefix: str, url: str = URL) -> None:

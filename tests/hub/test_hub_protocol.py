@@ -22,25 +22,9 @@ import pytest
 from wirehub import __version__
 
 from ..helpers import WAIT, addr, wait_for
-from .hubclient import STREAMS, TRANSPORTS, HubClient, StreamClient, WsClient, dumps, hub_server
+from .hubclient import STREAMS, HubClient, StreamClient, WsClient, dumps, hub_server
 
 SECRET = "hub-protocol-test-secret-0123456789abcdef"
-
-
-@pytest.fixture(params=TRANSPORTS)
-def transport(request):
-    return request.param
-
-
-@pytest.fixture
-def hub(transport, request):
-    """``async with hub(**options) as h``: a HubApp with one listener of the transport."""
-    certs = request.getfixturevalue("tls_certs") if transport == "tls" else None
-
-    def start(**options):
-        return hub_server(transport, certs=certs, **options)
-
-    return start
 
 
 def now_ms() -> int:

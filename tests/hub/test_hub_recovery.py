@@ -16,22 +16,7 @@ import pytest
 from wirehub.hub.broker.memory import MemoryBroker
 
 from ..helpers import WAIT
-from .hubclient import TRANSPORTS, HubClient, hub_server
-
-
-@pytest.fixture(params=TRANSPORTS)
-def transport(request):
-    return request.param
-
-
-@pytest.fixture
-def hub(transport, request):
-    certs = request.getfixturevalue("tls_certs") if transport == "tls" else None
-
-    def start(**options):
-        return hub_server(transport, certs=certs, **options)
-
-    return start
+from .hubclient import HubClient, hub_server
 
 
 async def publish(p: HubClient, room: str, values) -> list[int]:
