@@ -172,6 +172,57 @@ def connect(url: str, token: str | None, name: str | None, cafile: str | None, n
     sys.exit(interactive(url, token=token, name=name, cafile=cafile, reconnect=not no_reconnect))
 
 
+def _admin_base(admin: str) -> str:
+    return admin if admin.startswith(("http://", "https://")) else f"http://{admin}"
+
+
+_admin_option = click.option("--admin", default="127.0.0.1:7480", show_default=True, metavar="HOST:PORT|URL", help="The server's admin API.")
+_token_option = click.option("--admin-token", envvar="WIREHUB_ADMIN_TOKEN", default=None, help="Bearer token (also $WIREHUB_ADMIN_TOKEN).")
+
+
+@main.command()
+@_admin_option
+@_token_option
+@click.option("--limit", default=50, show_default=True, help="Rows per table.")
+def status(admin: str, admin_token: str | None, limit: int) -> None:
+    """Print a running server's connections and rooms (from its admin API)."""
+    from .status import StatusError, render
+
+    try:
+        click.echo(render(_admin_base(admin), admin_token, limit=limit))
+    except StatusError as exc:
+        click.echo(f"wirehub: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@_admin_option
+@_token_option
+@click.option("--limit", default=30, show_default=True, help="Rows per table.")
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--iterations", default=0, help="Stop after N refreshes (0: until Ctrl-C).")
+def top(admin: str, admin_token: str | None, limit: int, interval: float, iterations: int) -> None:
+    """Like status, refreshed every --interval seconds until Ctrl-C."""
+    import time
+
+    from .status import StatusError, render
+
+    n = 0
+    try:
+        while True:
+            try:
+                screen = render(_admin_base(admin), admin_token, limit=limit)
+            except StatusError as exc:
+                screen = f"wirehub: {exc}"
+            click.echo("\x1b[H\x1b[2J" + screen if sys.stdout.isatty() else screen)
+            n += 1
+            if iterations and n >= iterations:
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+
+
 @main.command("run")
 @click.argument("app_spec", metavar="MODULE:APP")
 @cfg.click_options

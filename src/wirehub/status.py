@@ -1,0 +1,75 @@
+"""``wirehub status`` and ``wirehub top``: a running server's sockets and rooms, read from
+its admin API and printed as tables."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+class StatusError(Exception):
+    """The admin API could not be read; the message says what to check."""
+
+
+def fetch(base: str, path: str, token: str | None, timeout: float = 5.0) -> Any:
+    request = urllib.request.Request(base.rstrip("/") + path)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise StatusError(f"{base} wants a token: pass --admin-token (or set WIREHUB_ADMIN_TOKEN)") from None
+        if exc.code == 404:
+            return None
+        raise StatusError(f"{base}{path} answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StatusError(f"cannot reach the admin API at {base} ({reason}); is the server running, and is --admin set to it?") from None
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def render(base: str, token: str | None, *, limit: int = 50) -> str:
+    """One snapshot: readiness, connections (busiest first) and rooms."""
+    try:
+        ready = fetch(base, "/readyz", token)
+    except StatusError:
+        ready = None  # 503 while draining: still show the rest
+    conns = fetch(base, "/api/connections", token) or []
+    rooms = fetch(base, "/api/rooms", token)
+    now = time.time()
+    conns.sort(key=lambda c: (-(c.get("msgs_in", 0) + c.get("msgs_out", 0)), c["id"]))
+    out = [f"{base}  ready={ready.get('ready') if isinstance(ready, dict) else '?'}  connections={len(conns)}" + (f"  rooms={len(rooms)}" if rooms is not None else "")]
+    rows = [
+        [
+            c["id"], c["transport"], c["peer"], str(c.get("user") or "-"), ",".join(c.get("rooms") or []) or "-",
+            f"{now - c['connected_at']:.0f}s", f"{c['idle_s']:.1f}s", str(c["msgs_in"]), str(c["msgs_out"]),
+            _size(c["bytes_in"]), _size(c["bytes_out"]), _size(c["send_buffer"]),
+        ]
+        for c in conns[:limit]
+    ]
+    out.append("")
+    out.append(_table(["ID", "TRANSPORT", "PEER", "USER", "ROOMS", "AGE", "IDLE", "IN", "OUT", "BYTES IN", "BYTES OUT", "BUFFER"], rows))
+    if len(conns) > limit:
+        out.append(f"... and {len(conns) - limit} more")
+    if rooms is not None:
+        out.append("")
+        out.append(_table(["ROOM", "MEMBERS", "SEQ", "HISTORY", "EPOCH"], [[r["room"], str(r["members"]), str(r["seq"]), str(r["history_size"]), r["epoch"]] for r in rooms[:limit]]))
+    return "\n".join(out)
