@@ -149,3 +149,36 @@ def test_sigint_drains_like_sigterm(tmp_path):
         s.close()
     assert server.proc.wait(WAIT) == 0
     server.stop()
+
+
+async def test_drain_tells_connections_to_go_in_spread_out_batches(monkeypatch):
+    """SPEC: on SIGTERM, bye goes out in batches with jitter so that clients do not all come
+    back at once."""
+    from wirehub.server import server as server_module
+
+    monkeypatch.setattr(server_module, "DRAIN_BATCH", 2)
+    app = Recorder()
+    when: list[float] = []
+
+    @app.on_closing
+    def closing(conn, reason):
+        when.append(asyncio.get_running_loop().time())
+        conn.send(b"bye " + reason.encode())
+
+    # drain_timeout 0.8: the batches are spread over half of it, 0.4 s, so 3 batches are
+    # 0.13 s apart with jitter between 0.5x and 1.5x: at least 0.066 s between batches
+    async with serving(app, tcp="127.0.0.1:0", drain_timeout=0.8) as server:
+        clients = [await asyncio.open_connection(*addr(server)) for _ in range(6)]
+        for r, w in clients:
+            w.write(b"hi\n")
+            await r.readline()
+        server.request_stop()
+        await asyncio.wait_for(server.shutdown(), WAIT)
+        for r, w in clients:
+            assert await asyncio.wait_for(r.read(), WAIT) == b"bye shutdown\n"
+            w.close()
+    assert len(when) == 6
+    batches = [when[i : i + 2] for i in range(0, 6, 2)]
+    assert all(b[1] - b[0] < 0.03 for b in batches)  # one batch is told at once
+    gaps = [batches[i + 1][0] - batches[i][1] for i in range(2)]
+    assert all(gap >= 0.06 for gap in gaps), gaps  # and the batches are spaced out

@@ -69,7 +69,7 @@ def binary_frame(payload: bytes) -> bytes:
 class WebSocketConnection(Connection):
     """One WebSocket client. ``binary = True`` sends the app's frames as binary messages."""
 
-    __slots__ = ("_ws", "_raw", "_fragments", "_text", "_max_frame", "_protocol", "proxied_by")
+    __slots__ = ("_ws", "_raw", "_fragments", "_fragment_size", "_text", "_max_frame", "_protocol", "_close_code", "proxied_by")
 
     def __init__(self, ctx: Context, transport_name: str, protocol: _Protocol) -> None:
         super().__init__(ctx, transport_name, text_frame)
@@ -77,7 +77,9 @@ class WebSocketConnection(Connection):
         self._ws: Any = None  # picows WSTransport
         self._raw: asyncio.Transport | None = None
         self._fragments: list[bytes] | None = None
+        self._fragment_size = 0
         self._text = True
+        self._close_code: tuple[Any, str] | None = None  # set by _fail: the close frame to send
         self._max_frame = ctx.settings.max_frame
         self.peer, self.peer_ip, self.proxied_by = protocol.peer, protocol.peer_ip, protocol.proxied_by
 
@@ -106,15 +108,19 @@ class WebSocketConnection(Connection):
         kind = frame.msg_type
         if kind is _TEXT or kind is _BINARY:
             if not frame.fin:
-                self._fragments = [frame.get_payload_as_bytes()]
+                first = frame.get_payload_as_bytes()
+                self._fragments = [first]
+                self._fragment_size = len(first)
                 self._text = kind is _TEXT
                 return
             message = frame.get_payload_as_bytes()
         elif kind is _CONT:
             if self._fragments is None:
                 return self._fail(WSCloseCode.PROTOCOL_ERROR, "continuation frame without a message")
-            self._fragments.append(frame.get_payload_as_bytes())
-            if sum(map(len, self._fragments)) > self._max_frame * WS_HARD_LIMIT:
+            part = frame.get_payload_as_bytes()
+            self._fragments.append(part)
+            self._fragment_size += len(part)
+            if self._fragment_size > self._max_frame * WS_HARD_LIMIT:
                 return self._fail(WSCloseCode.MESSAGE_TOO_BIG, "message too big")
             if not frame.fin:
                 return
@@ -146,20 +152,11 @@ class WebSocketConnection(Connection):
         self._dispatch([message])
 
     def _fail(self, code: Any, why: str) -> None:
-        """A fatal protocol error: the app's last frame (the hub's bye), then the close."""
+        """A fatal protocol error: an ordinary close (the app's last frame — the hub's bye —
+        then the close frame), with the close code that names the error."""
         log.info("websocket_protocol_error", conn=self.id, error=why)
-        self._close_reason = PROTOCOL
-        self._cancel_timer()
-        self._last_word = True
-        try:
-            self._ctx.handlers.closing(self, PROTOCOL)
-        except Exception:
-            log.exception("handler_failed", handler="closing", conn=self.id)
-        finally:
-            self._last_word = False
-        self._flush(force=True)
-        self._ws.send_close(code, why.encode())
-        self._ws.disconnect()
+        self._close_code = (code, why)
+        self.close(PROTOCOL)
 
     def _disconnected(self) -> None:
         if self._close_reason is None and self._ws is not None and self._ws.is_close_frame_sent:
@@ -183,7 +180,11 @@ class WebSocketConnection(Connection):
         ws = self._ws
         if ws is None or ws.is_disconnected:
             return
-        ws.send_close(WSCloseCode.GOING_AWAY if self._close_reason == SHUTDOWN else WSCloseCode.OK, (self._close_reason or "").encode())
+        if self._close_code is not None:
+            code, why = self._close_code
+        else:
+            code, why = (WSCloseCode.GOING_AWAY if self._close_reason == SHUTDOWN else WSCloseCode.OK), self._close_reason or ""
+        ws.send_close(code, why.encode())
         ws.disconnect()  # graceful: after the buffer is written
 
     def _abort_transport(self) -> None:
