@@ -14,7 +14,7 @@ from .config import Config, ConfigError, load as load_config
 from .protocol.framing import FrameError
 from .server.listeners import BindError
 from .server.server import Server
-from .transport.connection import Connection
+from .transport.connection import Connection, broadcast
 
 __all__ = [
     "App",
@@ -25,6 +25,7 @@ __all__ = [
     "FrameError",
     "Server",
     "__version__",
+    "broadcast",
     "load_config",
     "run",
 ]

@@ -18,10 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from .. import App
+from .. import App, Connection, broadcast
 from .._log import get_logger
 from .._version import __version__
-from ..transport.connection import Connection
 from . import protocol as wire
 from .auth import AuthError, Claims, TokenVerifier, glob_match
 from .broker import Broker, BrokerError, HistoryPolicy, Member, Publication, create_broker
@@ -77,10 +76,13 @@ class Session:
         "tokens",
         "tokens_at",
         "expiry",
+        "pong",
     )
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, pong: bytes) -> None:
         self.conn = conn
+        #: ``{"op":"pong"}`` already encoded for this connection's framing (shared bytes)
+        self.pong = pong
         self.client = conn.id
         self.client_json = wire.json_str(conn.id)
         self.user = "anon-" + conn.id
@@ -104,12 +106,30 @@ class Session:
 class Room:
     """This node's members of one room."""
 
-    __slots__ = ("name", "name_json", "members")
+    __slots__ = ("name", "name_json", "members", "_targets")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.name_json = wire.json_str(name)
         self.members: dict[str, Session] = {}
+        self._targets: tuple[list[Connection], list[Session]] | None = None
+
+    def changed(self) -> None:
+        """A member came, went, or finished joining: rebuild the targets on the next send."""
+        self._targets = None
+
+    def targets(self) -> tuple[list[Connection], list[Session]]:
+        """The connections of the members a frame goes to now, grouped by framing (for
+        :func:`broadcast`), and the members still joining (their frames wait)."""
+        targets = self._targets
+        if targets is None:
+            ready: list[Session] = []
+            waiting: list[Session] = []
+            for s in self.members.values():
+                (waiting if self.name in s.joining else ready).append(s)
+            ready.sort(key=lambda s: id(s.conn.encode))
+            targets = self._targets = ([s.conn for s in ready], waiting)
+        return targets
 
 
 def _drive(coro: Awaitable[Any]) -> Any:
@@ -141,6 +161,9 @@ class HubApp(App):
         self.rooms: dict[str, Room] = {}
         self.sessions: dict[str, Session] = {}
         self.server: Server | None = None
+        #: no auth and no rate limit: a bare ping is answered without looking at the session
+        self._ungated = self.verifier is None and not config.rate_limit
+        self._pongs: dict[Any, bytes] = {}  # encoder -> its pong, built once
         self._heartbeat = int(config.heartbeat) if config.heartbeat == int(config.heartbeat) else config.heartbeat
         self._ops: dict[type, Callable[[Session, Any], Awaitable[None]]] = {
             Hello: self._hello,
@@ -199,7 +222,10 @@ class HubApp(App):
     _all_gone: asyncio.Event | None = None
 
     def _new_session(self, conn: Connection) -> Session:
-        session = Session(conn)
+        pong = self._pongs.get(conn.encode)
+        if pong is None:
+            pong = self._pongs[conn.encode] = conn.encode(wire.PONG)
+        session = Session(conn, pong)
         conn.state["hub"] = session
         conn.idle_timeout = self.config.hello_timeout
         self.sessions[session.client] = session
@@ -247,6 +273,9 @@ class HubApp(App):
 
     def _frame_inline(self, conn: Connection, data: bytes) -> None:
         session: Session = conn.state["hub"]
+        if data == wire.PING and self._ungated:  # the heartbeat as clients send it: no decode
+            conn.send_wire(session.pong)
+            return
         cmd = wire.decode(data)
         if type(cmd) is Ping:  # the hot path: no coroutine
             if self._admit(session, cmd.ref) and not self._needs_hello(session, cmd.ref):
@@ -263,6 +292,9 @@ class HubApp(App):
 
     async def _frame_async(self, conn: Connection, data: bytes) -> None:
         session: Session = conn.state["hub"]
+        if data == wire.PING and self._ungated:
+            conn.send_wire(session.pong)
+            return
         cmd = wire.decode(data)
         if type(cmd) is ProtocolError:
             self._error(session, cmd.code, cmd.message, cmd.ref)
@@ -413,6 +445,7 @@ class HubApp(App):
         room.members[s.client] = s
         s.rooms.add(name)
         s.joining[name] = []  # live publications wait until the join reply and history are out
+        room.changed()
         try:
             if first_here:
                 await self.broker.subscribe(name)
@@ -428,6 +461,7 @@ class HubApp(App):
                 position = await self.broker.position(name)
         except BaseException:
             s.joining.pop(name, None)
+            room.changed()
             if not rejoin:
                 room.members.pop(s.client, None)
                 s.rooms.discard(name)
@@ -442,7 +476,9 @@ class HubApp(App):
             conn.send(self._msg(room, pub))
         if backlog:
             last = backlog[-1].seq
-        for item in s.joining.pop(name, ()):
+        waited = s.joining.pop(name, ())
+        room.changed()
+        for item in waited:
             if type(item) is bytes:
                 conn.send(item)  # a presence event that came during the join
             elif item.seq > last:  # no duplicate of what history already gave
@@ -468,6 +504,7 @@ class HubApp(App):
         room = self.rooms.get(name)
         if room is None or room.members.pop(s.client, None) is None:
             return
+        room.changed()
         if self.policy(name).presence:
             member = s.member()
             await self.broker.presence_remove(name, s.client)
@@ -555,18 +592,15 @@ class HubApp(App):
     def _broadcast(self, room: Room, frame: bytes, *, exclude: str = "", pub: Publication | None = None) -> None:
         """Write ``frame`` to every local member of ``room``, encoded once per framing.
         A member whose join is still in progress gets publications after its replay."""
-        wires: dict[Any, bytes] = {}
-        for s in room.members.values():
-            if s.client == exclude:
-                continue
-            if s.joining and room.name in s.joining:
-                s.joining[room.name].append(pub if pub is not None else frame)
-                continue
-            conn = s.conn
-            data = wires.get(conn.encode)
-            if data is None:
-                data = wires[conn.encode] = conn.encode(frame)
-            conn.send_wire(data)
+        conns, waiting = room.targets()
+        for s in waiting:
+            if s.client != exclude:
+                held = s.joining.get(room.name)
+                if held is not None:
+                    held.append(pub if pub is not None else frame)
+        if exclude:
+            conns = [c for c in conns if c.id != exclude]
+        broadcast(conns, frame)
 
     def on_direct(self, client: str, frame: bytes) -> None:
         s = self.sessions.get(client)

@@ -105,7 +105,7 @@ def data_bytes(raw: msgspec.Raw | bytes) -> bytes | str:
             data.decode()
         except UnicodeDecodeError:
             return "'data' is not valid UTF-8"
-    if b"\n" in data:
+    if 10 in data:  # b"\n"
         data = _encoder.encode(_generic.decode(data))
     return data
 
@@ -145,6 +145,7 @@ def with_ref(frame: dict, ref: Ref) -> bytes:
     return _encoder.encode(frame)
 
 
+PING = b'{"op":"ping"}'  # a ping as clients send it, byte for byte
 PONG = b'{"op":"pong"}'
 
 

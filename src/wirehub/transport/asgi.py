@@ -170,7 +170,7 @@ class AsgiEndpoint:
                     conn._close_code = CLOSE_TOO_BIG
                     conn.close("protocol")
                     continue
-                conn._dispatch([payload])
+                conn._dispatch_one(payload)
         finally:
             if conn._writer is not None and conn.close_reason is not None:
                 try:

@@ -21,7 +21,7 @@ import itertools
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 from .._log import get_logger
 
@@ -70,19 +70,17 @@ class Handlers:
     frame_async: bool = False
     frame_error_async: bool = False
     disconnect_async: bool = False
+    #: True when frames must go through a per-connection task (some handler awaits)
+    pumped: bool = False
 
     def __post_init__(self) -> None:
         self.connect_async = inspect.iscoroutinefunction(self.connect)
         self.frame_async = inspect.iscoroutinefunction(self.frame)
         self.frame_error_async = inspect.iscoroutinefunction(self.frame_error)
         self.disconnect_async = inspect.iscoroutinefunction(self.disconnect)
+        self.pumped = self.connect_async or self.frame_async or self.frame_error_async
         if inspect.iscoroutinefunction(self.closing):
             raise TypeError("the closing handler must be a plain function: it runs just before the close")
-
-    @property
-    def pumped(self) -> bool:
-        """True when frames must go through a per-connection task (some handler awaits)."""
-        return self.connect_async or self.frame_async or self.frame_error_async
 
 
 @dataclass(slots=True)
@@ -118,14 +116,64 @@ class Flusher:
     def run(self) -> None:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            conn._flush()
+        write_out(dirty, False)
+
+
+def write_out(conns: Iterable[Connection], force: bool) -> None:
+    """Write each connection's pending frames (one joined write per connection), unless it
+    is closed or, without ``force``, the peer is behind. The body of ``Connection._flush``,
+    looped here so that the per-turn flush of many connections costs no call per connection."""
+    for conn in conns:
+        pending = conn._pending
+        if not pending or conn._closed or (conn._write_paused and not force):
+            continue
+        sink = conn._sink
+        if sink is None:
+            conn._write(pending)
+        else:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            conn.bytes_out += len(data)
+            sink(data)
+        pending.clear()
+        conn._pending_size = 0
+
+
+def broadcast(conns: Iterable[Connection], payload: bytes) -> int:
+    """Send ``payload`` as one frame to every connection in ``conns``: encoded once per
+    framing (connections of one framing get the same bytes object), queued like ``send``
+    (closing connections skipped, the send-buffer limit applied to each). Returns how many
+    connections it was queued for. Order ``conns`` by framing for the fewest encodings."""
+    wires: dict[Any, bytes] = {}
+    encode: Any = None
+    data = b""
+    size = 0
+    queued = 0
+    for conn in conns:
+        if (conn._close_reason is not None and not conn._last_word) or conn._closed:
+            continue
+        if conn.encode is not encode:
+            encode = conn.encode
+            data = wires.get(encode)  # type: ignore[assignment]
+            if data is None:
+                data = wires[encode] = encode(payload)
+            size = len(data)
+        # send_wire's body, inlined: this runs once per member of a fan-out
+        pending = conn._pending
+        if not pending and not conn._write_paused:
+            conn._ctx.flusher.add(conn)
+        pending.append(data)
+        conn._pending_size += size
+        conn.frames_out += 1
+        if conn._pending_size > conn._ctx.max_send_buffer and not conn._over_limit():
+            continue
+        queued += 1
+    return queued
 
 
 class Context:
     """What every connection of one server shares: loop, handlers, settings, registry."""
 
-    __slots__ = ("loop", "handlers", "settings", "flusher", "registry", "now")
+    __slots__ = ("loop", "handlers", "settings", "flusher", "registry", "now", "max_send_buffer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, handlers: Handlers, settings: Settings, registry: Any) -> None:
         self.loop = loop
@@ -134,6 +182,7 @@ class Context:
         self.flusher = Flusher(loop)
         self.registry = registry
         self.now = loop.time
+        self.max_send_buffer = settings.max_send_buffer  # read on every send: one lookup, not two
 
 
 class Connection:
@@ -160,6 +209,7 @@ class Connection:
         "last_activity",
         "_ctx",
         "encode",
+        "_sink",
         "_pending",
         "_pending_size",
         "_write_paused",
@@ -195,6 +245,9 @@ class Connection:
         #: this connection's framing encoder: payload -> bytes on the wire. Connections with
         #: the same encoder take the same bytes, so a broadcast encodes once per encoder.
         self.encode = encode
+        #: the raw transport's ``write`` once bound (stream and WebSocket connections): the
+        #: flush hands it the joined frames directly; None means ``_write`` does the writing
+        self._sink: Callable[[bytes], Any] | None = None
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._write_paused = False
@@ -250,17 +303,37 @@ class Connection:
         elif self._timer is not None:  # before the first frame, the nearer deadline wins
             self._arm_first_frame()
 
+    # send and send_wire share their body rather than call a helper: they run once per frame
+    # sent (once per member for a broadcast), and the call would cost more than the body.
+
     def send(self, payload: bytes) -> bool:
         """Queue one frame. Returns False when it was not queued (closing, or dropped)."""
         if (self._close_reason is not None and not self._last_word) or self._closed:
             return False
-        return self._queue_wire(self.encode(payload))
+        data = self.encode(payload)
+        pending = self._pending
+        if not pending and not self._write_paused:
+            self._ctx.flusher.add(self)
+        pending.append(data)
+        self._pending_size += len(data)
+        self.frames_out += 1
+        if self._pending_size > self._ctx.max_send_buffer:
+            return self._over_limit()
+        return True
 
     def send_wire(self, data: bytes) -> bool:
-        """Queue bytes already encoded for this connection's framing (see ``framing``)."""
+        """Queue bytes already encoded for this connection's framing (see ``encode``)."""
         if (self._close_reason is not None and not self._last_word) or self._closed:
             return False
-        return self._queue_wire(data)
+        pending = self._pending
+        if not pending and not self._write_paused:
+            self._ctx.flusher.add(self)
+        pending.append(data)
+        self._pending_size += len(data)
+        self.frames_out += 1
+        if self._pending_size > self._ctx.max_send_buffer:
+            return self._over_limit()
+        return True
 
     def close(self, reason: str = KICKED) -> None:
         """Close from the server side: the app's ``closing`` handler may send a last frame,
@@ -304,22 +377,15 @@ class Connection:
 
     # ------------------------------------------------------------------ outbound
 
-    def _queue_wire(self, data: bytes) -> bool:
-        pending = self._pending
-        if not pending and not self._write_paused:
-            self._ctx.flusher.add(self)
-        pending.append(data)
-        self._pending_size += len(data)
-        self.frames_out += 1
-        if self._pending_size > self._ctx.settings.max_send_buffer:
-            if not self._write_paused:
-                # A burst (a history replay, a fan-out), not a peer that is behind: hand it
-                # to the transport now. If the peer cannot take it, the transport pauses us
-                # and what follows waits here, under the same limit.
-                self._flush()
-                return True
-            return self._overflow()
-        return True
+    def _over_limit(self) -> bool:
+        """More than ``max_send_buffer`` is queued."""
+        if not self._write_paused:
+            # A burst (a history replay, a fan-out), not a peer that is behind: hand it to
+            # the transport now. If the peer cannot take it, the transport pauses us and
+            # what follows waits here, under the same limit.
+            self._flush()
+            return True
+        return self._overflow()
 
     def _overflow(self) -> bool:
         settings = self._ctx.settings
@@ -344,13 +410,9 @@ class Connection:
         self._pending_size = 0
 
     def _flush(self, force: bool = False) -> None:
-        """Write pending frames to the transport (subclasses implement ``_write``)."""
-        pending = self._pending
-        if not pending or self._closed or (self._write_paused and not force):
-            return
-        self._write(pending)
-        pending.clear()
-        self._pending_size = 0
+        """Write pending frames to the transport: joined, to ``_sink``, or through the
+        subclass's ``_write``."""
+        write_out((self,), force)
 
     # transport hooks, implemented by subclasses
     def _write(self, frames: list[bytes]) -> None:
@@ -475,6 +537,20 @@ class Connection:
                     frame(self, item)
                 else:
                     handlers.frame_error(self, item)
+        except Exception:
+            self._handler_failed("frame")
+
+    def _dispatch_one(self, frame: bytes) -> None:
+        """:meth:`_dispatch` for one frame (a WebSocket message, a datagram): no list."""
+        if not self._greeted:
+            self._greet()
+        handlers = self._ctx.handlers
+        if handlers.pumped:
+            self._enqueue(frame)
+            return
+        self.frames_in += 1
+        try:
+            handlers.frame(self, frame)
         except Exception:
             self._handler_failed("frame")
 

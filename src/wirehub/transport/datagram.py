@@ -21,7 +21,7 @@ class DatagramSession(Connection):
     __slots__ = ("_endpoint", "_addr")
 
     def __init__(self, ctx: Context, endpoint: DatagramEndpoint, addr: Any) -> None:
-        super().__init__(ctx, "udp", endpoint.framing.encode_datagram)
+        super().__init__(ctx, "udp", endpoint.framing.datagram_encoder)
         self._endpoint = endpoint
         self._addr = addr
         self.peer, self.peer_ip = format_peer(addr, endpoint.family)

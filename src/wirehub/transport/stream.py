@@ -38,6 +38,7 @@ class SocketConnection(Connection, asyncio.Protocol):
     def _bind(self, transport: asyncio.BaseTransport) -> None:
         """Take the transport: note the peer, set the water marks."""
         self._transport = transport  # type: ignore[assignment]
+        self._sink = transport.write  # type: ignore[attr-defined]
         if self.proxied_by is None:
             sock = transport.get_extra_info("socket")
             family = sock.family if sock is not None else socket.AF_INET
@@ -74,7 +75,7 @@ class StreamConnection(SocketConnection):
     __slots__ = ("_decoder",)
 
     def __init__(self, ctx: Context, transport_name: str, framing: Any) -> None:
-        super().__init__(ctx, transport_name, framing.encode)
+        super().__init__(ctx, transport_name, framing.encoder)
         self._decoder = framing.stream_decoder(ctx.settings.max_frame)
         self._transport: asyncio.Transport | None = None
 
@@ -102,11 +103,6 @@ class StreamConnection(SocketConnection):
         self._transport = None
 
     # Connection transport hooks ---------------------------------------------------
-
-    def _write(self, frames: list[bytes]) -> None:
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        self.bytes_out += len(data)
-        self._transport.write(data)  # type: ignore[union-attr]
 
     def _close_transport(self) -> None:
         # Lingering close: send FIN once the buffer is flushed, then keep reading (and

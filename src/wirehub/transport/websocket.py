@@ -96,6 +96,7 @@ class WebSocketConnection(Connection):
     def _connected(self, ws: Any) -> None:
         self._ws = ws
         raw = self._raw = ws.underlying_transport
+        self._sink = raw.write
         settings = self._ctx.settings
         raw.set_write_buffer_limits(high=settings.send_buffer_high, low=settings.send_buffer_low)
         self._start()
@@ -149,7 +150,7 @@ class WebSocketConnection(Connection):
                 message.decode()
             except UnicodeDecodeError:  # RFC 6455 8.1
                 return self._fail(WSCloseCode.INVALID_TEXT, "invalid UTF-8 in a text message")
-        self._dispatch([message])
+        self._dispatch_one(message)
 
     def _fail(self, code: Any, why: str) -> None:
         """A fatal protocol error: an ordinary close (the app's last frame — the hub's bye —
@@ -167,11 +168,6 @@ class WebSocketConnection(Connection):
         self._raw = None
 
     # Connection transport hooks ---------------------------------------------------------
-
-    def _write(self, frames: list[bytes]) -> None:
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        self.bytes_out += len(data)
-        self._raw.write(data)  # type: ignore[union-attr]
 
     def _transport_buffered(self) -> int:
         return self._raw.get_write_buffer_size() if self._raw is not None else 0
