@@ -133,7 +133,7 @@ def write_out(conns: Iterable[Connection], force: bool) -> None:
         else:
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             conn.bytes_out += len(data)
-            sink(data)
+            sink.write(data)
         pending.clear()
         conn._pending_size = 0
 
@@ -200,7 +200,7 @@ class Connection:
         "peer",
         "peer_ip",
         "connected_at",
-        "state",
+        "_state",
         "bytes_in",
         "bytes_out",
         "frames_in",
@@ -234,7 +234,7 @@ class Connection:
         self.peer = ""
         self.peer_ip = ""
         self.connected_at = time.time()
-        self.state: dict[str, Any] = {}
+        self._state: dict[str, Any] | None = None  # created on first use (memory per idle connection)
         self.bytes_in = 0
         self.bytes_out = 0
         self.frames_in = 0
@@ -245,9 +245,9 @@ class Connection:
         #: this connection's framing encoder: payload -> bytes on the wire. Connections with
         #: the same encoder take the same bytes, so a broadcast encodes once per encoder.
         self.encode = encode
-        #: the raw transport's ``write`` once bound (stream and WebSocket connections): the
-        #: flush hands it the joined frames directly; None means ``_write`` does the writing
-        self._sink: Callable[[bytes], Any] | None = None
+        #: the raw transport once bound (stream and WebSocket connections): the flush writes
+        #: the joined frames to it directly; None means ``_write`` does the writing
+        self._sink: Any = None
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._write_paused = False
@@ -268,6 +268,14 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.transport} {self.peer}>"
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """A dict that belongs to the application (created on first use)."""
+        state = self._state
+        if state is None:
+            state = self._state = {}
+        return state
 
     @property
     def open(self) -> bool:
@@ -298,10 +306,8 @@ class Connection:
         self._idle_timeout = seconds
         if self._closed or self._close_reason is not None:
             return
-        if self._greeted:
-            self._arm_idle()
-        elif self._timer is not None:  # before the first frame, the nearer deadline wins
-            self._arm_first_frame()
+        if self._greeted or self._timer is not None:  # before the first frame, the nearer deadline wins
+            self._arm_deadline()
 
     # send and send_wire share their body rather than call a helper: they run once per frame
     # sent (once per member for a broadcast), and the call would cost more than the body.
@@ -455,7 +461,7 @@ class Connection:
         ctx.registry.add(self)
         if ctx.settings.handshake_timeout:
             self._handshake_deadline = ctx.loop.time() + ctx.settings.handshake_timeout
-            self._arm_first_frame()
+            self._arm_deadline()
         handlers = ctx.handlers
         if handlers.pumped:
             self._enqueue(_CONNECT)
@@ -465,48 +471,50 @@ class Connection:
             except Exception:
                 self._handler_failed("connect")
 
-    def _arm_first_frame(self) -> None:
-        """Before the first frame: the handshake deadline, or the idle timeout if an app
-        set one that ends sooner."""
-        self._cancel_timer()
-        when = self._handshake_deadline
-        if self._idle_timeout:
-            when = min(when, self.last_activity + self._idle_timeout)
-        self._timer = self._ctx.loop.call_at(when, self._handshake_expired)
+    # One timer per connection for the handshake deadline (until the first frame) and the
+    # idle timeout (after it). It is lazy: reading does not touch it, and a timer that fires
+    # sooner than needed is kept (it finds nothing due and re-arms), so changing a deadline
+    # later creates no timer. A new one is made only when a deadline comes nearer.
 
-    def _handshake_expired(self) -> None:
+    def _next_deadline(self) -> float:
+        """Loop time of the next deadline (0: none)."""
+        idle = self.last_activity + self._idle_timeout if self._idle_timeout else 0.0
+        if self._greeted:
+            return idle
+        hs = self._handshake_deadline
+        return min(hs, idle) if hs and idle else hs or idle
+
+    def _arm_deadline(self) -> None:
+        if self._close_reason is not None or self._closed:
+            return  # the timer is now close_timeout's
+        when = self._next_deadline()
+        timer = self._timer
+        if timer is not None:
+            if when and timer.when() <= when:
+                return
+            timer.cancel()
+            self._timer = None
+        if when:
+            self._timer = self._ctx.loop.call_at(when, self._deadline_check)
+
+    def _deadline_check(self) -> None:
         self._timer = None
-        if self._greeted or self._closed or self._close_reason is not None:
+        if self._closed or self._close_reason is not None:
             return
-        if self._ctx.now() < self._handshake_deadline - 0.001:
+        now = self._ctx.now() + 0.001
+        if not self._greeted and self._handshake_deadline and now >= self._handshake_deadline:
+            log.info("handshake_timeout", conn=self.id, peer=self.peer)
+            self.close(HANDSHAKE_TIMEOUT)
+        elif self._idle_timeout and now >= self.last_activity + self._idle_timeout:
             log.info("idle_timeout", conn=self.id, peer=self.peer, idle_s=round(self.idle_s, 3))
             self.close(IDLE)
         else:
-            log.info("handshake_timeout", conn=self.id, peer=self.peer)
-            self.close(HANDSHAKE_TIMEOUT)
+            self._arm_deadline()
 
     def _greet(self) -> None:
         """First complete frame: the handshake deadline gives way to the idle timeout."""
         self._greeted = True
-        self._arm_idle()
-
-    def _arm_idle(self) -> None:
-        self._cancel_timer()
-        if self._idle_timeout:
-            self._timer = self._ctx.loop.call_at(self.last_activity + self._idle_timeout, self._idle_check)
-
-    def _idle_check(self) -> None:
-        # Lazy deadline: reading does not touch the timer; it fires at most once per timeout
-        # and re-arms itself from the last activity.
-        self._timer = None
-        if self._closed or self._close_reason is not None:
-            return
-        deadline = self.last_activity + self._idle_timeout
-        if self._ctx.now() >= deadline - 0.001:
-            log.info("idle_timeout", conn=self.id, peer=self.peer, idle_s=round(self.idle_s, 3))
-            self.close(IDLE)
-        else:
-            self._timer = self._ctx.loop.call_at(deadline, self._idle_check)
+        self._arm_deadline()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -38,7 +38,7 @@ class SocketConnection(Connection, asyncio.Protocol):
     def _bind(self, transport: asyncio.BaseTransport) -> None:
         """Take the transport: note the peer, set the water marks."""
         self._transport = transport  # type: ignore[assignment]
-        self._sink = transport.write  # type: ignore[attr-defined]
+        self._sink = transport
         if self.proxied_by is None:
             sock = transport.get_extra_info("socket")
             family = sock.family if sock is not None else socket.AF_INET

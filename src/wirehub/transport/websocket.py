@@ -96,7 +96,7 @@ class WebSocketConnection(Connection):
     def _connected(self, ws: Any) -> None:
         self._ws = ws
         raw = self._raw = ws.underlying_transport
-        self._sink = raw.write
+        self._sink = raw
         settings = self._ctx.settings
         raw.set_write_buffer_limits(high=settings.send_buffer_high, low=settings.send_buffer_low)
         self._start()
