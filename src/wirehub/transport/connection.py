@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable
 
 from .._log import get_logger
+from ..protocol.framing import LINE
+
+_line_encode = LINE.encoder
 
 log = get_logger("wirehub.connection")
 
@@ -316,7 +319,12 @@ class Connection:
         """Queue one frame. Returns False when it was not queued (closing, or dropped)."""
         if (self._close_reason is not None and not self._last_word) or self._closed:
             return False
-        data = self.encode(payload)
+        if self.encode is _line_encode:  # the line framing's encode, inlined (the default framing)
+            if 10 in payload:
+                _line_encode(payload)  # raises the framing's ValueError
+            data = payload + b"\n"
+        else:
+            data = self.encode(payload)
         pending = self._pending
         if not pending and not self._write_paused:
             self._ctx.flusher.add(self)
