@@ -24,7 +24,7 @@ same bytes to every ``conn.send()``.
 
 from __future__ import annotations
 
-from wirehub import App, Connection, FrameError
+from wirehub import App, Connection, FrameError, broadcast
 
 MAX_NAME = 32
 COMMANDS = "/who, /me ACTION, /quit"
@@ -53,10 +53,8 @@ class ChatApp(App):
         return sorted((c.state["name"] for c in self.members.values()), key=str.casefold)
 
     def broadcast(self, text: str, exclude: Connection | None = None) -> None:
-        data = text.encode()  # once, whatever the number of members
-        for member in self.members.values():
-            if member is not exclude:
-                member.send(data)
+        # encoded once, whatever the number of members
+        broadcast([m for m in self.members.values() if m is not exclude], text.encode())
 
     # ------------------------------------------------------------------ handlers
 
