@@ -8,18 +8,22 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
 from wirehub.bench.conns import parse_sources
-from wirehub.bench.fanout import FanState, _Subscriber
+from wirehub.bench.fanout import FanState, _NatsSubscriber, _Subscriber
 from wirehub.bench.net import BenchError, parse_target, share, ws_client_frame, ws_parse
 from wirehub.bench.stats import MAX_VALUE, Histogram, bucket_bounds, bucket_index
 
-from .helpers import ServerProcess, free_port
+from .helpers import ServerProcess, free_port, reachable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 QUICK = ("--warmup", "0.2", "--duration", "0.5", "--quiet")
 RUN_TIMEOUT = 90
@@ -393,11 +397,9 @@ def test_conns_reports_bytes_per_connection(tmp_path):
 
 
 def _has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 @pytest.mark.skipif(_has_matplotlib(), reason="matplotlib is installed here")
@@ -414,3 +416,218 @@ def test_plot_writes_a_png(hub, tmp_path):
     proc = bench("echo", "--url", hub["tcp"], "--connections", "2", "--plot", str(png), *QUICK)
     assert proc.returncode == 0, proc.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- subscribers sharing one stream
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def _redis_msg(i: int) -> bytes:
+    data = b'{"t":%d,"i":%d,"pad":"xxxxxxxxxxxxxxxx"}' % (1_000_000 + i // 3 * 1000, i)  # three per publisher tick
+    return b"*3\r\n$7\r\nmessage\r\n$5\r\nbench\r\n$%d\r\n%s\r\n" % (len(data), data)
+
+
+async def test_subscribers_reading_the_same_stream_count_exactly_what_each_got():
+    # many subscribers of one process share what they learn of the stream; each reads its own
+    # copy cut at random places, some with a duplicate, a gap, a late message or a server PING
+    # in it: every count must be what that subscriber got, whichever subscriber read first
+    rng = random.Random(11)
+    first, count = 100, 300
+    normal = list(range(first, first + count))
+    dup = normal[:50] + [149] + normal[50:]
+    gap = [i for i in normal if i != 200]
+    late = normal[:150] + [251, 250] + normal[152:]
+    streams = {k: normal for k in range(8)}
+    streams.update({8: dup, 9: gap, 10: late, 11: normal})
+    state = FanState()
+    state.win_start, state.win_end = 0, 1 << 62
+    subs = {}
+    data = {}
+    for k, seq in streams.items():
+        sub = _NatsSubscriber(parse_target("tcp://127.0.0.1:9"), state, "bench")
+        sub.transport = _Sink()
+        sub.end_setup()
+        sub.reset(first, count)
+        subs[k] = sub
+        raw = b"".join(_redis_msg(i) for i in seq)
+        if k == 11:  # a keepalive between two messages
+            at = raw.index(_redis_msg(222))
+            raw = raw[:at] + b"PING\r\n" + raw[at:]
+        data[k] = raw
+    pos = dict.fromkeys(streams, 0)
+    while any(pos[k] < len(data[k]) for k in streams):
+        for k in rng.sample(list(streams), len(streams)):
+            if pos[k] < len(data[k]):
+                n = rng.choice((1, 7, 40, 150, 600, 3000))
+                subs[k].fast(data[k][pos[k] : pos[k] + n])
+                pos[k] += n
+    for k in range(8):
+        s = subs[k]
+        assert (s.unique, s.dups, s.ooo, s.missing) == (count, 0, 0, set()) and s.complete, k
+    assert (subs[8].unique, subs[8].dups, subs[8].ooo) == (count, 1, 0)
+    assert subs[9].unique == count - 1 and subs[9].missing == {200} and not subs[9].complete
+    assert (subs[10].unique, subs[10].dups, subs[10].ooo) == (count, 0, 1) and subs[10].complete
+    assert (subs[11].unique, subs[11].dups) == (count, 0) and subs[11].transport.written == [b"PONG\r\n"]
+    total = sum(len(seq) for seq in streams.values())
+    assert state.received == total and state.hist.count == total == state.in_window
+    assert state.reads > len(streams)
+
+
+# ----------------------------------------------------------------------------- redis and NATS peers
+
+
+def _start(argv: list[str], port: int, tmp_path) -> subprocess.Popen:
+    log = open(tmp_path / f"{os.path.basename(argv[0])}.log", "wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log.close()
+    deadline = time.monotonic() + 10
+    while not reachable(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{argv[0]} did not start: {(tmp_path / (os.path.basename(argv[0]) + '.log')).read_text()}")
+        time.sleep(0.02)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """Our own redis-server on a free port (never the machine's shared one)."""
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    proc = _start(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                  port, tmp_path_factory.mktemp("redis"))
+    try:
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def nats_url(tmp_path_factory):
+    if not shutil.which("nats-server"):
+        pytest.skip("nats-server is not installed")
+    port = free_port()
+    proc = _start(["nats-server", "-a", "127.0.0.1", "-p", str(port)], port, tmp_path_factory.mktemp("nats"))
+    try:
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        _stop(proc)
+
+
+def test_echo_resp_against_redis(redis_url, tmp_path):
+    doc = bench_json(tmp_path, "echo", "--url", redis_url, "--connections", "6", "--pipeline", "5", "--size", "30", *QUICK)
+    check_echo(doc, redis_url, "resp", 6, 5)  # the protocol follows from the redis:// URL
+    r = doc["results"]
+    assert r["bytes_sent_per_msg"] == len(b"*2\r\n$4\r\nECHO\r\n$30\r\n" + b"x" * 30 + b"\r\n")
+    assert r["bytes_received_per_msg"] == len(b"$30\r\n" + b"x" * 30 + b"\r\n")
+    assert r["cpu"]["loader"]["per_process"] and r["cpu"]["server"]["pids"]  # the server found by its port
+    tcp = redis_url.replace("redis://", "tcp://")
+    doc = bench_json(tmp_path, "echo", "--url", tcp, "--protocol", "resp", "--connections", "2", "--pipeline", "1", *QUICK)
+    check_echo(doc, tcp, "resp", 2, 1)
+
+
+def test_protocols_that_do_not_fit_the_url_are_refused(redis_url, nats_url):
+    for args in (("echo", "--url", redis_url, "--protocol", "hub"), ("echo", "--url", nats_url),
+                 ("echo", "--url", "ws://127.0.0.1:9/", "--protocol", "resp"),
+                 ("fanout", "--url", redis_url, "--protocol", "nats"),
+                 ("fanout", "--url", "ws://127.0.0.1:9/", "--protocol", "redis"),
+                 ("fanout", "--url", nats_url, "--room", "two words")):
+        proc = bench(*args, "--quiet", timeout=30)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+def test_echo_raw_sends_the_hubs_bytes_to_an_echo_server(echo_server, tmp_path, transport):
+    url = echo_server[transport]
+    doc = bench_json(tmp_path, "echo", "--url", url, "--protocol", "raw", "--connections", "4", "--pipeline", "8", *QUICK)
+    check_echo(doc, url, "raw", 4, 8)
+    framing = 1 if transport == "tcp" else 2  # a newline, or the server's 2-byte frame header
+    assert doc["results"]["bytes_received_per_msg"] == len(b'{"op":"ping"}') + framing
+
+
+def test_echo_raw_notices_a_server_that_does_not_echo(hub):
+    proc = bench("echo", "--url", hub["tcp"], "--protocol", "raw", "--connections", "2", *QUICK, timeout=60)
+    assert proc.returncode == 1
+    assert "expected the same bytes back" in proc.stderr
+
+
+def _check_fanout(doc: dict, subscribers: int, published: int) -> None:
+    (step,) = doc["results"]["steps"]
+    assert step["published"] == published
+    assert step["expected_deliveries"] == step["delivered"] == step["received"] == subscribers * published
+    assert step["lost"] == step["duplicates"] == step["out_of_order"] == step["undelivered_i"] == 0
+    assert step["subscriber_connections_lost"] == 0 and step["publisher_errors"] == 0
+    assert step["deliveries_measured"] == subscribers * step["published_in_window"] > 0
+    assert_ordered(step["latency_ms"])
+    cpu = step["cpu"]
+    assert cpu["loader"]["per_process"] and cpu["loader"]["total"] is not None
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_fanout_redis_pubsub(redis_url, tmp_path, processes):
+    room = f"wirehub-bench-{uuid.uuid4().hex[:8]}"
+    doc = bench_json(tmp_path, "fanout", "--url", redis_url, "--subscribers", "12", "--rate", "60", "--room", room,
+                     "--warmup", "0.2", "--duration", "0.3", "--drain", "20", "--processes", str(processes), "--quiet")
+    assert doc["parameters"]["protocol"] == "redis" and doc["parameters"]["room"] == room
+    _check_fanout(doc, 12, 30)
+
+
+def test_fanout_nats(nats_url, tmp_path):
+    room = f"wirehub.bench.{uuid.uuid4().hex[:8]}"
+    doc = bench_json(tmp_path, "fanout", "--url", nats_url, "--subscribers", "12", "--rate", "60", "--room", room,
+                     "--warmup", "0.2", "--duration", "0.3", "--drain", "20", "--quiet")
+    assert doc["parameters"]["protocol"] == "nats"
+    _check_fanout(doc, 12, 30)
+
+
+# ----------------------------------------------------------------------------- the harness (bench/peers.py)
+
+
+def test_peers_harness_writes_the_table(tmp_path):
+    md = tmp_path / "benchmarks.md"
+    kept = "## Which WebSocket implementation (issue: the hub)\n\nkept as it was\n"
+    md.write_text("# Benchmarks\n\nold top section\n\n" + kept)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "peers.py"), "--quick", "--only", "line-p1", "--seconds", "0.5",
+         "--markdown", str(md), "--results", str(tmp_path / "results"), "--no-plots"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = md.read_text()
+    assert "old top section" not in text and text.endswith(kept)  # the section below stays
+    lines = text.splitlines()
+    head = lines.index("| figure | wirehub | peer | ratio | target | met? |")
+    assert lines[head + 1] == "| --- | ---: | ---: | ---: | --- | --- |"
+    row = lines[head + 2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 6 and "pipeline 1" in cells[0] and "uvloop" in cells[0]
+    wirehub, peer, ratio = (float(c.replace(",", "")) for c in cells[1:4])
+    assert wirehub > 0 and peer > 0 and ratio == pytest.approx(wirehub / peer, abs=0.01)
+    assert cells[4] == "≥ 0.9×" and cells[5] in ("**yes**", "**no**")
+    assert not lines[head + 3].startswith("|")  # one row: only line-p1 was asked for
+    assert "taskset" in text or "Not pinned" in text
+    assert "bench/peers/uvloop_echo.py $P" in text and "wirehub bench echo --url tcp://127.0.0.1:$P" in text
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert {r["side"] for r in summary["runs"]} == {"wh-line-p1", "uv-line-p1"}
+    assert all(r["value"] for r in summary["runs"])

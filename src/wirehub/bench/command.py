@@ -47,13 +47,21 @@ def _common(duration: float = 5.0, duration_help: str = "Seconds of measured loa
     return decorate
 
 
+_server_pid_option = click.option(
+    "--server-pid", "server_pids", type=click.IntRange(1, None), multiple=True, metavar="PID",
+    help="The server process whose CPU use over the measured window is reported (repeat for several; "
+         "default: whatever listens on the port, when it can be found).")
+
+
 @click.group("bench")
 def bench() -> None:
     """Load generator: echo throughput and latency, fan-out, idle-connection memory.
 
     \b
     wirehub bench echo   --url tcp://127.0.0.1:7400 --protocol hub --connections 100 --pipeline 16
+    wirehub bench echo   --url redis://127.0.0.1:6380 --pipeline 16
     wirehub bench fanout --url ws://127.0.0.1:7401/ --subscribers 1000 --rate 1000 --ramp
+    wirehub bench fanout --url nats://127.0.0.1:4223 --subscribers 1000 --rate 1000 --ramp
     wirehub bench conns  --url tcp://127.0.0.1:7400 --count 19000 --server-pid PID
 
     Targets must be loopback addresses unless --allow-remote is given. A summary table goes to
@@ -62,22 +70,27 @@ def bench() -> None:
 
 
 @bench.command("echo")
-@click.option("--url", default="tcp://127.0.0.1:7400", show_default=True, help="tcp://HOST:PORT or ws://HOST:PORT/PATH")
-@click.option("--protocol", type=click.Choice(["line", "hub"]), default="hub", show_default=True,
-              help="line: lines echoed back (wirehub run wirehub.apps.echo:app); hub: ping -> pong (wirehub serve).")
+@click.option("--url", default="tcp://127.0.0.1:7400", show_default=True,
+              help="tcp://HOST:PORT, ws://HOST:PORT/PATH or redis://HOST:PORT")
+@click.option("--protocol", type=click.Choice(["hub", "line", "raw", "resp"]), default=None,
+              help="hub: ping -> pong (wirehub serve); line: S-byte messages echoed back (wirehub run "
+                   "wirehub.apps.echo:app, any echo server); raw: the hub's ping bytes to a plain echo server, which "
+                   "sends them back unchanged; resp: Redis ECHO.  [default: hub, resp for a redis:// URL]")
 @click.option("--connections", "-c", type=click.IntRange(1, 1_000_000), default=100, show_default=True, metavar="C")
 @click.option("--pipeline", "-p", type=click.IntRange(1, 100_000), default=1, show_default=True, metavar="P",
               help="Requests written at once per connection; the next burst goes when all P replies are back.")
 @click.option("--size", "-s", type=click.IntRange(1, 16 * 1024 * 1024), default=64, show_default=True, metavar="BYTES",
-              help="Message size (line: the bytes before the newline; ignored with --protocol hub).")
+              help="Message size (line: the bytes before the newline; resp: the ECHO argument; ignored with --protocol hub and raw).")
+@_server_pid_option
 @_common()
 def echo_cmd(**params: Any) -> None:
     """Throughput and latency percentiles of request/reply echo.
 
     Each of C connections writes a burst of P messages, waits for the P replies, and
     repeats. Reports msgs/s and the burst round trip (p50/p90/p99/max; with --pipeline 1 it
-    is the per-message latency). Exits 1 when the server answered wrongly or stopped
-    answering.
+    is the per-message latency), and the load processes' and the server's CPU use over the
+    measured window ("SATURATED": the load generator may be the limit). Exits 1 when the
+    server answered wrongly or stopped answering.
     """
     from . import echo
 
@@ -88,7 +101,11 @@ def echo_cmd(**params: Any) -> None:
 
 
 @bench.command("fanout")
-@click.option("--url", default="tcp://127.0.0.1:7400", show_default=True, help="tcp://HOST:PORT or ws://HOST:PORT/PATH of a hub")
+@click.option("--url", default="tcp://127.0.0.1:7400", show_default=True,
+              help="tcp://HOST:PORT or ws://HOST:PORT/PATH of a hub, redis://HOST:PORT or nats://HOST:PORT")
+@click.option("--protocol", type=click.Choice(["hub", "redis", "nats"]), default=None,
+              help="hub: join and pub (wirehub serve); redis: SUBSCRIBE and PUBLISH; nats: SUB and PUB.  "
+                   "[default: from the URL scheme, hub for tcp:// and ws://]")
 @click.option("--subscribers", "-n", type=click.IntRange(1, 1_000_000), default=100, show_default=True, metavar="N")
 @click.option("--rate", "-r", type=click.FloatRange(0.1, 10_000_000), default=1000.0, show_default=True, metavar="R",
               help="Publications per second (the first step's with --ramp).")
@@ -104,13 +121,16 @@ def echo_cmd(**params: Any) -> None:
 @click.option("--max-rate", type=click.FloatRange(0, None), default=0.0, metavar="R", help="Do not ramp beyond this rate (0: no limit).")
 @click.option("--drain", type=click.FloatRange(0, 600), default=2.0, show_default=True, metavar="S",
               help="After the last publication of a step, how long to wait for the deliveries still on their way.")
+@_server_pid_option
 @_common()
 def fanout_cmd(**params: Any) -> None:
     """One publisher, N subscribers in a room: deliveries/s, loss, end-to-end latency.
 
     With --processes N > 1 the subscribers are shared by N processes and the publisher
     runs in one more process of its own. Subscribers read a monotonic-clock timestamp from each publication's data (same host:
-    the clock is shared by every process). Loss is counted against N x published, with
+    the clock is shared by every process). --protocol redis or nats (or a redis:// or
+    nats:// URL) runs the same load against redis-server pub/sub or nats-server. Loss is
+    counted against N x published, with
     duplicates and out-of-order deliveries (which must be 0). Exits 1 when a run without
     --ramp loses, duplicates or reorders a message, or when no --ramp step was clean.
     """
@@ -154,9 +174,29 @@ def conns_cmd(**params: Any) -> None:
     _run("conns", params, conns.run, lambda r: 0)
 
 
+_SCHEME_PROTOCOL = {"echo": {"redis": "resp"}, "fanout": {"redis": "redis", "nats": "nats"}}
+
+
+def _protocol(mode: str, url: str, protocol: str | None, ws: bool) -> str:
+    """The protocol to speak: --protocol, or the one the URL scheme names; refuse a mismatch."""
+    from .net import BenchError, url_scheme
+
+    scheme = url_scheme(url)
+    implied = _SCHEME_PROTOCOL[mode].get(scheme)
+    if scheme in ("redis", "nats") and implied is None:
+        raise BenchError(f"wirehub bench {mode} has no {scheme} protocol: use a tcp:// or ws:// URL")
+    if protocol is None:
+        protocol = implied or "hub"
+    elif implied is not None and protocol != implied:
+        raise BenchError(f"a {scheme}:// URL speaks --protocol {implied}, not {protocol}")
+    if ws and protocol in ("resp", "redis", "nats"):
+        raise BenchError(f"--protocol {protocol} is plain TCP: use a tcp:// URL")
+    return protocol
+
+
 def _run(mode: str, params: dict[str, Any], runner: Callable, check: Callable[[dict], int]) -> None:
     from . import report
-    from .net import BenchError, parse_target, raise_nofile_limit
+    from .net import BenchError, is_loopback_host, parse_target, raise_nofile_limit
     from .runner import Progress
 
     started = time.time()
@@ -175,6 +215,11 @@ def _run(mode: str, params: dict[str, Any], runner: Callable, check: Callable[[d
             params["server_pids"] = list(params["server_pids"])
             if params["sources"] and any((":" in s) != (target.family == socket.AF_INET6) for s in params["sources"]):
                 raise BenchError("--sources must be of the same address family as the target")
+        if mode in ("echo", "fanout"):
+            params["protocol"] = _protocol(mode, params["url"], params["protocol"], target.ws)
+            params["server_pids"] = list(params["server_pids"])
+            if mode == "fanout" and params["protocol"] == "nats" and (not params["room"] or any(c.isspace() for c in params["room"])):
+                raise BenchError("a NATS subject (--room) must be non-empty, without spaces")
         if plot_path:
             report.require_matplotlib()
     except BenchError as exc:
@@ -184,6 +229,10 @@ def _run(mode: str, params: dict[str, Any], runner: Callable, check: Callable[[d
 
     signal.signal(signal.SIGTERM, terminated)  # stop the load processes too, as Ctrl-C does
     try:
+        if mode in ("echo", "fanout") and not params["server_pids"]:
+            from .conns import listener_pids
+
+            params["server_pids"] = listener_pids(target.port) if is_loopback_host(target.host) else []
         params["nofile_limit"] = raise_nofile_limit()
         env = report.environment()
         results = runner(params, Progress(enabled=not quiet))

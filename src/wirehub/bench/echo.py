@@ -8,9 +8,13 @@ what a reply must look like is learnt once per connection before the load starts
 request and its reply, checked properly), and the last reply of every burst is compared
 with it, so a server answering with errors is noticed rather than counted.
 
-``--protocol line``: P lines of S bytes (plus ``\\n``), for an echo app such as
-``wirehub run wirehub.apps.echo:app``. ``--protocol hub``: P ``{"op":"ping"}`` frames, for
-``wirehub serve``; S is ignored.
+``--protocol line``: P lines of S bytes (plus ``\\n``; over WebSocket, text messages of S
+bytes), for an echo server such as ``wirehub run wirehub.apps.echo:app``. ``--protocol hub``:
+P ``{"op":"ping"}`` frames, for ``wirehub serve``; S is ignored. ``--protocol raw``: the
+same ``{"op":"ping"}`` bytes the hub gets, to a plain echo server (a Node ``ws`` or picows
+echo server, a bare TCP echo server), which must send them back unchanged; S is ignored.
+``--protocol resp``: Redis ``ECHO`` of S bytes (``*2\\r\\n$4\\r\\nECHO\\r\\n$S\\r\\n...``),
+answered with a bulk string (``$S\\r\\n...\\r\\n``, two newlines per reply), TCP only.
 """
 
 from __future__ import annotations
@@ -22,17 +26,31 @@ from time import monotonic_ns
 from typing import Any
 
 from .net import BenchError, Client, Target, connect, frame_for, parse_target, share
-from .runner import Control, Progress, WorkerPool, progress_task
+from .runner import Control, CpuWindow, Progress, WorkerPool, merge_cpu, progress_task
 from .stats import Histogram
 
 PING = b'{"op":"ping"}'
 CONNECT_CONCURRENCY = 200
+PROTOCOLS = ("hub", "line", "raw", "resp")
 
 
 def request_payload(protocol: str, size: int) -> bytes:
-    if protocol == "hub":
+    if protocol in ("hub", "raw"):
         return PING
     return b"x" * size
+
+
+def request_bytes(target: Target, protocol: str, payload: bytes) -> bytes:
+    """One request as written on the wire."""
+    if protocol == "resp":
+        if target.ws:
+            raise BenchError("--protocol resp (Redis ECHO) needs a tcp:// or redis:// URL")
+        return b"*2\r\n$4\r\nECHO\r\n$%d\r\n%s\r\n" % (len(payload), payload)
+    return frame_for(target, payload)
+
+
+def resp_bulk(payload: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(payload), payload)
 
 
 class EchoRun:
@@ -45,7 +63,7 @@ class EchoRun:
         self.protocol = protocol
         self.pipeline = pipeline
         self.request = request_payload(protocol, size)
-        self.burst = frame_for(target, self.request) * pipeline
+        self.burst = request_bytes(target, protocol, self.request) * pipeline
         self.expect = 0  # newlines (tcp) or bytes (ws) per burst, set once a reply has been seen
         self.tail = b""  # the exact bytes of one reply on the wire
         self.measure_start = 1 << 62
@@ -60,16 +78,21 @@ class EchoRun:
     def check(self, reply: bytes) -> str:
         """Why ``reply`` is not the expected answer to :attr:`request` ('' when it is)."""
         shown = reply[:200].decode("utf-8", "replace")
-        if self.protocol == "line":
+        if self.protocol in ("line", "raw"):
             if reply != self.request:
-                return f"expected the line back (--protocol line, an echo server), got {shown!r}"
+                what = "the line" if self.protocol == "line" else "the same bytes"
+                return f"expected {what} back (--protocol {self.protocol}, an echo server), got {shown!r}"
+            return ""
+        if self.protocol == "resp":
+            if reply != resp_bulk(self.request):
+                return f"expected the bulk string {resp_bulk(self.request)[:40]!r}... (--protocol resp, Redis ECHO), got {shown!r}"
             return ""
         try:
             obj = json.loads(reply)
         except ValueError:
             obj = None
         if not isinstance(obj, dict) or obj.get("op") != "pong":
-            hint = " (an echo server answers a ping with the ping: use --protocol line)" if reply == PING else ""
+            hint = " (an echo server answers a ping with the ping: use --protocol raw, or --protocol line)" if reply == PING else ""
             return f'expected {{"op":"pong"}} (--protocol hub, a wirehub hub), got {shown!r}{hint}'
         return ""
 
@@ -82,22 +105,35 @@ class _EchoClient(Client):
         self.done = self.loop.create_future()
         self.pending = 0
         self.sent_at = 0
+        self.partial = b""  # a RESP reply's lines so far
 
     # ---- setup: one request, its reply learnt
 
     def calibrate(self) -> None:
-        self.send(self.run.request)
+        self.transport.write(self.run.burst[: len(self.run.burst) // self.run.pipeline])  # type: ignore[union-attr]
 
     def setup_frame(self, payload: bytes, opcode: int) -> None:
         run = self.run
+        if run.protocol == "resp":  # lines: a bulk string is two of them, anything else one
+            payload = self.partial + payload + b"\n"
+            if payload.startswith(b"$"):
+                try:
+                    n = int(payload[1 : payload.index(b"\r")])
+                except ValueError:
+                    n = -1
+                if n >= 0 and len(payload) < payload.index(b"\n") + 1 + n + 2:
+                    self.partial = payload
+                    return
+            self.partial = b""
         problem = run.check(payload)
         if problem:
             self.setup_failed(f"{self.target.url}: {problem}")
             return
-        tail = self.reply_bytes(payload, opcode)
+        tail = payload if run.protocol == "resp" else self.reply_bytes(payload, opcode)
         if not run.tail:
             run.tail = tail
-            run.expect = run.pipeline * (len(tail) if self.target.ws else 1)
+            # what the hot path counts per reply: its bytes (ws) or its newlines (tcp)
+            run.expect = run.pipeline * (len(tail) if self.target.ws else tail.count(b"\n"))
         elif tail != run.tail:
             self.setup_failed(f"{self.target.url}: two connections got different replies to the same request")
             return
@@ -210,6 +246,8 @@ async def worker(ctl: Control, p: dict) -> None:
         return {"total": run.total, "msgs": run.msgs}
 
     reporter = progress_task(ctl, snapshot)
+    meter = CpuWindow(p.get("server_pids") if ctl.index == 0 else None)
+    meter.schedule(run.measure_start, run.measure_end)
     now = time.monotonic_ns()
     for c in clients:
         c.start(now)
@@ -229,6 +267,7 @@ async def worker(ctl: Control, p: dict) -> None:
         connections=n,
         reply_bytes=len(run.tail),
         request_bytes=len(run.burst) // max(1, run.pipeline),
+        cpu=meter.result(),
     )
 
 
@@ -292,5 +331,6 @@ def run(p: dict, progress: Progress) -> dict[str, Any]:
         "latency_note": "burst round trip: from writing a burst of `pipeline` requests to its last reply",
         "timeline": [{"t": t, "msgs_per_s": round(r, 1)} for t, r in rates],
         "processes": processes,
+        "cpu": merge_cpu({i: r["cpu"] for i, r in results.items()}),
         "histogram_ns": hist.to_dict(),
     }

@@ -5,14 +5,24 @@ timer with catch-up: message k of a step is due at ``t0 + k / rate``; every tick
 that are due in one write, so a late tick never lowers the rate (no sleep drift). ``t`` is
 ``time.monotonic_ns()`` when the message was written, ``i`` numbers the messages.
 
-A subscriber does not decode JSON. One regular expression finds every ``{"t":..,"i":..,``
-in a chunk read (C code, one call per chunk); the pair of numbers is converted once per
-process (every subscriber reads the same message, so the others find it in a dict); the
-``i`` of a chunk are checked in one go against the run they should be (the next expected
-``i`` onwards, consecutive), and only a chunk that is not goes through the per-message path
-that tells a gap from a duplicate from a late (out-of-order) message. Latency is
-``now - t`` with one clock reading per chunk; messages written in the same publisher tick
-share ``t`` and are recorded as one value with a count.
+A subscriber does not decode JSON. One regular expression finds the ``i`` of every
+``{"t":..,"i":..,`` in a chunk read (C code, one call per chunk), and the list of their
+digits is compared, in one C-level list comparison, with the digits of the messages it must
+get next (the next expected ``i`` onwards, consecutive): every subscriber of a process reads
+the same messages, so the first one to read a message records its ``i`` and ``t`` for the
+process (:class:`FanState`), and the others convert nothing. Only a chunk that does not
+match goes through the per-message path, which learns new messages and tells a gap from a
+duplicate from a late (out-of-order) message. Latency is ``now - t`` with one clock reading
+per chunk; messages written in the same publisher tick share ``t`` and are recorded as one
+value with a count.
+
+``--protocol redis`` and ``--protocol nats`` run the same load against redis-server pub/sub
+(``SUBSCRIBE``, then ``PUBLISH`` in RESP) and nats-server (``SUB``, then ``PUB``): the
+publication is the same ``{"t":..,"i":..,"pad":..}`` object the hub's ``data`` holds, so the
+subscribers' hot path is the same. A redis subscriber is joined once the subscribe
+confirmation arrives; a NATS subscriber once the ``PONG`` to a ``PING`` sent after its
+``SUB`` does (the server handles a connection's commands in order); both answer the
+server's ``PING`` with ``PONG`` (nats-server disconnects clients that do not).
 
 ``--ramp`` repeats the step at rising rates (``--ramp-factor``, x2 by default) and stops at
 the first step that loses, duplicates or reorders a message, whose p99 exceeds
@@ -25,26 +35,38 @@ import asyncio
 import math
 import re
 import time
+from bisect import bisect_right
 from collections import Counter
 from time import monotonic_ns
 from typing import Any
 
 from .net import BenchError, Client, Target, connect, parse_target, share, ws_client_header
-from .runner import Control, Progress, Stopped, WorkerPool, progress_task
+from .runner import Control, CpuWindow, Progress, Stopped, WorkerPool, merge_cpu, progress_task
 from .stats import Histogram
 
 _MSG = re.compile(rb'\{"t":(\d+),"i":(\d+),')
 _TAIL = 128  # longer than any partial match can be
 _ENDS = (b"\n", b"}")
-PARSED_CAP = 100_000
 MISSING_CAP = 100_000  # per subscriber; gaps beyond it are counted, not listed
 CONNECT_CONCURRENCY = 200
+NATS_CONNECT = b'CONNECT {"verbose":false,"pedantic":false}\r\n'
+PROTOCOLS = ("hub", "redis", "nats")
 
 
 class FanState:
-    """What the subscribers of one worker share."""
+    """What the subscribers of one worker share: the tallies, and the stream they all read.
 
-    __slots__ = ("hist", "record", "win_start", "win_end", "in_window", "arrived", "received", "lost_conns", "parsed")
+    Every subscriber of a room receives the same bytes for the same message (the server
+    encodes a publication once, and so do redis and NATS), so the process keeps one copy of
+    the stream, :attr:`canon`, from the start of the ``{"t":..`` of message :attr:`cbase`
+    onwards, as far as any subscriber has read it, with where each message's
+    ``{"t":..,"i":..,`` starts and ends in it and its ``t``. It is learnt once, by whichever
+    subscriber reads new bytes first, and checked as it is learnt: the messages in it are
+    consecutive, or it stops growing (:attr:`poisoned`) and every subscriber takes the
+    per-message path from there."""
+
+    __slots__ = ("hist", "record", "win_start", "win_end", "in_window", "arrived", "received", "lost_conns", "reads",
+                 "cbase", "canon", "size", "starts", "marks", "tvals", "scanned", "poisoned")
 
     def __init__(self) -> None:
         self.new_histogram()
@@ -54,16 +76,46 @@ class FanState:
         self.arrived = 0  # deliveries that arrived inside the window (the throughput)
         self.received = 0
         self.lost_conns = 0
-        #: i (as bytes) -> (t, i) as ints: every subscriber of this process reads the same
-        #: message, so each is converted once, not once per subscriber
-        self.parsed: dict[bytes, tuple[int, int]] = {}
+        self.reads = 0  # chunks read by the subscribers
+        self.begin()
 
-    def parse(self, pair: tuple[bytes, bytes]) -> tuple[int, int]:
-        parsed = self.parsed
-        if len(parsed) >= PARSED_CAP:
-            parsed.clear()
-        value = parsed[pair[1]] = (int(pair[0]), int(pair[1]))
-        return value
+    def begin(self) -> None:
+        """Forget the stream (a new step)."""
+        self.cbase = -1  # the i of the message the stream starts with; -1: nothing learnt yet
+        self.canon = bytearray()
+        self.size = 0  # how much of canon subscribers may read in step (all of it unless poisoned)
+        self.starts: list[int] = []  # offset in canon of message cbase + j's {"t":
+        self.marks: list[int] = []  # ... and of the end of its {"t":..,"i":.., (read that far: delivered)
+        self.tvals: list[int] = []  # its t
+        self.scanned = 0  # canon holds no {"t":..,"i":.., before this offset that is not learnt
+        self.poisoned = False
+
+    def extend(self, new: bytes) -> None:
+        """Append bytes that follow the stream, and learn the messages they complete."""
+        canon = self.canon
+        canon += new
+        starts, marks, tvals = self.starts, self.marks, self.tvals
+        expect = self.cbase + len(marks)
+        bad = -1
+        for m in _MSG.finditer(canon, self.scanned):
+            if int(m.group(2)) != expect:  # a gap or a duplicate in what its reader got
+                bad = m.start()
+                break
+            t = int(m.group(1))
+            if tvals and tvals[-1] == t:
+                t = tvals[-1]  # one int object for every message of a publisher tick
+            starts.append(m.start())
+            marks.append(m.end())
+            tvals.append(t)
+            self.scanned = m.end()
+            expect += 1
+        if bad >= 0:
+            # kept (subscribers may have read into it: they need its bytes when they leave the
+            # stream), but never read from again
+            self.poisoned = True
+            self.size = bad
+        else:
+            self.size = len(canon)
 
     def new_histogram(self) -> None:
         self.hist = Histogram()
@@ -71,12 +123,17 @@ class FanState:
 
 
 class _Subscriber(Client):
+    #: bytes that may come between messages and must be answered (NATS: PING), so must not
+    #: become part of the shared stream
+    FOREIGN: bytes | None = None
+
     def __init__(self, target: Target, state: FanState, room: str) -> None:
         super().__init__(target)
         self.state = state
         self.room = room
         self.joined = self.new_future()
         self.rest = b""
+        self.cpos = -1  # how far into state.canon this subscriber has read; -1: not in step with it
         self.base = 0
         self.next_i = 0
         self.end_i = 0
@@ -116,6 +173,7 @@ class _Subscriber(Client):
         self.end_i = first + count
         self.unique = self.dups = self.ooo = self.stale = self.overflow = 0
         self.missing = set()
+        self.cpos = -1
 
     @property
     def complete(self) -> bool:
@@ -124,64 +182,129 @@ class _Subscriber(Client):
     # ---- the hot path
 
     def fast(self, data: bytes) -> None:
-        if self.rest:
-            data = self.rest + data
-            self.rest = b""
-        pairs = _MSG.findall(data)
-        if not data.endswith(_ENDS):
-            # the chunk ends inside a frame: keep what may be the start of a match (a chunk
-            # that ends with a newline or a brace cannot end inside "t":..,"i":..,)
-            self._keep_tail(data, pairs)
-        if not pairs:
+        st = self.state
+        st.reads += 1
+        cpos = self.cpos
+        if cpos >= 0:  # in step with the shared stream: the chunk must be its next bytes
+            canon = st.canon
+            end = cpos + len(data)
+            if end <= st.size:
+                if canon[cpos:end] == data:
+                    self._advance(end)
+                    return
+            elif not st.poisoned:
+                n = len(canon) - cpos
+                if canon[cpos:] == data[:n] and self._plain(canon, data[n:]):
+                    st.extend(data[n:])  # the first to read these bytes
+                    if st.size == end:
+                        self._advance(end)
+                        return
+            self._unsync()
+        self._slow_chunk(data)
+
+    def _advance(self, end: int) -> None:
+        """Read the shared stream up to ``end``: the messages whose ``i`` that completes
+        are delivered, in order, once each."""
+        st = self.state
+        j0 = self.next_i - st.cbase
+        j1 = bisect_right(st.marks, end, j0)
+        self.cpos = end
+        k = j1 - j0
+        if not k:
             return
         now = monotonic_ns()
-        st = self.state
-        get = st.parsed.get
-        if len(pairs) == 1:  # the usual case below a few thousand messages/s
-            pair = pairs[0]
-            t, i = get(pair[1]) or st.parse(pair)
-            if i == self.next_i:
-                self.next_i = i + 1
-                self.unique += 1
-            else:
-                self._slow([i])
-            st.received += 1
-            if st.win_start <= now < st.win_end:
-                st.arrived += 1
-            if st.win_start <= t < st.win_end:
-                st.record(now - t)
-                st.in_window += 1
-            return
-        parse = st.parse
-        vals = [get(p[1]) or parse(p) for p in pairs]
-        k = len(vals)
-        first_t, first = vals[0]
-        last_t, last = vals[-1]
+        self.next_i += k
+        self.unique += k
         st.received += k
         if st.win_start <= now < st.win_end:
             st.arrived += k
-        ivals = [v[1] for v in vals]
-        if first == self.next_i and last == first + k - 1 and ivals == list(range(first, first + k)):
-            self.next_i = first + k
-            self.unique += k
-            if first_t == last_t:  # in order, so every t in between is the same
-                if st.win_start <= first_t < st.win_end:
-                    st.record(now - first_t, k)
-                    st.in_window += k
-                return
-        else:
-            self._slow(ivals)
+        ts = st.tvals[j0:j1]
+        t = ts[0]
+        if t == ts[-1]:  # t never decreases with i: one publisher tick
+            if st.win_start <= t < st.win_end:
+                st.record(now - t, k)
+                st.in_window += k
+            return
+        j = 0
+        while j < k:
+            t = ts[j]
+            e = bisect_right(ts, t, j)
+            if st.win_start <= t < st.win_end:
+                st.record(now - t, e - j)
+                st.in_window += e - j
+            j = e
+
+    def _plain(self, canon: bytearray, new: bytes) -> bool:
+        foreign = self.FOREIGN
+        return foreign is None or foreign not in bytes(canon[-len(foreign) :]) + new
+
+    def _unsync(self) -> None:
+        """Leave the shared stream; keep the start of a message not yet counted (the next
+        chunk may complete it)."""
+        st = self.state
+        j = self.next_i - st.cbase
+        lo = st.marks[j - 1] if 0 < j <= len(st.marks) else 0
+        self.rest = bytes(st.canon[max(lo, self.cpos - _TAIL) : self.cpos])
+        self.cpos = -1
+
+    def _slow_chunk(self, data: bytes) -> None:
+        """Every message of a chunk on its own: a gap, a duplicate, a late message, bytes
+        between messages; then back in step with the shared stream if it can be."""
+        if self.rest:
+            data = self.rest + data
+            self.rest = b""
+        found = list(_MSG.finditer(data))
+        if not data.endswith(_ENDS):
+            # the chunk ends inside a frame: keep what may be the start of a match (a chunk
+            # that ends with a newline or a brace cannot end inside "t":..,"i":..,)
+            end = found[-1].end() if found else 0
+            self.rest = data[max(end, len(data) - _TAIL) :]
+        if not found:
+            return
+        now = monotonic_ns()
+        st = self.state
+        k = len(found)
+        vals = [(int(m.group(1)), int(m.group(2))) for m in found]
+        st.received += k
+        if st.win_start <= now < st.win_end:
+            st.arrived += k
+        self._slow([v[1] for v in vals])
         for t, n in Counter([v[0] for v in vals]).items():
             if st.win_start <= t < st.win_end:
                 st.record(now - t, n)
                 st.in_window += n
+        self._sync(data, found[-1], vals[-1][1])
 
-    def _keep_tail(self, data: bytes, pairs: list) -> None:
-        end = 0
-        if pairs:
-            last = b'"i":' + pairs[-1][1] + b","
-            end = data.rfind(last) + len(last)
-        self.rest = data[max(end, len(data) - _TAIL) :]
+    def _sync(self, data: bytes, m: re.Match, i: int) -> None:
+        """Get in step with the shared stream from message ``i`` (the last of ``data``, at
+        ``m``) when what follows it in ``data`` is what the stream has there."""
+        st = self.state
+        if st.poisoned or i != self.next_i - 1:
+            return
+        tail = data[m.start() :]
+        if st.cbase < 0:  # nothing learnt yet: the stream starts here
+            if self._plain(st.canon, tail):
+                st.cbase = i
+                st.extend(tail)
+                if st.size == len(tail):
+                    self.cpos = len(tail)
+                    self.rest = b""
+            return
+        j = i - st.cbase
+        if not 0 <= j < len(st.starts):
+            return
+        canon = st.canon
+        s0 = st.starts[j]
+        n = len(canon) - s0
+        if s0 + len(tail) <= st.size:
+            if canon[s0 : s0 + len(tail)] == tail:
+                self.cpos = s0 + len(tail)
+                self.rest = b""
+        elif not st.poisoned and canon[s0:] == tail[:n] and self._plain(canon, tail[n:]):
+            st.extend(tail[n:])
+            if st.size == s0 + len(tail):
+                self.cpos = st.size
+                self.rest = b""
 
     def _slow(self, ivals: list[int]) -> None:
         for i in ivals:
@@ -211,15 +334,86 @@ class _Subscriber(Client):
                 self.dups += 1
 
 
+class _RedisSubscriber(_Subscriber):
+    """SUBSCRIBE room; joined at the confirmation (``*3 subscribe room :1``)."""
+
+    confirming = False
+
+    def join(self) -> None:
+        room = self.room.encode()
+        self.transport.write(b"*2\r\n$9\r\nSUBSCRIBE\r\n$%d\r\n%s\r\n" % (len(room), room))  # type: ignore[union-attr]
+
+    def setup_frame(self, payload: bytes, opcode: int) -> None:  # RESP, line by line (each ends with \r)
+        if payload.startswith(b"-"):
+            self.setup_failed(f"{self.target.url} refused SUBSCRIBE: {payload[:200].decode('utf-8', 'replace').strip()}")
+        elif payload == b"subscribe\r":
+            self.confirming = True
+        elif self.confirming and payload.startswith(b":"):
+            self.end_setup()
+            if not self.joined.done():
+                self.joined.set_result(None)
+
+
+class _NatsSubscriber(_Subscriber):
+    """CONNECT, SUB room 1, PING; joined at the PONG. Messages: ``MSG room 1 N\\r\\n<data>\\r\\n``."""
+
+    def join(self) -> None:
+        self.transport.write(NATS_CONNECT + b"SUB %s 1\r\nPING\r\n" % self.room.encode())  # type: ignore[union-attr]
+
+    def setup_frame(self, payload: bytes, opcode: int) -> None:
+        if payload == b"PONG\r":
+            self.end_setup()
+            if not self.joined.done():
+                self.joined.set_result(None)
+        elif payload == b"PING\r":
+            self.transport.write(b"PONG\r\n")  # type: ignore[union-attr]
+        elif payload.startswith(b"-ERR"):
+            self.setup_failed(f"{self.target.url} refused the subscription: {payload[:200].decode('utf-8', 'replace').strip()}")
+
+    FOREIGN = b"PING\r\n"  # never in the shared stream: a chunk with one takes the slow path
+
+    def _slow_chunk(self, data: bytes) -> None:
+        if b"PING\r\n" in self.rest + data:  # the server's keepalive: unanswered twice, it disconnects us
+            self.transport.write(b"PONG\r\n")  # type: ignore[union-attr]
+        _Subscriber._slow_chunk(self, data)
+
+
+SUBSCRIBERS = {"hub": _Subscriber, "redis": _RedisSubscriber, "nats": _NatsSubscriber}
+
+
 class _Publisher(Client):
+    """The hub's publisher: ``{"op":"pub","room":R,"data":{"t":..,"i":..,"pad":".."}}``."""
+
     def __init__(self, target: Target, room: str, size: int) -> None:
         super().__init__(target)
+        self.room = room
         self.room_json = _json_str(room)
         self.errors = 0
         self.error_text = ""
         base = len(b'{"t":%d,"i":%d,"pad":""}' % (time.monotonic_ns(), 1000000))
         self.pad = b"x" * max(0, size - base)
-        self.template = b'{"op":"pub","room":' + self.room_json + b',"data":{"t":%d,"i":%d,"pad":"' + self.pad + b'"}}'
+        self.data = b'{"t":%d,"i":%d,"pad":"' + self.pad + b'"}'
+        self.template = b'{"op":"pub","room":' + self.room_json + b',"data":' + self.data + b"}"
+
+    async def prepare(self, timeout: float) -> None:
+        """Whatever must happen before the first publication."""
+        self.end_setup()
+
+    def encode(self, now: int, lo: int, hi: int) -> bytes:
+        """Publications ``lo`` .. ``hi - 1``, stamped ``now``, as one write."""
+        template = self.template
+        if self.target.ws:
+            parts = []
+            for i in range(lo, hi):
+                m = template % (now, i)
+                parts.append(ws_client_header(len(m)) + m)
+            return b"".join(parts)
+        return b"\n".join([template % (now, i) for i in range(lo, hi)]) + b"\n"
+
+    def _error(self, text: str) -> None:
+        self.errors += 1
+        if not self.error_text:
+            self.error_text = text
 
     def fast(self, data: bytes) -> None:
         n = data.count(b'"op":"error"') + data.count(b'"op":"bye"')
@@ -238,8 +432,7 @@ class _Publisher(Client):
         """Send ``count`` messages numbered from ``first``, message k due at t0 + k/rate."""
         loop = self.loop
         done = loop.create_future()
-        template = self.template
-        ws = self.target.ws
+        encode = self.encode
         per_ns = rate / 1e9
         state = {"sent": 0, "in_window": 0, "lag": 0, "last_t": 0}
         transport = self.transport
@@ -251,15 +444,7 @@ class _Publisher(Client):
             due = min(count, int((now - t0) * per_ns) + 1)
             blocked = transport.get_write_buffer_size() >= 8 << 20  # the server is not reading: wait
             if due > sent and not blocked and not transport.is_closing():
-                base = first + sent
-                if ws:
-                    parts = []
-                    for i in range(base, first + due):
-                        m = template % (now, i)
-                        parts.append(ws_client_header(len(m)) + m)
-                    transport.write(b"".join(parts))
-                else:
-                    transport.write(b"\n".join([template % (now, i) for i in range(base, first + due)]) + b"\n")
+                transport.write(encode(now, first + sent, first + due))
                 lag = now - (t0 + int(sent / per_ns))
                 if lag > state["lag"]:
                     state["lag"] = lag
@@ -291,6 +476,78 @@ def _json_str(text: str) -> bytes:
     return json.dumps(text).encode()
 
 
+class _RedisPublisher(_Publisher):
+    """``PUBLISH room <data>`` in RESP; replies are ``:<receivers>``, errors start with ``-``."""
+
+    def __init__(self, target: Target, room: str, size: int) -> None:
+        super().__init__(target, room, size)
+        room_b = room.encode()
+        self.prefix = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (len(room_b), room_b)
+
+    def encode(self, now: int, lo: int, hi: int) -> bytes:
+        data, prefix = self.data, self.prefix
+        out = []
+        for i in range(lo, hi):
+            m = data % (now, i)
+            out.append(b"%s$%d\r\n%s\r\n" % (prefix, len(m), m))
+        return b"".join(out)
+
+    def fast(self, data: bytes) -> None:
+        at = 0 if data[:1] == b"-" else data.find(b"\n-") + 1
+        if at or data[:1] == b"-":
+            self._error(data[at : at + 200].split(b"\r")[0].decode("utf-8", "replace"))
+
+
+class _NatsPublisher(_Publisher):
+    """``PUB room <n>`` and the data; CONNECT and a PING answered first, so that the server
+    has the connection set up before the clock starts."""
+
+    def __init__(self, target: Target, room: str, size: int) -> None:
+        super().__init__(target, room, size)
+        self.subject = room.encode()
+        self.connected = self.new_future()
+
+    async def prepare(self, timeout: float) -> None:
+        self.transport.write(NATS_CONNECT + b"PING\r\n")  # type: ignore[union-attr]
+        try:
+            await asyncio.wait_for(asyncio.shield(self.connected), timeout)
+        except asyncio.TimeoutError:
+            raise BenchError(f"{self.target.url}: no PONG to the publisher's PING within {timeout:g} s") from None
+
+    def setup_frame(self, payload: bytes, opcode: int) -> None:
+        if payload == b"PONG\r":
+            self.end_setup()
+            if not self.connected.done():
+                self.connected.set_result(None)
+        elif payload == b"PING\r":
+            self.transport.write(b"PONG\r\n")  # type: ignore[union-attr]
+        elif payload.startswith(b"-ERR") and not self.connected.done():
+            self.connected.set_exception(BenchError(f"{self.target.url}: {payload.decode('utf-8', 'replace').strip()}"))
+
+    def on_lost(self) -> None:
+        super().on_lost()
+        if not self.connected.done():
+            self.connected.set_exception(BenchError(f"{self.target.url} closed the publisher connection"))
+
+    def encode(self, now: int, lo: int, hi: int) -> bytes:
+        data, head = self.data, b"PUB " + self.subject + b" %d\r\n%s\r\n"
+        out = []
+        for i in range(lo, hi):
+            m = data % (now, i)
+            out.append(head % (len(m), m))
+        return b"".join(out)
+
+    def fast(self, data: bytes) -> None:
+        if b"PING\r\n" in data:
+            self.transport.write(b"PONG\r\n")  # type: ignore[union-attr]
+        if b"-ERR" in data:
+            at = data.find(b"-ERR")
+            self._error(data[at : at + 200].split(b"\r")[0].decode("utf-8", "replace"))
+
+
+PUBLISHERS = {"hub": _Publisher, "redis": _RedisPublisher, "nats": _NatsPublisher}
+
+
 async def _open(target: Target, factories: list) -> list:
     sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
@@ -315,7 +572,9 @@ async def worker(ctl: Control, p: dict) -> None:
         n = 0 if ctl.index == 0 else share(p["subscribers"], ctl.index - 1, ctl.count - 1)
     state = FanState()
     room = p["room"]
-    subs: list[_Subscriber] = await _open(target, [lambda: _Subscriber(target, state, room)] * n)
+    protocol = p.get("protocol") or "hub"
+    sub_cls, pub_cls = SUBSCRIBERS[protocol], PUBLISHERS[protocol]
+    subs: list[_Subscriber] = await _open(target, [lambda: sub_cls(target, state, room)] * n)
     for s in subs:
         s.join()
     try:
@@ -324,8 +583,8 @@ async def worker(ctl: Control, p: dict) -> None:
         raise BenchError(f"{target.url}: subscribers were not all joined to {room!r} within the timeout") from None
     publisher = None
     if ctl.index == 0:
-        publisher = await connect(target, lambda: _Publisher(target, room, p["size"]))
-        publisher.end_setup()
+        publisher = await connect(target, lambda: pub_cls(target, room, p["size"]))
+        await publisher.prepare(p["timeout"])
     ctl.send("ready", subscribers=n)
     while True:
         kind, step = await ctl.recv("step", "stop")
@@ -338,11 +597,13 @@ async def worker(ctl: Control, p: dict) -> None:
         deadline = max(pub_end, win_end) + int(step["drain"] * 1e9)
         state.new_histogram()
         state.win_start, state.win_end = win_start, win_end
-        state.in_window = state.received = state.arrived = 0
-        state.parsed.clear()
+        state.in_window = state.received = state.arrived = state.reads = 0
+        state.begin()
         lost_before = state.lost_conns
         for s in subs:
             s.reset(first, count)
+        meter = CpuWindow(p.get("server_pids") if ctl.index == 0 else None)
+        meter.schedule(win_start, win_end)
         pub_task = None
         if publisher is not None:
             publisher.state = {"sent": 0}
@@ -373,6 +634,7 @@ async def worker(ctl: Control, p: dict) -> None:
             in_window=state.in_window,
             arrived=state.arrived,
             received=state.received,
+            reads=state.reads,
             unique=sum(s.unique for s in subs),
             duplicates=sum(s.dups for s in subs),
             out_of_order=sum(s.ooo for s in subs),
@@ -384,6 +646,7 @@ async def worker(ctl: Control, p: dict) -> None:
             publisher=pub,
             publisher_errors=publisher.errors if publisher is not None else 0,
             publisher_error=publisher.error_text if publisher is not None else "",
+            cpu=meter.result(),
         )
     for s in subs:
         s.close()
@@ -440,6 +703,7 @@ def merge_step(step: dict, results: dict[int, dict], max_p99_ms: float) -> dict[
         "expected_deliveries": expected,
         "delivered": unique,
         "received": sum(r["received"] for r in results.values()),
+        "subscriber_reads": sum(r["reads"] for r in results.values()),
         "lost": lost,
         "duplicates": duplicates,
         "out_of_order": ooo,
@@ -453,6 +717,7 @@ def merge_step(step: dict, results: dict[int, dict], max_p99_ms: float) -> dict[
         "publisher_errors": results[0]["publisher_errors"],
         "clean": not reasons,
         "problems": reasons,
+        "cpu": merge_cpu({i: r["cpu"] for i, r in results.items()}),
         "histogram_ns": hist.to_dict(),
     }
 

@@ -22,10 +22,15 @@ class BenchError(Exception):
     """A problem the user can fix (bad URL, refused target, server not answering as expected)."""
 
 
+#: URL schemes that are plain TCP to a known peer; the protocol follows from them unless
+#: --protocol says otherwise
+TCP_ALIASES = {"redis": "tcp", "nats": "tcp"}
+
+
 @dataclass(frozen=True)
 class Target:
     url: str
-    scheme: str  # tcp | ws
+    scheme: str  # tcp | ws (redis:// and nats:// are tcp)
     host: str  # the address connected to (resolved)
     port: int
     path: str = "/"
@@ -47,8 +52,9 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def parse_target(url: str, *, allow_remote: bool = False, schemes: tuple[str, ...] = ("tcp", "ws")) -> Target:
-    """``tcp://HOST:PORT`` or ``ws://HOST:PORT/PATH`` to a :class:`Target`, resolving the host.
+def parse_target(url: str, *, allow_remote: bool = False, schemes: tuple[str, ...] = ("tcp", "ws", "redis", "nats")) -> Target:
+    """``tcp://HOST:PORT``, ``ws://HOST:PORT/PATH`` (or ``redis://``, ``nats://``: plain TCP)
+    to a :class:`Target`, resolving the host.
 
     Refuses a host that is not (or does not resolve only to) a loopback address unless
     ``allow_remote``: a load generator pointed at someone else's machine is an attack."""
@@ -76,7 +82,11 @@ def parse_target(url: str, *, allow_remote: bool = False, schemes: tuple[str, ..
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Target(url=url, scheme=scheme, host=addresses[0], port=port, path=path, hostname=host)
+    return Target(url=url, scheme=TCP_ALIASES.get(scheme, scheme), host=addresses[0], port=port, path=path, hostname=host)
+
+
+def url_scheme(url: str) -> str:
+    return urlsplit(url).scheme.lower()
 
 
 def raise_nofile_limit() -> int:

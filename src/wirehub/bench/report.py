@@ -99,8 +99,37 @@ def _latency_rows(lat: dict[str, Any], label: str) -> list[tuple[str, str]]:
     return [(f"{label} {k}", _ms(lat.get(k))) for k in ("p50", "p90", "p99", "p99.9", "max")]
 
 
+def _cores(v: Any) -> str:
+    return "-" if v is None else f"{v:.2f} cores"
+
+
+def _cpu_rows(cpu: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The load processes' and the server's CPU use over the measured window."""
+    if not cpu:
+        return []
+    loader = cpu["loader"]
+    per = ", ".join("-" if x is None else f"{x:.2f}" for x in loader["per_process"])
+    rows = [("load CPU", f"{_cores(loader['total'])} ({per})" + ("  SATURATED" if loader["saturated"] else ""))]
+    if cpu["server"]["pids"]:
+        rows.append(("server CPU", _cores(cpu["server"]["cores"])))
+    if cpu.get("cores_busy"):
+        rows.append(("cores busy", ", ".join(f"{k} {v:.2f}" for k, v in cpu["cores_busy"].items())))
+    return rows
+
+
+def _cpu_cell(cpu: dict[str, Any] | None) -> str:
+    if not cpu:
+        return "-"
+    total = cpu["loader"]["total"]
+    text = "-" if total is None else f"{total:.2f}"
+    if cpu["loader"]["saturated"]:
+        text += "!"
+    server = cpu["server"]["cores"]
+    return text + ("" if server is None else f"/{server:.2f}")
+
+
 def echo_table(p: dict[str, Any], r: dict[str, Any]) -> str:
-    size = "ping frames" if p["protocol"] == "hub" else f"{p['size']} B"
+    size = {"hub": "ping frames", "raw": "the hub's ping bytes"}.get(p["protocol"], f"{p['size']} B")
     title = (
         f"wirehub bench echo  {p['url']}  --protocol {p['protocol']}: {p['connections']} connections x "
         f"pipeline {p['pipeline']}, {size}, {p['duration']:g} s (+{p['warmup']:g} s warmup), "
@@ -113,6 +142,7 @@ def echo_table(p: dict[str, Any], r: dict[str, Any]) -> str:
     ]
     rows += _latency_rows(r["latency_ms"], "burst round trip")
     rows += [("errors", _num(r["errors"])), ("stalled connections", _num(r["stalled_connections"]))]
+    rows += _cpu_rows(r.get("cpu"))
     out = _table(title, rows)
     if r["error"]:
         out += f"\nfirst error: {r['error']}"
@@ -122,7 +152,7 @@ def echo_table(p: dict[str, Any], r: dict[str, Any]) -> str:
 def fanout_table(p: dict[str, Any], r: dict[str, Any]) -> str:
     steps = r["steps"]
     title = (
-        f"wirehub bench fanout  {p['url']}: {p['subscribers']} subscribers in {p['room']!r}, {p['size']} B data, "
+        f"wirehub bench fanout  {p['url']} ({p.get('protocol') or 'hub'}): {p['subscribers']} subscribers in {p['room']!r}, {p['size']} B data, "
         f"{p['duration']:g} s (+{p['warmup']:g} s warmup) per step, "
         f"{r['processes']} load process{'es' if r['processes'] != 1 else ''}"
     )
@@ -141,18 +171,21 @@ def fanout_table(p: dict[str, Any], r: dict[str, Any]) -> str:
         ]
         rows += _latency_rows(s["latency_ms"], "end-to-end")
         rows.append(("publisher lag max", _ms(s["publisher_lag_ms"])))
+        rows += _cpu_rows(s.get("cpu"))
         out = _table(title, rows)
         if s["problems"]:
             out += "\nproblems: " + "; ".join(s["problems"])
         return out
-    head = f"{'step':>4}  {'rate':>10}  {'published':>10}  {'deliveries/s':>13}  {'lost':>8}  {'dup':>5}  {'ooo':>5}  {'p50':>10}  {'p99':>10}  {'max':>10}  result"
+    head = (f"{'step':>4}  {'rate':>10}  {'published':>10}  {'deliveries/s':>13}  {'lost':>8}  {'dup':>5}  {'ooo':>5}  "
+            f"{'p50':>10}  {'p99':>10}  {'max':>10}  {'cpu load/srv':>12}  result")
     lines = [title, "-" * len(head), head]
     for k, s in enumerate(steps, 1):
         lat = s["latency_ms"]
         lines.append(
             f"{k:>4}  {_num(s['rate']):>10}  {_num(s['published']):>10}  {_num(s['deliveries_per_s']):>13}  "
             f"{_num(s['lost']):>8}  {_num(s['duplicates']):>5}  {_num(s['out_of_order']):>5}  {_ms(lat.get('p50')):>10}  "
-            f"{_ms(lat.get('p99')):>10}  {_ms(lat.get('max')):>10}  {'clean' if s['clean'] else '; '.join(s['problems'])}"
+            f"{_ms(lat.get('p99')):>10}  {_ms(lat.get('max')):>10}  {_cpu_cell(s.get('cpu')):>12}  "
+            f"{'clean' if s['clean'] else '; '.join(s['problems'])}"
         )
     if r["highest_clean_rate"] is not None:
         lines.append(
@@ -161,6 +194,8 @@ def fanout_table(p: dict[str, Any], r: dict[str, Any]) -> str:
         )
     else:
         lines.append("no clean step: even the first rate lost messages or exceeded --max-p99")
+    lines.append("cpu load/srv: the load processes' / the server's CPU use in the measured window, in cores "
+                 "(! = a load process or the load cores were >= 90 % busy: the step may be the load generator's limit)")
     return "\n".join(lines)
 
 
@@ -192,10 +227,10 @@ def conns_table(p: dict[str, Any], r: dict[str, Any]) -> str:
 
 def require_matplotlib() -> None:
     """Fail before any load is generated when --plot cannot be honoured."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise BenchError(PLOT_HINT) from None
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise BenchError(PLOT_HINT)
 
 
 def plot(path: str, doc: dict[str, Any]) -> None:

@@ -23,6 +23,8 @@ from typing import Any, Callable
 from .net import BenchError, raise_nofile_limit
 
 PROGRESS_EVERY = 0.25  # seconds between a worker's progress reports
+SATURATED = 0.9  # a load process busy this fraction of the wall time may be what limits the figure
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class Stopped(Exception):
@@ -138,6 +140,158 @@ def progress_task(ctl: Control, snapshot: Callable[[], dict]) -> asyncio.Task:
             ctl.send("progress", **snapshot())
 
     return asyncio.ensure_future(loop())
+
+
+# ----------------------------------------------------------------------------- CPU use
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads) in seconds, from /proc/PID/stat;
+    None when it cannot be read (gone, another user's, not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2 :].split()  # the name may hold spaces; fields from 3 on
+    try:
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime: fields 14 and 15
+    except (IndexError, ValueError):
+        return None
+
+
+def core_times() -> dict[str, tuple[int, int]]:
+    """Per CPU: (busy, total) jiffies since boot from /proc/stat; busy counts user, system,
+    interrupts and softirqs (loopback TCP is largely processed in softirqs, which no
+    process's CPU time shows). Empty when unreadable."""
+    out = {}
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if not line.startswith("cpu"):
+                    break
+                name, *vals = line.split()
+                if name == "cpu":
+                    continue
+                v = [int(x) for x in vals[:8]]
+                total = sum(v)
+                out[name] = (total - v[3] - v[4], total)  # minus idle and iowait
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def core_busy(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, float]:
+    out = {}
+    for name, (b1, t1) in after.items():
+        if name in before:
+            b0, t0 = before[name]
+            if t1 > t0:
+                out[name] = round((b1 - b0) / (t1 - t0), 3)
+    return out
+
+
+class CpuWindow:
+    """CPU time used by this load process, and by the server's processes, between two
+    instants (the measured window): whether the load generator or the server was the one
+    that ran out of CPU. Started and stopped by timers on the worker's event loop."""
+
+    __slots__ = ("server_pids", "t0", "t1", "c0", "c1", "s0", "s1", "k0", "k1")
+
+    def __init__(self, server_pids: list[int] | None = None) -> None:
+        self.server_pids = list(server_pids or [])
+        self.t0 = self.t1 = 0
+        self.c0 = self.c1 = 0.0
+        self.s0: dict[int, float | None] = {}
+        self.s1: dict[int, float | None] = {}
+        self.k0: dict[str, tuple[int, int]] = {}
+        self.k1: dict[str, tuple[int, int]] = {}
+
+    def schedule(self, start_ns: int, end_ns: int) -> None:
+        loop = asyncio.get_running_loop()
+        now = time.monotonic_ns()
+        loop.call_later(max(0.0, (start_ns - now) / 1e9), self.start)
+        loop.call_later(max(0.0, (end_ns - now) / 1e9), self.stop)
+
+    def start(self) -> None:
+        self.k0 = core_times()
+        self.s0 = {pid: process_cpu_seconds(pid) for pid in self.server_pids}
+        self.c0 = time.process_time()
+        self.t0 = time.monotonic_ns()
+        self.t1 = 0
+
+    def stop(self) -> None:
+        if not self.t0 or self.t1:
+            return
+        self.t1 = time.monotonic_ns()
+        self.c1 = time.process_time()
+        self.s1 = {pid: process_cpu_seconds(pid) for pid in self.server_pids}
+        self.k1 = core_times()
+
+    def result(self) -> dict:
+        """``wall_s``, ``cpu_s`` (this process), ``server_cpu_s`` (pid -> seconds, or None) and
+        ``cores_busy`` (cpuN -> fraction of the window it was busy, whoever with)."""
+        if self.t0 and not self.t1:
+            self.stop()
+        if not self.t0:
+            return {"wall_s": 0.0, "cpu_s": 0.0, "server_cpu_s": {}, "cores_busy": {}}
+        server = {}
+        for pid in self.server_pids:
+            a, b = self.s0.get(pid), self.s1.get(pid)
+            server[str(pid)] = None if a is None or b is None else round(b - a, 3)
+        return {"wall_s": (self.t1 - self.t0) / 1e9, "cpu_s": self.c1 - self.c0, "server_cpu_s": server,
+                "cores_busy": core_busy(self.k0, self.k1)}
+
+
+def merge_cpu(windows: dict[int, dict], loader_cores: int | None = None) -> dict:
+    """The load processes' and the server's CPU use over the measured window, as fractions
+    of one core: ``loader.per_process``, ``loader.total``, ``loader.saturated`` (a load
+    process, or all of them together on the cores they may use, busy >= 90 % of the time:
+    the figure may be the load generator's limit, not the server's), ``server.cores``."""
+    if loader_cores is None:
+        loader_cores = available_cores()
+    per = []
+    for i in sorted(windows):
+        w = windows[i]
+        per.append(round(w["cpu_s"] / w["wall_s"], 3) if w["wall_s"] > 0 else None)
+    known = [x for x in per if x is not None]
+    total = round(sum(known), 3) if known else None
+    saturated = bool(known) and (max(known) >= SATURATED or total >= SATURATED * loader_cores)
+    server: dict[str, Any] = {"pids": [], "cores": None}
+    first = windows.get(0) or {}
+    if first.get("server_cpu_s"):
+        pids = [int(p) for p in first["server_cpu_s"]]
+        used = [v for v in first["server_cpu_s"].values() if v is not None]
+        server["pids"] = pids
+        if used and first["wall_s"] > 0 and len(used) == len(pids):
+            server["cores"] = round(sum(used) / first["wall_s"], 3)
+    affinity = sorted(available_core_ids())
+    busy = first.get("cores_busy") or {}
+    loader_busy = [busy.get(f"cpu{c}") for c in affinity]
+    if len(affinity) < len(busy) and loader_busy and all(b is not None for b in loader_busy):
+        # the load is pinned to some cores: when they are busy (softirqs included) all the
+        # time, the load generator may be what limits the figure even if its processes'
+        # own CPU time does not show it
+        saturated = saturated or sum(loader_busy) >= SATURATED * len(loader_busy)  # type: ignore[arg-type]
+    return {
+        "loader": {"per_process": per, "total": total, "cores_available": loader_cores, "cores": affinity,
+                   "saturated": saturated},
+        "server": server,
+        "cores_busy": busy,
+        "note": "CPU time / wall time over the measured window, in cores (1.0 = one core busy all the time); "
+                "cores_busy: each CPU's busy fraction (user, system, irq, softirq) whoever used it",
+    }
+
+
+def available_core_ids() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover
+        return set(range(os.cpu_count() or 1))
+
+
+def available_cores() -> int:
+    return len(available_core_ids())
 
 
 # ----------------------------------------------------------------------------- parent side
