@@ -257,18 +257,18 @@ ROWS = [
         "(p99 ≤ 100 ms, no loss) — vs redis-server pub/sub", "wh-fanout", "redis-fanout", "deliveries/s", (">=", 1.0)),
     Row("fanout-nats", "fanout", "hub fan-out 1 → {subs} subscribers — vs nats-server (context)",
         "wh-fanout", "nats-fanout", "deliveries/s"),
-    Row("conns", "conns", "idle hub connections joined to a room, RSS per connection at {conns} (default settings)",
-        "wh-conns", None, "B/conn", ("<=KB", 4.0)),
     Row("conns-nopresence", "conns", "idle hub connections joined to a room, RSS per connection at {conns} "
         "(presence off for the room)", "wh-conns-nopresence", None, "B/conn", ("<=KB", 4.0)),
-    Row("conns-uvloop", "conns", "idle connections, RSS per connection — wirehub (joined, default) vs bare uvloop "
-        "server (context; lower is better)", "wh-conns", "uv-conns", "B/conn"),
+    Row("conns", "conns", "idle hub connections joined to a room, RSS per connection at {conns} (default settings: "
+        "presence on, so each join was announced to every member; context)", "wh-conns", None, "B/conn"),
+    Row("conns-uvloop", "conns", "idle connections, RSS per connection — wirehub (joined, presence off) vs bare "
+        "uvloop server (context; lower is better)", "wh-conns-nopresence", "uv-conns", "B/conn"),
     Row("conns-node", "conns", "idle connections, RSS per connection — vs Node net server (context)",
-        "wh-conns", "node-conns", "B/conn"),
+        "wh-conns-nopresence", "node-conns", "B/conn"),
     Row("conns-redis", "conns", "idle connections, RSS per connection — vs redis-server (context)",
-        "wh-conns", "redis-conns", "B/conn"),
+        "wh-conns-nopresence", "redis-conns", "B/conn"),
     Row("conns-nats", "conns", "idle connections, RSS per connection — vs nats-server (context)",
-        "wh-conns", "nats-conns", "B/conn"),
+        "wh-conns-nopresence", "nats-conns", "B/conn"),
 ]
 ROW_IDS = [r.id for r in ROWS]
 SCALE_NOTE = ("The 19,000-connection rows assume the open-file limit of this machine (20,000); "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import inspect
 import itertools
 import secrets
@@ -122,6 +123,68 @@ class Flusher:
         write_out(dirty, False)
 
 
+class Deadlines:
+    """Every connection's handshake and idle deadline on one loop timer.
+
+    A connection is filed under the ``TICK``-wide slot its deadline falls in (rounded up, so
+    it is never checked early), and the connections of a slot are checked together when it
+    comes due. A connection costs one set entry here instead of a loop timer of its own (a
+    uvloop timer handle is ~600 bytes), and moving a deadline costs a set operation."""
+
+    TICK = 0.02  # seconds: how late a deadline may be noticed
+
+    __slots__ = ("_loop", "_slots", "_keys", "_timer", "_armed")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._slots: dict[int, set[Connection]] = {}
+        self._keys: list[int] = []  # heap of the slots' keys
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed = 0  # the key the loop timer fires for
+
+    def file(self, conn: Connection, when: float) -> int:
+        """File ``conn`` to be checked at loop time ``when`` or just after; returns its key."""
+        key = -int(-when // self.TICK)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = set()
+            heapq.heappush(self._keys, key)
+            if self._timer is None or key < self._armed:
+                self._arm(key)
+        slot.add(conn)
+        return key
+
+    def unfile(self, conn: Connection, key: int) -> None:
+        slot = self._slots.get(key)
+        if slot is not None:
+            slot.discard(conn)  # an emptied slot stays until due: it costs one empty check
+
+    def due(self, key: int) -> float:
+        return key * self.TICK
+
+    def _arm(self, key: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._armed = key
+        self._timer = self._loop.call_at(key * self.TICK, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        keys = self._keys
+        # a loop timer may fire up to a millisecond early (libuv counts milliseconds)
+        horizon = self._loop.time() + 0.002
+        while keys and keys[0] * self.TICK <= horizon:
+            slot = self._slots.pop(heapq.heappop(keys), None)
+            for conn in slot or ():
+                conn._deadline = 0
+                try:
+                    conn._deadline_check()
+                except Exception:
+                    log.exception("deadline_check_failed", conn=conn.id)
+        if keys:
+            self._arm(keys[0])
+
+
 def write_out(conns: Iterable[Connection], force: bool) -> None:
     """Write each connection's pending frames (one joined write per connection), unless it
     is closed or, without ``force``, the peer is behind. The body of ``Connection._flush``,
@@ -176,13 +239,14 @@ def broadcast(conns: Iterable[Connection], payload: bytes) -> int:
 class Context:
     """What every connection of one server shares: loop, handlers, settings, registry."""
 
-    __slots__ = ("loop", "handlers", "settings", "flusher", "registry", "now", "max_send_buffer")
+    __slots__ = ("loop", "handlers", "settings", "flusher", "deadlines", "registry", "now", "max_send_buffer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, handlers: Handlers, settings: Settings, registry: Any) -> None:
         self.loop = loop
         self.handlers = handlers
         self.settings = settings
         self.flusher = Flusher(loop)
+        self.deadlines = Deadlines(loop)
         self.registry = registry
         self.now = loop.time
         self.max_send_buffer = settings.max_send_buffer  # read on every send: one lookup, not two
@@ -221,6 +285,7 @@ class Connection:
         "_greeted",
         "_idle_timeout",
         "_timer",
+        "_deadline",
         "_queue",
         "_pump",
         "_drain_waiter",
@@ -258,7 +323,8 @@ class Connection:
         self._closed = False
         self._greeted = False
         self._idle_timeout = ctx.settings.idle_timeout
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # close_timeout's abort
+        self._deadline = 0  # key of this connection's next deadline in ctx.deadlines (0: none)
         self._queue: collections.deque | None = None
         self._pump: asyncio.Task | None = None
         self._drain_waiter: asyncio.Future | None = None
@@ -309,7 +375,7 @@ class Connection:
         self._idle_timeout = seconds
         if self._closed or self._close_reason is not None:
             return
-        if self._greeted or self._timer is not None:  # before the first frame, the nearer deadline wins
+        if self._greeted or self._deadline:  # before the first frame, the nearer deadline wins
             self._arm_deadline()
 
     # send and send_wire share their body rather than call a helper: they run once per frame
@@ -479,10 +545,10 @@ class Connection:
             except Exception:
                 self._handler_failed("connect")
 
-    # One timer per connection for the handshake deadline (until the first frame) and the
-    # idle timeout (after it). It is lazy: reading does not touch it, and a timer that fires
-    # sooner than needed is kept (it finds nothing due and re-arms), so changing a deadline
-    # later creates no timer. A new one is made only when a deadline comes nearer.
+    # One deadline per connection, filed in ctx.deadlines: the handshake deadline (until the
+    # first frame) or the idle timeout (after it). It is lazy: reading does not touch it, and
+    # a check due sooner than needed is kept (it finds nothing due and re-files), so a
+    # deadline that moves later costs nothing. It is re-filed only when it comes nearer.
 
     def _next_deadline(self) -> float:
         """Loop time of the next deadline (0: none)."""
@@ -494,19 +560,20 @@ class Connection:
 
     def _arm_deadline(self) -> None:
         if self._close_reason is not None or self._closed:
-            return  # the timer is now close_timeout's
+            return  # closing: close_timeout's abort is the only deadline left
         when = self._next_deadline()
-        timer = self._timer
-        if timer is not None:
-            if when and timer.when() <= when:
-                return
-            timer.cancel()
-            self._timer = None
+        deadlines = self._ctx.deadlines
+        key = self._deadline
+        if key:
+            if when and deadlines.due(key) <= when:
+                return  # filed to be checked sooner: that check re-files it
+            deadlines.unfile(self, key)
+            self._deadline = 0
         if when:
-            self._timer = self._ctx.loop.call_at(when, self._deadline_check)
+            self._deadline = deadlines.file(self, when)
 
     def _deadline_check(self) -> None:
-        self._timer = None
+        """A deadline may have passed (called by ``ctx.deadlines``)."""
         if self._closed or self._close_reason is not None:
             return
         now = self._ctx.now() + 0.001
@@ -525,6 +592,9 @@ class Connection:
         self._arm_deadline()
 
     def _cancel_timer(self) -> None:
+        if self._deadline:
+            self._ctx.deadlines.unfile(self, self._deadline)
+            self._deadline = 0
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
