@@ -49,6 +49,8 @@ Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 ENV_PREFIX = "WIREHUB_"
 ENV_CONFIG = "WIREHUB_CONFIG"
+#: variables of wirehub's that are not options (read elsewhere)
+ENV_OTHER = frozenset((ENV_CONFIG, "WIREHUB_PURE_PYTHON"))
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -853,7 +855,7 @@ def load(
                 apply(opt, raw, where, False)
 
     for var in sorted(env):
-        if not var.startswith(ENV_PREFIX) or var == ENV_CONFIG:
+        if not var.startswith(ENV_PREFIX) or var in ENV_OTHER:
             continue
         opt = _BY_ENV.get(var)
         if opt is None:
