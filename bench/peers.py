@@ -689,6 +689,8 @@ def versions() -> dict[str, str]:
     if commit:
         dirty = _run_text(["git", "status", "--porcelain", "--untracked-files=no"])
         out["wirehub"] += f" (git {commit}{', with uncommitted changes' if dirty else ''})"
+    accelerator = _run_text([sys.executable, "-c", "import wirehub.transport.connection as c; print(c.ACCELERATOR)"])
+    out["wirehub"] += f", accelerator {accelerator or 'unknown'}"
     m = re.search(r"v=(\S+)", _run_text(["redis-server", "--version"]))
     out["redis-server"] = m.group(1) if m else "not found"
     m = re.search(r"v?(\d+\.\d+\.\d+)", _run_text(["nats-server", "--version"]))
