@@ -10,6 +10,8 @@ versions of the hot path. Throughput through real sockets is ``bench/peers.py``'
     python bench/hotpath.py                  # every case
     python bench/hotpath.py --case line-echo --case hub-ping --seconds 2
     python bench/hotpath.py --profile hub-fanout   # cProfile of one case
+    python bench/hotpath.py --markdown docs/benchmarks.md --baseline cc3e463
+                                             # compiled vs Python code vs an old revision, into the docs
 
 Cases:
   line-echo     the echo app (``wirehub run wirehub.apps.echo:app``), TCP, 16 lines of 64 B per read
@@ -23,10 +25,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import json
 import logging
+import os
 import pstats
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -241,26 +248,139 @@ async def measure(name: str, seconds: float, profile: bool) -> float:
         await server.shutdown()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", action="append", choices=sorted(CASES), help="repeatable; default: all")
-    parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--runs", type=int, default=3, help="the best of N runs is reported")
-    parser.add_argument("--profile", choices=sorted(CASES), help="cProfile one case instead")
-    args = parser.parse_args()
-    logging.disable(logging.WARNING)
+SECTION = "## The hot path, in-process"
+UNITS = {"hub-fanout": "delivery"}
+DESCRIBE = {
+    "line-echo": "framework line echo (the echo app), 16 lines of 64 B per read",
+    "hub-ping": "hub `ping`→`pong` over TCP, 16 per read",
+    "hub-ws-ping": "hub `ping`→`pong` over WebSocket, 16 per read",
+    "hub-fanout": "hub fan-out: one publication to 1,000 TCP members, per delivery",
+}
+
+
+def measure_all(cases: list[str], seconds: float, runs: int) -> dict[str, float]:
+    """Best of ``runs`` for each case, in this process, in ns."""
     try:
         import uvloop
 
         run = uvloop.run
     except ImportError:
         run = asyncio.run
+    return {name: min(run(measure(name, seconds, False)) for _ in range(runs)) for name in cases}
+
+
+def measure_variant(label: str, env: dict[str, str], cases: list[str], seconds: float, runs: int) -> dict[str, Any]:
+    """Run this script in a child process under ``env``; its figures and the accelerator state."""
+    cmd = [sys.executable, __file__, "--json", "--seconds", str(seconds), "--runs", str(runs)]
+    for name in cases:
+        cmd += ["--case", name]
+    print(f"measuring {label} ...", file=sys.stderr, flush=True)
+    out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=3600, check=True)
+    return json.loads(out.stdout)
+
+
+def baseline_tree(rev: str, where: str) -> str:
+    """Check out ``rev`` of this repository into ``where``; return its ``src`` folder."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(["git", "-C", root, "worktree", "add", "--detach", "-f", where, rev], check=True, capture_output=True)
+    return os.path.join(where, "src")
+
+
+def markdown(variants: list[tuple[str, str, dict[str, Any]]], cases: list[str], command: str) -> str:
+    head = ["case"] + [label for label, _, _ in variants]
+    lines = [
+        SECTION,
+        "",
+        "The CPU cost of the hot path per message, without sockets: `bench/hotpath.py` builds a real server",
+        "(no listeners) and real connections on a transport that only counts what it is given, feeds them",
+        "reads as the event loop would and flushes as the loop would, and reports the CPU time (the",
+        "process's, so another program on the core does not count) per message, best of several runs. No",
+        "syscalls and no load generator: this is the Python work alone, the figure used to choose between",
+        "two versions of the hot path. The socket figures are the table at the top.",
+        "",
+        f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "| --- |" + " ---: |" * len(variants),
+    ]
+    for name in cases:
+        row = [DESCRIBE[name]]
+        for _, _, figures in variants:
+            ns = figures["ns"].get(name)
+            row.append(f"{ns:,.0f} ns" if ns is not None else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for label, what, figures in variants:
+        lines.append(f"- **{label}**: {what} (accelerator: {figures.get('accelerator', 'n/a')}).")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: str, text: str) -> None:
+    """Replace this script's section of ``path`` (from its heading to the next ``## ``), or
+    append it."""
+    with open(path) as f:
+        doc = f.read()
+    at = doc.find(SECTION)
+    if at < 0:
+        doc = doc.rstrip("\n") + "\n\n" + text
+    else:
+        end = doc.find("\n## ", at + len(SECTION))
+        doc = doc[:at] + text + (doc[end:] if end >= 0 else "")
+    with open(path, "w") as f:
+        f.write(doc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", action="append", choices=sorted(CASES), help="repeatable; default: all")
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--runs", type=int, default=3, help="the best of N runs is reported")
+    parser.add_argument("--profile", choices=sorted(CASES), help="cProfile one case instead")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--markdown", metavar="FILE", help="measure the compiled and the Python code (and --baseline) "
+                        "in child processes and write the table into FILE's hot-path section")
+    parser.add_argument("--baseline", metavar="REV", help="with --markdown: also measure this git revision's code")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    cases = args.case or list(CASES)
     if args.profile:
-        run(measure(args.profile, args.seconds, True))
+        try:
+            import uvloop
+
+            uvloop.run(measure(args.profile, args.seconds, True))
+        except ImportError:
+            asyncio.run(measure(args.profile, args.seconds, True))
         return
-    for name in args.case or list(CASES):
-        best = min(run(measure(name, args.seconds, False)) for _ in range(args.runs))
-        unit = "delivery" if name == "hub-fanout" else "message"
+    if args.markdown:
+        variants = []
+        if args.baseline:
+            with tempfile.TemporaryDirectory(prefix="wirehub-baseline-") as tmp:
+                src = baseline_tree(args.baseline, os.path.join(tmp, "tree"))
+                try:
+                    figures = measure_variant(args.baseline, {"PYTHONPATH": src, "WIREHUB_PURE_PYTHON": "1"},
+                                              cases, args.seconds, args.runs)
+                finally:
+                    subprocess.run(["git", "worktree", "remove", "--force", os.path.join(tmp, "tree")], capture_output=True)
+            variants.append((f"git {args.baseline}", f"the code of revision {args.baseline} (pure Python)", figures))
+        variants.append(("Python code", "this tree with `WIREHUB_PURE_PYTHON=1`",
+                         measure_variant("the Python code", {"WIREHUB_PURE_PYTHON": "1"}, cases, args.seconds, args.runs)))
+        compiled = measure_variant("the compiled accelerator", {"WIREHUB_PURE_PYTHON": "0"}, cases, args.seconds, args.runs)
+        if compiled.get("accelerator") == "compiled":
+            variants.append(("compiled", "this tree as installed, with the compiled accelerator", compiled))
+        command = "python bench/hotpath.py --markdown " + args.markdown + (f" --baseline {args.baseline}" if args.baseline else "")
+        write_section(args.markdown, markdown(variants, cases, command))
+        print(f"wrote {args.markdown}", file=sys.stderr)
+        return
+    figures = measure_all(cases, args.seconds, args.runs)
+    if args.json:
+        try:
+            from wirehub.transport.connection import ACCELERATOR
+        except ImportError:  # a revision from before the accelerator
+            ACCELERATOR = "none (before the accelerator)"
+        print(json.dumps({"ns": figures, "accelerator": ACCELERATOR}))
+        return
+    for name, best in figures.items():
+        unit = UNITS.get(name, "message")
         print(f"{name:12s} {best:8.0f} ns per {unit}  ({1e9 / best:,.0f}/s on one core)", flush=True)
 
 

@@ -40,6 +40,10 @@ class App:
     def __init__(self, *, framing: str | Framing = "line", name: str | None = None) -> None:
         self.framing: Framing = get_framing(framing) if isinstance(framing, str) else framing
         self.name = name or type(self).__name__
+        #: frames the server answers itself, in order with the rest, without calling the frame
+        #: handler: a frame equal to a key gets its value back (heartbeats; the compiled core
+        #: answers them with no Python call). Set before the server starts.
+        self.replies: dict[bytes, bytes] = {}
 
     # --------------------------------------------------------------- overridable handlers
 
@@ -118,4 +122,5 @@ class App:
             frame_error=self.frame_error,
             disconnect=self.disconnect,
             closing=self.closing,
+            replies=dict(self.replies) or None,
         )

@@ -76,13 +76,10 @@ class Session:
         "tokens",
         "tokens_at",
         "expiry",
-        "pong",
     )
 
-    def __init__(self, conn: Connection, pong: bytes) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        #: ``{"op":"pong"}`` already encoded for this connection's framing (shared bytes)
-        self.pong = pong
         self.client = conn.id
         self.client_json = wire.json_str(conn.id)
         self.user = "anon-" + conn.id
@@ -168,9 +165,9 @@ class HubApp(App):
         self.rooms: dict[str, Room] = {}
         self.sessions: dict[str, Session] = {}
         self.server: Server | None = None
-        #: no auth and no rate limit: a bare ping is answered without looking at the session
-        self._ungated = self.verifier is None and not config.rate_limit
-        self._pongs: dict[Any, bytes] = {}  # encoder -> its pong, built once
+        if self.verifier is None and not config.rate_limit:
+            # no auth and no rate limit: a bare ping needs no session, the server answers it
+            self.replies[wire.PING] = wire.PONG
         self._heartbeat = int(config.heartbeat) if config.heartbeat == int(config.heartbeat) else config.heartbeat
         self._ops: dict[type, Callable[[Session, Any], Awaitable[None]]] = {
             Hello: self._hello,
@@ -229,10 +226,7 @@ class HubApp(App):
     _all_gone: asyncio.Event | None = None
 
     def _new_session(self, conn: Connection) -> Session:
-        pong = self._pongs.get(conn.encode)
-        if pong is None:
-            pong = self._pongs[conn.encode] = conn.encode(wire.PONG)
-        session = Session(conn, pong)
+        session = Session(conn)
         conn.idle_timeout = self.config.hello_timeout
         self.sessions[session.client] = session
         return session
@@ -279,9 +273,6 @@ class HubApp(App):
 
     def _frame_inline(self, conn: Connection, data: bytes) -> None:
         session: Session = self.sessions[conn.id]
-        if data == wire.PING and self._ungated:  # the heartbeat as clients send it: no decode
-            conn.send_wire(session.pong)
-            return
         cmd = wire.decode(data)
         if type(cmd) is Ping:  # the hot path: no coroutine
             if self._admit(session, cmd.ref) and not self._needs_hello(session, cmd.ref):
@@ -298,9 +289,6 @@ class HubApp(App):
 
     async def _frame_async(self, conn: Connection, data: bytes) -> None:
         session: Session = self.sessions[conn.id]
-        if data == wire.PING and self._ungated:
-            conn.send_wire(session.pong)
-            return
         cmd = wire.decode(data)
         if type(cmd) is ProtocolError:
             self._error(session, cmd.code, cmd.message, cmd.ref)

@@ -80,6 +80,8 @@ class Handlers:
     disconnect_async: bool = False
     #: True when frames must go through a per-connection task (some handler awaits)
     pumped: bool = False
+    #: frames the server answers itself (``App.replies``), None when there are none
+    replies: dict[bytes, bytes] | None = None
 
     def __post_init__(self) -> None:
         self.connect_async = inspect.iscoroutinefunction(self.connect)
@@ -618,12 +620,18 @@ class Connection:
                 self._enqueue(item)
             return
         frame = handlers.frame
+        replies = handlers.replies
         try:
             for item in items:
                 if self._close_reason is not None:
                     return
                 if type(item) is bytes:
                     self.frames_in += 1
+                    if replies is not None:
+                        reply = replies.get(item)
+                        if reply is not None:
+                            self.send(reply)
+                            continue
                     frame(self, item)
                 else:
                     handlers.frame_error(self, item)
@@ -639,6 +647,11 @@ class Connection:
             self._enqueue(frame)
             return
         self.frames_in += 1
+        if handlers.replies is not None:
+            reply = handlers.replies.get(frame)
+            if reply is not None:
+                self.send(reply)
+                return
         try:
             handlers.frame(self, frame)
         except Exception:
@@ -677,7 +690,11 @@ class Connection:
                     if self._close_reason is not None:
                         continue
                     self.frames_in += 1
-                    await _maybe_await(handlers.frame(self, item))
+                    reply = handlers.replies.get(item) if handlers.replies is not None else None
+                    if reply is not None:
+                        self.send(reply)
+                    else:
+                        await _maybe_await(handlers.frame(self, item))
                 elif type(item) is _Disconnect:
                     await _maybe_await(handlers.disconnect(self, item.reason))
                 elif self._close_reason is None:
