@@ -371,6 +371,12 @@ def main() -> None:
         write_section(args.markdown, markdown(variants, cases, command))
         print(f"wrote {args.markdown}", file=sys.stderr)
         return
+    try:  # as `wirehub run` and `wirehub serve` set the garbage collector
+        from wirehub.server.supervisor import tune_gc
+    except ImportError:  # a revision from before it
+        pass
+    else:
+        tune_gc()
     figures = measure_all(cases, args.seconds, args.runs)
     if args.json:
         try:
