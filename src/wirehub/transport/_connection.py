@@ -25,6 +25,7 @@ import inspect
 import itertools
 import secrets
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable
 
@@ -82,6 +83,17 @@ class Handlers:
     pumped: bool = False
     #: frames the server answers itself (``App.replies``), None when there are none
     replies: dict[bytes, bytes] | None = None
+    #: the replies encoded, per encoder (built on first use)
+    reply_wires: dict[Any, dict[bytes, bytes]] = dataclasses.field(default_factory=dict)
+
+    def wires_for(self, encode: Any) -> dict[bytes, bytes]:
+        """``replies`` with each answer encoded by ``encode``: built once per encoder."""
+        wires = self.reply_wires.get(encode)
+        if wires is None:
+            wires = {k: encode(v) for k, v in (self.replies or {}).items()}
+            if len(self.reply_wires) < 16:  # framings are few; an app's own encoders may not be
+                self.reply_wires[encode] = wires
+        return wires
 
     def __post_init__(self) -> None:
         self.connect_async = inspect.iscoroutinefunction(self.connect)
@@ -620,7 +632,7 @@ class Connection:
                 self._enqueue(item)
             return
         frame = handlers.frame
-        replies = handlers.replies
+        replies = handlers.wires_for(self.encode) if handlers.replies is not None else None
         try:
             for item in items:
                 if self._close_reason is not None:
@@ -630,7 +642,7 @@ class Connection:
                     if replies is not None:
                         reply = replies.get(item)
                         if reply is not None:
-                            self.send(reply)
+                            self.send_wire(reply)
                             continue
                     frame(self, item)
                 else:
@@ -648,9 +660,9 @@ class Connection:
             return
         self.frames_in += 1
         if handlers.replies is not None:
-            reply = handlers.replies.get(frame)
+            reply = handlers.wires_for(self.encode).get(frame)
             if reply is not None:
-                self.send(reply)
+                self.send_wire(reply)
                 return
         try:
             handlers.frame(self, frame)
@@ -690,9 +702,9 @@ class Connection:
                     if self._close_reason is not None:
                         continue
                     self.frames_in += 1
-                    reply = handlers.replies.get(item) if handlers.replies is not None else None
+                    reply = handlers.wires_for(self.encode).get(item) if handlers.replies is not None else None
                     if reply is not None:
-                        self.send(reply)
+                        self.send_wire(reply)
                     else:
                         await _maybe_await(handlers.frame(self, item))
                 elif type(item) is _Disconnect:
