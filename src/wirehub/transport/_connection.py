@@ -150,6 +150,7 @@ class Deadlines:
     uvloop timer handle is ~600 bytes), and moving a deadline costs a set operation."""
 
     TICK = 0.02  # seconds: how late a deadline may be noticed
+    EARLY = 0.002  # a loop timer may fire this much early (libuv counts milliseconds)
 
     __slots__ = ("_loop", "_slots", "_keys", "_timer", "_armed")
 
@@ -189,8 +190,7 @@ class Deadlines:
     def _fire(self) -> None:
         self._timer = None
         keys = self._keys
-        # a loop timer may fire up to a millisecond early (libuv counts milliseconds)
-        horizon = self._loop.time() + 0.002
+        horizon = self._loop.time() + self.EARLY
         while keys and keys[0] * self.TICK <= horizon:
             slot = self._slots.pop(heapq.heappop(keys), None)
             for conn in slot or ():
@@ -594,7 +594,9 @@ class Connection:
         """A deadline may have passed (called by ``ctx.deadlines``)."""
         if self._closed or self._close_reason is not None:
             return
-        now = self._ctx.now() + 0.001
+        # what is due within the timer's early margin is due now: anything re-filed is then
+        # due after this round of checks, which therefore cannot pick it up again
+        now = self._ctx.now() + Deadlines.EARLY
         if not self._greeted and self._handshake_deadline and now >= self._handshake_deadline:
             log.info("handshake_timeout", conn=self.id, peer=self.peer)
             self.close(HANDSHAKE_TIMEOUT)
