@@ -40,6 +40,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from wirehub.server.supervisor import raise_open_file_limit
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, "peers")
@@ -300,15 +302,6 @@ def free_port(udp_too: bool = False) -> int:
     raise RuntimeError("no free loopback port")
 
 
-def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-
-
 def child_env() -> dict[str, str]:
     """The environment of every child: no WIREHUB_* (defaults are what is measured)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WIREHUB_")}
@@ -332,7 +325,7 @@ class Server:
         with open(self.log_path, "wb") as log:
             # its own session: a Ctrl-C in the terminal reaches the script, which stops it
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         cwd=ROOT, env=child_env(), preexec_fn=_raise_nofile, start_new_session=True)
+                                         cwd=ROOT, env=child_env(), preexec_fn=raise_open_file_limit, start_new_session=True)
         deadline = time.monotonic() + timeout
         for name in self.spec.ports:  # ready when every port it serves accepts a connection
             while True:
@@ -407,7 +400,7 @@ def run_bench(side: Side, server: Server, s: Settings, pin: bool, out_path: str)
     args = side.load_args(s, server.ports) + ["--server-pid", str(server.pid), "--json", out_path, "--quiet"]
     cmd = pinned(WIREHUB + ["bench"] + args, 1, pin)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            cwd=ROOT, env=child_env(), preexec_fn=_raise_nofile, text=True)
+                            cwd=ROOT, env=child_env(), preexec_fn=raise_open_file_limit, text=True)
     try:
         out, err = proc.communicate(timeout=bench_timeout(side, s))
     except subprocess.TimeoutExpired:

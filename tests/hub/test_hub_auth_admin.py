@@ -67,6 +67,19 @@ async def test_ops_before_hello_are_unauthorized(frame):
         assert await c.barrier() == []
 
 
+async def test_a_bare_ping_before_hello_is_unauthorized():
+    """The ping as clients send it, byte for byte (no ref): with auth on, it is not answered
+    by the server's own fast path but refused like any op before hello."""
+    async with auth_hub() as h:
+        c = await h.client()
+        await c.send_raw(b'{"op":"ping"}')
+        err = await c.recv()
+        assert err["op"] == "error" and err["code"] == "unauthorized" and "ref" not in err, err
+        await c.hello(token=tok())
+        await c.send_raw(b'{"op":"ping"}')
+        assert await c.recv() == {"op": "pong"}
+
+
 def _rsa_pair():
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

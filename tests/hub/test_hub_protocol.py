@@ -692,6 +692,18 @@ async def test_rate_limited(hub):
         assert h.server.connections()[0].open
 
 
+async def test_bare_pings_are_rate_limited_too(hub):
+    """A ping as clients send it, byte for byte (the server answers those itself when nothing
+    gates them), still goes through the rate limit when there is one."""
+    async with hub(rate_limit=2) as h:
+        c = await h.client()
+        for _ in range(10):
+            await c.send_raw(b'{"op":"ping"}')
+        replies = [await c.recv() for _ in range(10)]
+        assert replies[:4] == [{"op": "pong"}] * 4
+        assert [r.get("code") for r in replies[4:]] == ["rate_limited"] * 6, replies
+
+
 async def test_room_full(hub):
     async with hub(max_room_members=2) as h:
         a, b = await room_of(h, "r", 2)

@@ -196,7 +196,8 @@ def _protocol(mode: str, url: str, protocol: str | None, ws: bool) -> str:
 
 def _run(mode: str, params: dict[str, Any], runner: Callable, check: Callable[[dict], int]) -> None:
     from . import report
-    from .net import BenchError, is_loopback_host, parse_target, raise_nofile_limit
+    from ..server.supervisor import raise_open_file_limit
+    from .net import BenchError, is_loopback_host, parse_target
     from .runner import Progress
 
     started = time.time()
@@ -233,7 +234,7 @@ def _run(mode: str, params: dict[str, Any], runner: Callable, check: Callable[[d
             from .conns import listener_pids
 
             params["server_pids"] = listener_pids(target.port) if is_loopback_host(target.host) else []
-        params["nofile_limit"] = raise_nofile_limit()
+        params["nofile_limit"] = raise_open_file_limit()
         env = report.environment()
         results = runner(params, Progress(enabled=not quiet))
     except BenchError as exc:

@@ -110,20 +110,15 @@ class _Idle(Client):
         self.transport.write(self.frame(b'{"op":"hello","name":"bench"}') + self.frame(b'{"op":"join","room":%s}' % room))  # type: ignore[union-attr]
 
     def setup_frame(self, payload: bytes, opcode: int) -> None:
-        if b'"op":"joined"' in payload:
-            self.end_setup()
-            if not self.joined.done():
-                self.joined.set_result(None)
-        elif b'"op":"error"' in payload or b'"op":"bye"' in payload:
-            self.setup_failed(payload[:200].decode("utf-8", "replace"))
+        self.hub_join_reply(payload, self.joined)
 
     def setup_failed(self, message: str) -> None:
         if not self.joined.done():
-            self.joined.set_exception(BenchError(f"{self.target.url} refused the join: {message}"))
+            self.joined.set_exception(BenchError(message))
 
     def on_lost(self) -> None:
         self.closed_by_server = True
-        self.setup_failed("the server closed the connection")
+        self.setup_failed(f"{self.target.url} closed the connection during the join")
 
 
 async def worker(ctl: Control, p: dict) -> None:

@@ -150,12 +150,7 @@ class _Subscriber(Client):
         self.send(b'{"op":"join","room":%s}' % _json_str(self.room))
 
     def setup_frame(self, payload: bytes, opcode: int) -> None:
-        if b'"op":"joined"' in payload:
-            self.end_setup()
-            if not self.joined.done():
-                self.joined.set_result(None)
-        elif b'"op":"error"' in payload or b'"op":"bye"' in payload:
-            self.setup_failed(f"{self.target.url} refused the join: {payload[:200].decode('utf-8', 'replace')}")
+        self.hub_join_reply(payload, self.joined)
 
     def setup_failed(self, message: str) -> None:
         if not self.joined.done():

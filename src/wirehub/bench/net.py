@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
-import resource
 import socket
 import struct
 from dataclasses import dataclass
@@ -87,18 +86,6 @@ def parse_target(url: str, *, allow_remote: bool = False, schemes: tuple[str, ..
 
 def url_scheme(url: str) -> str:
     return urlsplit(url).scheme.lower()
-
-
-def raise_nofile_limit() -> int:
-    """Raise the soft open-file limit to the hard one; return the limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 def share(total: int, index: int, parts: int) -> int:
@@ -291,6 +278,16 @@ class Client(asyncio.Protocol):
     def send(self, payload: bytes) -> None:
         assert self.transport is not None
         self.transport.write(self.frame(payload))
+
+    def hub_join_reply(self, payload: bytes, joined: asyncio.Future) -> None:
+        """During setup, a hub's answer to a join: ``joined`` resolves on ``joined``; an
+        ``error`` or ``bye`` fails the setup, quoting it."""
+        if b'"op":"joined"' in payload:
+            self.end_setup()
+            if not joined.done():
+                joined.set_result(None)
+        elif b'"op":"error"' in payload or b'"op":"bye"' in payload:
+            self.setup_failed(f"{self.target.url} refused the join: {payload[:200].decode('utf-8', 'replace')}")
 
     # ---- for subclasses
 

@@ -20,7 +20,8 @@ import sys
 import time
 from typing import Any, Callable
 
-from .net import BenchError, raise_nofile_limit
+from ..server.supervisor import raise_open_file_limit
+from .net import BenchError
 
 PROGRESS_EVERY = 0.25  # seconds between a worker's progress reports
 SATURATED = 0.9  # a load process busy this fraction of the wall time may be what limits the figure
@@ -95,7 +96,7 @@ def _worker_entry(spec: str, params: dict, index: int, count: int, conn: mpc.Con
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and tells us
     for other in inherited:  # the parent's ends of the pipes, copied by fork: without them
         other.close()  # closed here, this process would not see its parent go away
-    raise_nofile_limit()
+    raise_open_file_limit()
     module, _, name = spec.partition(":")
     fn = getattr(importlib.import_module(module), name)
 

@@ -42,9 +42,10 @@ YOUNG_DEATH_S = 2.0
 
 
 def raise_open_file_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (as nginx and redis do); return it."""
+    """Raise the soft RLIMIT_NOFILE to the hard limit (as nginx and redis do); return the
+    limit now in force. Also the load generator's and the benchmark children's."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
+    if hard == resource.RLIM_INFINITY or soft < hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
