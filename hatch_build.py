@@ -1,9 +1,11 @@
 """Hatchling build hook: wirehub's optional compiled accelerator.
 
-Compiles ``src/wirehub/transport/_connection.py`` with Cython, typed by ``_connection.pxd``,
-into the extension module ``wirehub.transport._connection_c`` (in place in ``src/`` for an
-editable install; in the wheel otherwise), with a digest of both sources compiled in so that
-``wirehub.transport.connection`` never uses a build older than the code beside it.
+Compiles each module of ``MODULES`` with Cython, typed by the ``.pxd`` beside it:
+``src/wirehub/transport/_connection.py`` into the extension module
+``wirehub.transport._connection_c`` and ``src/wirehub/protocol/_framing.py`` into
+``wirehub.protocol._framing_c`` (in place in ``src/`` for an editable install; in the wheel
+otherwise), each with a digest of its two sources compiled in so that the module that loads it
+(``wirehub._accelerator.load``) never uses a build older than the code beside it.
 
 Optional: when Cython or a C compiler is missing, or compiling fails, the build says so and
 goes on, and wirehub runs its pure-Python code. ``WIREHUB_PURE_PYTHON=1`` at install time
@@ -21,9 +23,8 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-PACKAGE = ("wirehub", "transport")
-SOURCE = "_connection"
-COMPILED = "_connection_c"
+#: (package path, source module): each is compiled into ``<source>_c``
+MODULES = ((("wirehub", "transport"), "_connection"), (("wirehub", "protocol"), "_framing"))
 DIRECTIVES = {
     "language_level": 3,
     "annotation_typing": False,  # the .pxd alone gives C types; annotations stay Python's
@@ -32,32 +33,33 @@ DIRECTIVES = {
 }
 
 
-def sources_digest(folder: Path) -> str:
-    """The same digest as ``wirehub.transport.connection.sources_digest``."""
+def sources_digest(folder: Path, source: str) -> str:
+    """The same digest as ``wirehub._accelerator.sources_digest``."""
     digest = hashlib.sha256()
-    for name in (SOURCE + ".py", SOURCE + ".pxd"):
+    for name in (source + ".py", source + ".pxd"):
         digest.update((folder / name).read_bytes())
     return digest.hexdigest()
 
 
-def build_accelerator(src: Path) -> Path:
-    """Compile ``src/_connection.py`` into ``src/_connection_c<suffix>``; return its path."""
+def build_accelerator(src: Path, package: tuple[str, ...], source: str) -> Path:
+    """Compile ``src/<source>.py`` into ``src/<source>_c<suffix>``; return its path."""
     from Cython.Build import cythonize
     from setuptools import Distribution, Extension
     from setuptools.command.build_ext import build_ext
 
-    digest = sources_digest(src)
+    compiled = source + "_c"
+    digest = sources_digest(src, source)
     with tempfile.TemporaryDirectory(prefix="wirehub-accel-") as tmp:
         root = Path(tmp)
-        pkg = root.joinpath(*PACKAGE)
+        pkg = root.joinpath(*package)
         pkg.mkdir(parents=True)
-        for level in (root / PACKAGE[0], pkg):  # so that Cython sees the package path
+        for level in (root / package[0], pkg):  # so that Cython sees the package path
             (level / "__init__.py").write_text("")
-        code = (src / (SOURCE + ".py")).read_text(encoding="utf-8")
-        (pkg / (COMPILED + ".py")).write_text(code + f'\n_SOURCE_DIGEST = "{digest}"\n', encoding="utf-8")
-        shutil.copyfile(src / (SOURCE + ".pxd"), pkg / (COMPILED + ".pxd"))
-        name = ".".join((*PACKAGE, COMPILED))
-        extension = Extension(name, [str(pkg / (COMPILED + ".py"))])
+        code = (src / (source + ".py")).read_text(encoding="utf-8")
+        (pkg / (compiled + ".py")).write_text(code + f'\n_SOURCE_DIGEST = "{digest}"\n', encoding="utf-8")
+        shutil.copyfile(src / (source + ".pxd"), pkg / (compiled + ".pxd"))
+        name = ".".join((*package, compiled))
+        extension = Extension(name, [str(pkg / (compiled + ".py"))])
         modules = cythonize([extension], compiler_directives=DIRECTIVES, quiet=True)
         cmd = build_ext(Distribution({"name": "wirehub-accelerator", "ext_modules": modules}))
         cmd.build_lib = str(root / "lib")
@@ -65,7 +67,7 @@ def build_accelerator(src: Path) -> Path:
         cmd.ensure_finalized()
         cmd.run()
         built = Path(cmd.get_ext_fullpath(name))
-        for old in src.glob(COMPILED + ".*"):
+        for old in src.glob(compiled + ".*"):
             if old.suffix in (".so", ".pyd"):
                 old.unlink()
         target = src / built.name
@@ -82,16 +84,18 @@ class AcceleratorHook(BuildHookInterface):
         if os.environ.get("WIREHUB_PURE_PYTHON", "") not in ("", "0"):
             self.app.display_info("wirehub: WIREHUB_PURE_PYTHON is set: the compiled accelerator is not built")
             return
-        src = Path(self.root, "src", *PACKAGE)
-        try:
-            built = build_accelerator(src)
-        except Exception as exc:  # noqa: BLE001 - optional: any failure means pure Python
-            self.app.display_warning(
-                f"wirehub: the compiled accelerator was not built ({type(exc).__name__}: {exc}); "
-                "wirehub will run its pure-Python code (slower, same behaviour)"
-            )
-            return
-        self.app.display_info(f"wirehub: built the compiled accelerator {built.name}")
-        build_data["pure_python"] = False
-        build_data["infer_tag"] = True
-        build_data["artifacts"].append(built.relative_to(self.root).as_posix())
+        for package, source in MODULES:
+            src = Path(self.root, "src", *package)
+            try:
+                built = build_accelerator(src, package, source)
+            except Exception as exc:  # noqa: BLE001 - optional: any failure means pure Python
+                self.app.display_warning(
+                    f"wirehub: the compiled accelerator for {'.'.join(package)} was not built "
+                    f"({type(exc).__name__}: {exc}); wirehub will run its pure-Python code there "
+                    "(slower, same behaviour)"
+                )
+                continue
+            self.app.display_info(f"wirehub: built the compiled accelerator {built.name}")
+            build_data["pure_python"] = False
+            build_data["infer_tag"] = True
+            build_data["artifacts"].append(built.relative_to(self.root).as_posix())

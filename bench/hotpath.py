@@ -11,7 +11,8 @@ versions of the hot path. Throughput through real sockets is ``bench/peers.py``'
     python bench/hotpath.py --case line-echo --case hub-ping --seconds 2
     python bench/hotpath.py --profile hub-fanout   # cProfile of one case
     python bench/hotpath.py --markdown docs/benchmarks.md --baseline cc3e463
-                                             # compiled vs Python code vs an old revision, into the docs
+                                             # compiled vs Python code vs an old revision (its Python
+                                             # code, and compiled when it had an accelerator), into the docs
 
 Cases:
   line-echo     the echo app (``wirehub run wirehub.apps.echo:app``), TCP, 16 lines of 64 B per read
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from typing import Any, Callable
 
 from wirehub.apps.echo import app as echo_app
@@ -286,6 +288,39 @@ def baseline_tree(rev: str, where: str) -> str:
     return os.path.join(where, "src")
 
 
+def baseline_compiled(tree: str, where: str) -> str | None:
+    """Build ``tree`` into a wheel (its own build hook compiles whatever accelerator that
+    revision had) and unpack it into ``where``; return the folder to put on PYTHONPATH, or
+    None when the revision built no compiled module."""
+    print("building the baseline's wheel ...", file=sys.stderr, flush=True)
+    wheels = os.path.join(where, "wheel")
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, tree],
+                          capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        print(f"the baseline's wheel did not build: {done.stderr[-500:]}", file=sys.stderr)
+        return None
+    site = os.path.join(where, "site")
+    for name in os.listdir(wheels):
+        with zipfile.ZipFile(os.path.join(wheels, name)) as wheel:
+            wheel.extractall(site)
+    built = [f for _, _, files in os.walk(site) for f in files if f.endswith((".so", ".pyd"))]
+    return site if built else None
+
+
+def measure_variants(variants: list[tuple[str, dict[str, str]]], cases: list[str], seconds: float,
+                     runs: int) -> list[dict[str, Any]]:
+    """Measure every variant ``runs`` times, in rounds (A B C, A B C, ...) so that a change in
+    the machine's speed over the session reaches all of them; the best run of each is kept."""
+    results: list[dict[str, Any]] = [{"ns": {}} for _ in variants]
+    for round_ in range(runs):
+        for (label, env), result in zip(variants, results):
+            figures = measure_variant(f"{label} (round {round_ + 1} of {runs})", env, cases, seconds, 1)
+            result["accelerator"] = figures.get("accelerator")
+            for name, ns in figures["ns"].items():
+                result["ns"][name] = min(ns, result["ns"].get(name, ns))
+    return results
+
+
 def markdown(variants: list[tuple[str, str, dict[str, Any]]], cases: list[str], command: str) -> str:
     head = ["case"] + [label for label, _, _ in variants]
     lines = [
@@ -334,7 +369,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="repeatable; default: all")
     parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--runs", type=int, default=3, help="the best of N runs is reported")
+    parser.add_argument("--runs", type=int, default=3, help="the best of N runs is reported (with --markdown: N rounds "
+                        "over the variants, so that a change in the machine's speed reaches all of them)")
     parser.add_argument("--profile", choices=sorted(CASES), help="cProfile one case instead")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="measure the compiled and the Python code (and --baseline) "
@@ -352,21 +388,28 @@ def main() -> None:
             asyncio.run(measure(args.profile, args.seconds, True))
         return
     if args.markdown:
-        variants = []
-        if args.baseline:
-            with tempfile.TemporaryDirectory(prefix="wirehub-baseline-") as tmp:
-                src = baseline_tree(args.baseline, os.path.join(tmp, "tree"))
-                try:
-                    figures = measure_variant(args.baseline, {"PYTHONPATH": src, "WIREHUB_PURE_PYTHON": "1"},
-                                              cases, args.seconds, args.runs)
-                finally:
-                    subprocess.run(["git", "worktree", "remove", "--force", os.path.join(tmp, "tree")], capture_output=True)
-            variants.append((f"git {args.baseline}", f"the code of revision {args.baseline} (pure Python)", figures))
-        variants.append(("Python code", "this tree with `WIREHUB_PURE_PYTHON=1`",
-                         measure_variant("the Python code", {"WIREHUB_PURE_PYTHON": "1"}, cases, args.seconds, args.runs)))
-        compiled = measure_variant("the compiled accelerator", {"WIREHUB_PURE_PYTHON": "0"}, cases, args.seconds, args.runs)
-        if compiled.get("accelerator") == "compiled":
-            variants.append(("compiled", "this tree as installed, with the compiled accelerator", compiled))
+        # (label, description, environment of the child that measures it)
+        plan: list[tuple[str, str, dict[str, str]]] = []
+        with tempfile.TemporaryDirectory(prefix="wirehub-baseline-") as tmp:
+            tree = os.path.join(tmp, "tree")
+            try:
+                if args.baseline:
+                    src = baseline_tree(args.baseline, tree)
+                    plan.append((f"git {args.baseline}", f"the code of revision {args.baseline}, pure Python",
+                                 {"PYTHONPATH": src, "WIREHUB_PURE_PYTHON": "1"}))
+                    site = baseline_compiled(tree, tmp)
+                    if site is not None:
+                        plan.append((f"git {args.baseline} compiled",
+                                     f"the code of revision {args.baseline} with its compiled accelerator",
+                                     {"PYTHONPATH": site, "WIREHUB_PURE_PYTHON": "0"}))
+                plan.append(("Python code", "this tree with `WIREHUB_PURE_PYTHON=1`", {"WIREHUB_PURE_PYTHON": "1"}))
+                plan.append(("compiled", "this tree as installed, with the compiled accelerator", {"WIREHUB_PURE_PYTHON": "0"}))
+                results = measure_variants([(label, env) for label, _, env in plan], cases, args.seconds, args.runs)
+            finally:
+                if args.baseline:
+                    subprocess.run(["git", "worktree", "remove", "--force", tree], capture_output=True)
+        variants = [(label, what, figures) for (label, what, _), figures in zip(plan, results)
+                    if label != "compiled" or figures.get("accelerator") == "compiled"]
         command = "python bench/hotpath.py --markdown " + args.markdown + (f" --baseline {args.baseline}" if args.baseline else "")
         write_section(args.markdown, markdown(variants, cases, command))
         print(f"wrote {args.markdown}", file=sys.stderr)
@@ -380,9 +423,14 @@ def main() -> None:
     figures = measure_all(cases, args.seconds, args.runs)
     if args.json:
         try:
-            from wirehub.transport.connection import ACCELERATOR
-        except ImportError:  # a revision from before the accelerator
-            ACCELERATOR = "none (before the accelerator)"
+            from wirehub._accelerator import summary
+        except ImportError:  # a revision from before the accelerator covered the decoders
+            try:
+                from wirehub.transport.connection import ACCELERATOR
+            except ImportError:  # a revision from before the accelerator
+                ACCELERATOR = "none (before the accelerator)"
+        else:
+            ACCELERATOR = summary()
         print(json.dumps({"ns": figures, "accelerator": ACCELERATOR}))
         return
     for name, best in figures.items():

@@ -440,6 +440,7 @@ class Run:
     loader_cpu: float | None = None
     loader_saturated: bool = False
     server_cpu: float | None = None
+    server_user: float | None = None  # of server_cpu, the cores spent in user mode
     cores_busy: dict[str, float] = field(default_factory=dict)
     background: dict[str, float] = field(default_factory=dict)
     detail: dict[str, Any] = field(default_factory=dict)
@@ -505,6 +506,7 @@ def summarise(side: Side, doc: dict | None, error: str) -> Run:
         run.loader_cpu = cpu["loader"]["total"]
         run.loader_saturated = bool(cpu["loader"]["saturated"])
         run.server_cpu = cpu["server"]["cores"]
+        run.server_user = cpu["server"].get("user_cores")
         run.cores_busy = cpu.get("cores_busy") or {}
     return run
 
@@ -611,9 +613,20 @@ def table(rows: list[Row], by_side: dict[Key, list[Run]], s: Settings) -> list[s
     return lines
 
 
+def per_message(runs: list[Run]) -> str:
+    """The server's CPU time per message (echo), user + system, in ns: medians over the runs."""
+    user = [r.server_user / r.value * 1e9 for r in runs if r.value and r.server_user is not None]
+    system = [(r.server_cpu - r.server_user) / r.value * 1e9 for r in runs
+              if r.value and r.server_cpu is not None and r.server_user is not None]
+    if not user or not system:
+        return "—"
+    return f"{median(user):,.0f} + {max(0.0, median(system)):,.0f}"
+
+
 def runs_table(sides: list[Key], by_side: dict[Key, list[Run]]) -> list[str]:
-    lines = ["| measurement | runs | median | spread | load CPU | load saturated | server CPU | cores busy (0 / 1) | "
-             "background (0 / 1) |", "| --- | --- | ---: | ---: | ---: | --- | ---: | --- | --- |"]
+    lines = ["| measurement | runs | median | spread | load CPU | load saturated | server CPU | server ns/msg (user + "
+             "system) | cores busy (0 / 1) | background (0 / 1) |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- | --- |"]
     for key in sides:
         side = SIDES[key[1]]
         runs = by_side.get(key, [])
@@ -633,7 +646,8 @@ def runs_table(sides: list[Key], by_side: dict[Key, list[Run]]) -> list[str]:
         lines.append(
             f"| {label(key)} | {shown_runs} | {fmt_value(median(vals), unit)} | {spread(vals)} | "
             f"{f'{median(load):.2f}' if load else '—'} | {f'{sat} of {len(runs)}' if load else '—'} | "
-            f"{f'{median(srv):.2f}' if srv else '—'} | {cores('cores_busy')} | {cores('background')} |")
+            f"{f'{median(srv):.2f}' if srv else '—'} | {per_message(runs) if side.mode == 'echo' else '—'} | "
+            f"{cores('cores_busy')} | {cores('background')} |")
     return lines
 
 
@@ -891,8 +905,12 @@ def document(rows: list[Row], by_side: dict[Key, list[Run]], s: Settings, info: 
         "busy fraction in that window, whoever used it, softirqs included (loopback TCP is largely processed there, "
         "so neither process's CPU time shows all of it). Background: each core's busy fraction during 0.5 s with "
         "the server up and no load, just before the run, less the server's own CPU use — anything well above zero "
-        "is another program's.",
+        "is another program's. Server ns/msg: the server's CPU time per message, in user mode (its own code, the "
+        "interpreter, the event loop) and in the kernel on its behalf (syscalls, TCP); every echo server here reads "
+        "and writes once per burst, so the system part is much the same for all of them and the user part is what "
+        "sets them apart.",
         "",
+        *cpu_split_notes(by_side),
         "### Noise",
         "",
         *noise_notes(by_side, sides, info),
@@ -919,6 +937,38 @@ def document(rows: list[Row], by_side: dict[Key, list[Run]], s: Settings, info: 
         lines += ["", "### Skipped", ""]
         lines += [f"- {row}: {why}" for row, why in info["skipped"].items()]
     return "\n".join(lines) + "\n"
+
+
+def cpu_split_notes(by_side: dict[Key, list[Run]]) -> list[str]:
+    """For the line echo at pipeline 16 against redis-server: how much user time per message
+    wirehub could spend and still reach the target ratio, from the measured system times."""
+    row = next((r for r in ROWS if r.id == "line-p16"), None)
+    if row is None or row.target is None or not row.peer:
+        return []
+
+    def split(side: str) -> tuple[float, float] | None:
+        runs = [r for r in by_side.get((row.group, side), [])
+                if r.value and r.server_cpu is not None and r.server_user is not None]
+        if not runs:
+            return None
+        user = median([r.server_user / r.value * 1e9 for r in runs])
+        return user, max(0.0, median([(r.server_cpu - r.server_user) / r.value * 1e9 for r in runs]))
+
+    wh, peer, bare = split(row.wirehub), split(row.peer), split("uv-line-p16")
+    if wh is None or peer is None:
+        return []
+    ratio = row.target[1]
+    budget = (peer[0] + peer[1]) / ratio - wh[1]
+    text = (f"**What a {ratio:g}× redis-server line echo at pipeline 16 asks for.** Per message, redis-server spent "
+            f"{peer[0]:,.0f} ns in user mode and {peer[1]:,.0f} ns in the kernel; wirehub {wh[0]:,.0f} + {wh[1]:,.0f} ns. "
+            f"At wirehub's kernel time, {ratio:g}× redis-server's rate leaves {max(0.0, budget):,.0f} ns of user time per "
+            f"message for everything wirehub does: reading, framing, calling the app's handler, the handler itself "
+            f"(`conn.send`), buffering and writing.")
+    if bare is not None:
+        text += (f" The bare uvloop echo, which frames nothing and calls nothing per message (one `data_received`, "
+                 f"one `write` per burst), spent {bare[0]:,.0f} + {bare[1]:,.0f} ns: the event loop's own share of "
+                 f"that budget.")
+    return [text, ""]
 
 
 def noise_notes(by_side: dict[Key, list[Run]], sides: list[Key], info: dict[str, Any]) -> list[str]:

@@ -1,4 +1,5 @@
-"""The optional compiled accelerator (hatch_build.py, wirehub/transport/connection.py).
+"""The optional compiled accelerator (hatch_build.py, wirehub/_accelerator.py): the
+connection module and the frame decoders, each compiled with Cython.
 
 The whole suite runs on whichever implementation the install gave (compiled where a C
 compiler and Cython were at hand); the tests here check the choice itself, and run the
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 
 import wirehub
+from wirehub import _accelerator
+from wirehub.protocol import framing
 from wirehub.transport import connection
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,38 +33,65 @@ def probe(env: dict[str, str], path: Path | None = None) -> subprocess.Completed
     env = {**os.environ, **env}
     if path is not None:
         env["PYTHONPATH"] = str(path)
-    code = "import wirehub.transport.connection as c; print(c.ACCELERATOR); print(c.Connection.__module__)"
+    code = (
+        "import wirehub.transport.connection as c, wirehub.protocol.framing as f, wirehub._accelerator as a; "
+        "print(c.ACCELERATOR); print(c.Connection.__module__); print(f.ACCELERATOR); print(f.LineDecoder.__module__); "
+        "print(a.summary())"
+    )
     return subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True, timeout=60)
 
 
-def test_the_implementation_in_use_is_reported_and_matches_its_sources():
-    assert connection.ACCELERATOR in ("compiled", "not built (pure Python)", "off (WIREHUB_PURE_PYTHON is set)")
+MODULES = [(connection, "wirehub.transport._connection"), (framing, "wirehub.protocol._framing")]
+
+
+@pytest.mark.parametrize("module, source", MODULES, ids=["connection", "framing"])
+def test_the_implementation_in_use_is_reported_and_matches_its_sources(module, source):
+    assert module.ACCELERATOR in ("compiled", "not built (pure Python)", "off (WIREHUB_PURE_PYTHON is set)")
     if os.environ.get("EXPECT_WIREHUB_COMPILED") == "1":  # set by CI, where gcc and Cython are at hand
-        assert connection.COMPILED, f"the accelerator should have been built: {connection.ACCELERATOR}"
-    if connection.COMPILED:
-        assert connection.Connection.__module__ == "wirehub.transport._connection_c"
-        assert connection._impl._SOURCE_DIGEST == connection.sources_digest()
+        assert module.ACCELERATOR == "compiled", f"the accelerator should have been built: {module.ACCELERATOR}"
+    if module.ACCELERATOR == "compiled":
+        assert module._impl.__name__ == source + "_c"
+        assert module._impl._SOURCE_DIGEST == _accelerator.sources_digest(Path(module.__file__).parent, module.SOURCE)
     else:
-        assert connection.Connection.__module__ == "wirehub.transport._connection"
+        assert module._impl.__name__ == source
+    assert _accelerator.STATUS[module.__package__] == module.ACCELERATOR
+
+
+def test_the_summary_is_one_word_when_all_agree():
+    states = set(_accelerator.STATUS.values())
+    summary = _accelerator.summary()
+    if len(states) == 1:
+        assert summary == states.pop()
+    else:  # each module named with its state
+        assert "transport " in summary and "protocol " in summary
 
 
 def test_wirehub_pure_python_selects_the_python_code():
     done = probe({"WIREHUB_PURE_PYTHON": "1"})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:2] == ["off (WIREHUB_PURE_PYTHON is set)", "wirehub.transport._connection"]
+    off = "off (WIREHUB_PURE_PYTHON is set)"
+    assert done.stdout.split("\n")[:5] == [off, "wirehub.transport._connection", off, "wirehub.protocol._framing", off]
 
 
-def test_a_build_older_than_the_source_is_not_used(tmp_path):
-    if not connection.COMPILED:
+@pytest.mark.parametrize("edited", ["transport/_connection.py", "protocol/_framing.pxd"])
+def test_a_build_older_than_the_source_is_not_used(tmp_path, edited):
+    if not (connection.COMPILED and framing.ACCELERATOR == "compiled"):
         pytest.skip("the accelerator is not built here")
     copy = tmp_path / "wirehub"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    with open(copy / "transport" / "_connection.py", "a") as f:
+    with open(copy / edited, "a") as f:
         f.write("\n# an edit made after the build\n")
     done = probe({}, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:2] == ["out of date (pure Python)", "wirehub.transport._connection"]
-    assert "Reinstall wirehub" in done.stderr
+    lines = done.stdout.split("\n")
+    stale = "out of date (pure Python)"
+    if edited.startswith("transport"):  # the edited module falls back; the other stays compiled
+        assert lines[:5] == [stale, "wirehub.transport._connection", "compiled", "wirehub.protocol._framing_c",
+                             "protocol compiled, transport out of date (pure Python)"]
+    else:
+        assert lines[:5] == ["compiled", "wirehub.transport._connection_c", stale, "wirehub.protocol._framing",
+                             "protocol out of date (pure Python), transport compiled"]
+    assert "Reinstall wirehub" in done.stderr and edited.rsplit(".", 1)[0] in done.stderr
     assert probe({}, PACKAGE.parent).stdout.startswith("compiled")  # the untouched copy is used
 
 

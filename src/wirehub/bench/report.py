@@ -111,7 +111,9 @@ def _cpu_rows(cpu: dict[str, Any] | None) -> list[tuple[str, str]]:
     per = ", ".join("-" if x is None else f"{x:.2f}" for x in loader["per_process"])
     rows = [("load CPU", f"{_cores(loader['total'])} ({per})" + ("  SATURATED" if loader["saturated"] else ""))]
     if cpu["server"]["pids"]:
-        rows.append(("server CPU", _cores(cpu["server"]["cores"])))
+        server, user = cpu["server"]["cores"], cpu["server"].get("user_cores")
+        split = "" if server is None or user is None else f" (user {user:.2f}, system {max(0.0, server - user):.2f})"
+        rows.append(("server CPU", _cores(server) + split))
     if cpu.get("cores_busy"):
         rows.append(("cores busy", ", ".join(f"{k} {v:.2f}" for k, v in cpu["cores_busy"].items())))
     return rows

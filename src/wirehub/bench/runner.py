@@ -146,9 +146,9 @@ def progress_task(ctl: Control, snapshot: Callable[[], dict]) -> asyncio.Task:
 # ----------------------------------------------------------------------------- CPU use
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (all its threads) in seconds, from /proc/PID/stat;
-    None when it cannot be read (gone, another user's, not Linux)."""
+def process_cpu_times(pid: int) -> tuple[float, float] | None:
+    """User and system CPU time of a process (all its threads) in seconds, from
+    /proc/PID/stat; None when it cannot be read (gone, another user's, not Linux)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -156,9 +156,15 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
     fields = data[data.rfind(b")") + 2 :].split()  # the name may hold spaces; fields from 3 on
     try:
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime: fields 14 and 15
+        return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK  # utime, stime: fields 14 and 15
     except (IndexError, ValueError):
         return None
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads) in seconds; None when unknown."""
+    times = process_cpu_times(pid)
+    return None if times is None else times[0] + times[1]
 
 
 def core_times() -> dict[str, tuple[int, int]]:
@@ -203,8 +209,8 @@ class CpuWindow:
         self.server_pids = list(server_pids or [])
         self.t0 = self.t1 = 0
         self.c0 = self.c1 = 0.0
-        self.s0: dict[int, float | None] = {}
-        self.s1: dict[int, float | None] = {}
+        self.s0: dict[int, tuple[float, float] | None] = {}
+        self.s1: dict[int, tuple[float, float] | None] = {}
         self.k0: dict[str, tuple[int, int]] = {}
         self.k1: dict[str, tuple[int, int]] = {}
 
@@ -216,7 +222,7 @@ class CpuWindow:
 
     def start(self) -> None:
         self.k0 = core_times()
-        self.s0 = {pid: process_cpu_seconds(pid) for pid in self.server_pids}
+        self.s0 = {pid: process_cpu_times(pid) for pid in self.server_pids}
         self.c0 = time.process_time()
         self.t0 = time.monotonic_ns()
         self.t1 = 0
@@ -226,29 +232,34 @@ class CpuWindow:
             return
         self.t1 = time.monotonic_ns()
         self.c1 = time.process_time()
-        self.s1 = {pid: process_cpu_seconds(pid) for pid in self.server_pids}
+        self.s1 = {pid: process_cpu_times(pid) for pid in self.server_pids}
         self.k1 = core_times()
 
     def result(self) -> dict:
-        """``wall_s``, ``cpu_s`` (this process), ``server_cpu_s`` (pid -> seconds, or None) and
-        ``cores_busy`` (cpuN -> fraction of the window it was busy, whoever with)."""
+        """``wall_s``, ``cpu_s`` (this process), ``server_cpu_s`` and ``server_user_s`` (pid ->
+        seconds of CPU, and of it in user mode, or None) and ``cores_busy`` (cpuN -> fraction
+        of the window it was busy, whoever with)."""
         if self.t0 and not self.t1:
             self.stop()
         if not self.t0:
-            return {"wall_s": 0.0, "cpu_s": 0.0, "server_cpu_s": {}, "cores_busy": {}}
-        server = {}
+            return {"wall_s": 0.0, "cpu_s": 0.0, "server_cpu_s": {}, "server_user_s": {}, "cores_busy": {}}
+        server: dict[str, float | None] = {}
+        user: dict[str, float | None] = {}
         for pid in self.server_pids:
             a, b = self.s0.get(pid), self.s1.get(pid)
-            server[str(pid)] = None if a is None or b is None else round(b - a, 3)
+            known = a is not None and b is not None
+            server[str(pid)] = round(b[0] + b[1] - a[0] - a[1], 3) if known else None  # type: ignore[index]
+            user[str(pid)] = round(b[0] - a[0], 3) if known else None  # type: ignore[index]
         return {"wall_s": (self.t1 - self.t0) / 1e9, "cpu_s": self.c1 - self.c0, "server_cpu_s": server,
-                "cores_busy": core_busy(self.k0, self.k1)}
+                "server_user_s": user, "cores_busy": core_busy(self.k0, self.k1)}
 
 
 def merge_cpu(windows: dict[int, dict], loader_cores: int | None = None) -> dict:
     """The load processes' and the server's CPU use over the measured window, as fractions
     of one core: ``loader.per_process``, ``loader.total``, ``loader.saturated`` (a load
     process, or all of them together on the cores they may use, busy >= 90 % of the time:
-    the figure may be the load generator's limit, not the server's), ``server.cores``."""
+    the figure may be the load generator's limit, not the server's), ``server.cores`` and of
+    them ``server.user_cores`` (the rest is the kernel's work for it: syscalls, TCP)."""
     if loader_cores is None:
         loader_cores = available_cores()
     per = []
@@ -258,14 +269,17 @@ def merge_cpu(windows: dict[int, dict], loader_cores: int | None = None) -> dict
     known = [x for x in per if x is not None]
     total = round(sum(known), 3) if known else None
     saturated = bool(known) and (max(known) >= SATURATED or total >= SATURATED * loader_cores)
-    server: dict[str, Any] = {"pids": [], "cores": None}
+    server: dict[str, Any] = {"pids": [], "cores": None, "user_cores": None}
     first = windows.get(0) or {}
     if first.get("server_cpu_s"):
         pids = [int(p) for p in first["server_cpu_s"]]
         used = [v for v in first["server_cpu_s"].values() if v is not None]
+        user = [v for v in (first.get("server_user_s") or {}).values() if v is not None]
         server["pids"] = pids
         if used and first["wall_s"] > 0 and len(used) == len(pids):
             server["cores"] = round(sum(used) / first["wall_s"], 3)
+            if len(user) == len(pids):
+                server["user_cores"] = round(sum(user) / first["wall_s"], 3)
     affinity = sorted(available_core_ids())
     busy = first.get("cores_busy") or {}
     loader_busy = [busy.get(f"cpu{c}") for c in affinity]

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _log
 from .._version import __version__
-from ..transport.connection import ACCELERATOR, _renew_process_tag
+from .. import _accelerator
+from ..transport.connection import _renew_process_tag
 from .listeners import BindError, Endpoint
 from .server import Server, bind_all
 
@@ -65,7 +66,7 @@ def _event_loop_runner():
 def run(app: App, config: Config) -> int:
     """Serve ``app`` with ``config`` until drained; return the process exit code."""
     _log.configure(config.log_level, config.log_format)
-    log.info("starting", version=__version__, accelerator=ACCELERATOR)
+    log.info("starting", version=__version__, accelerator=_accelerator.summary())
     limit = raise_open_file_limit()
     if limit < config.max_connections + 64:
         log.info("open_file_limit", limit=limit, max_connections=config.max_connections, note="connections beyond the limit wait in the backlog")

@@ -29,6 +29,7 @@ cdef class Connection:
     cdef public double _handshake_deadline
     cdef public object _timer, _queue, _pump, _drain_waiter
     cdef public long long _deadline
+    cdef public object _decoder
     cdef object __weakref__
 
 @cython.locals(conn=Connection, pending=list)

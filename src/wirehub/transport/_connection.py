@@ -311,6 +311,7 @@ class Connection:
         "_eof",
         "_last_word",
         "_handshake_deadline",
+        "_decoder",
         "__weakref__",
     )
 
@@ -350,6 +351,7 @@ class Connection:
         self._eof = False
         self._last_word = False  # True while the closing handler may still send
         self._handshake_deadline = 0.0  # loop time by which the first frame must arrive (0: none)
+        self._decoder: Any = None  # a byte stream's frame decoder (stream connections)
 
     # ------------------------------------------------------------------ public API
 
@@ -620,6 +622,17 @@ class Connection:
             self._timer = None
 
     # ------------------------------------------------------------------ inbound dispatch
+
+    def _received(self, data: bytes) -> None:
+        """Bytes from a byte stream: framed by ``_decoder`` and handed to the app. The body
+        of a stream connection's ``data_received``, here so that it is compiled too."""
+        self.bytes_in += len(data)
+        if self._close_reason is not None:
+            return  # closing: what the peer still sends is read and discarded
+        self.last_activity = self._ctx.now()
+        items = self._decoder.feed(data)
+        if items:
+            self._dispatch(items)
 
     def _dispatch(self, items: list) -> None:
         """Hand decoded frames (bytes) and framing errors to the app, in order."""

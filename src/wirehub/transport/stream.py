@@ -72,7 +72,7 @@ class SocketConnection(Connection, asyncio.Protocol):
 class StreamConnection(SocketConnection):
     """A connection over a byte stream, framed by the app's stream decoder."""
 
-    __slots__ = ("_decoder",)
+    __slots__ = ()
 
     def __init__(self, ctx: Context, transport_name: str, framing: Any) -> None:
         super().__init__(ctx, transport_name, framing.encoder)
@@ -85,14 +85,8 @@ class StreamConnection(SocketConnection):
         self._bind(transport)
         self._start()
 
-    def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        if self._close_reason is not None:
-            return  # closing: what the peer still sends is read and discarded
-        self.last_activity = self._ctx.now()
-        items = self._decoder.feed(data)
-        if items:
-            self._dispatch(items)
+    # frame and dispatch what arrived: the connection's own code, compiled with it
+    data_received = Connection._received
 
     def eof_received(self) -> bool | None:
         # Half-close from the peer: answer what it sent, then close our side too.

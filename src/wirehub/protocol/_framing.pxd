@@ -1,0 +1,24 @@
+# C types for the compiled copy of _framing.py (the optional accelerator, built by
+# hatch_build.py with Cython; see wirehub/_accelerator.py). The .py file stays the one source
+# of the code: this only makes the decoders extension types with typed fields and types the
+# locals of their loops. Every attribute the decoders' __slots__ name must be declared here.
+import cython
+
+cdef class LineDecoder:
+    cdef Py_ssize_t _max
+    cdef bytearray _buf
+    cdef bint _discard
+
+    @cython.locals(mx=Py_ssize_t, buf=bytearray, end=Py_ssize_t, i=Py_ssize_t, parts=list, tail=bytes,
+                   out=list, cr=bint, first=bytes, line=bytes, size=Py_ssize_t, part=bytes, n=Py_ssize_t)
+    cpdef list feed(self, data)
+
+cdef class LengthPrefixDecoder:
+    cdef Py_ssize_t _max
+    cdef bytearray _buf
+    cdef Py_ssize_t _skip
+
+    @cython.locals(n=Py_ssize_t, mx=Py_ssize_t, buf=bytearray, pos=Py_ssize_t, skip=Py_ssize_t,
+                   length=Py_ssize_t, out=list, have=Py_ssize_t, take=Py_ssize_t, end=Py_ssize_t,
+                   need=Py_ssize_t, last=Py_ssize_t, start=Py_ssize_t)
+    cpdef list feed(self, data)
