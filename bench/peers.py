@@ -906,9 +906,7 @@ def document(rows: list[Row], by_side: dict[Key, list[Run]], s: Settings, info: 
         "so neither process's CPU time shows all of it). Background: each core's busy fraction during 0.5 s with "
         "the server up and no load, just before the run, less the server's own CPU use — anything well above zero "
         "is another program's. Server ns/msg: the server's CPU time per message, in user mode (its own code, the "
-        "interpreter, the event loop) and in the kernel on its behalf (syscalls, TCP); every echo server here reads "
-        "and writes once per burst, so the system part is much the same for all of them and the user part is what "
-        "sets them apart.",
+        "interpreter, the event loop) and in the kernel on its behalf (syscalls, TCP processing).",
         "",
         *cpu_split_notes(by_side),
         "### Noise",
@@ -959,7 +957,7 @@ def cpu_split_notes(by_side: dict[Key, list[Run]]) -> list[str]:
         return []
     ratio = row.target[1]
     budget = (peer[0] + peer[1]) / ratio - wh[1]
-    text = (f"**What a {ratio:g}× redis-server line echo at pipeline 16 asks for.** Per message, redis-server spent "
+    text = (f"**Where a {ratio:g}× redis-server line echo at pipeline 16 has to come from.** Per message, redis-server spent "
             f"{peer[0]:,.0f} ns in user mode and {peer[1]:,.0f} ns in the kernel; wirehub {wh[0]:,.0f} + {wh[1]:,.0f} ns. "
             f"At wirehub's kernel time, {ratio:g}× redis-server's rate leaves {max(0.0, budget):,.0f} ns of user time per "
             f"message for everything wirehub does: reading, framing, calling the app's handler, the handler itself "

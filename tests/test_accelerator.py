@@ -28,17 +28,17 @@ PACKAGE = Path(wirehub.__file__).resolve().parent
 pytestmark = pytest.mark.one_loop
 
 
+ECHOED = repr(b"one\ntwo\nthree\n")
+
+
 def probe(env: dict[str, str], path: Path | None = None) -> subprocess.CompletedProcess:
-    """Import wirehub in a fresh interpreter and print which implementation it took."""
+    """In a fresh interpreter: which implementation each module took, and an echo through a
+    real server with them (tests/accelerator_probe.py)."""
     env = {**os.environ, **env}
     if path is not None:
         env["PYTHONPATH"] = str(path)
-    code = (
-        "import wirehub.transport.connection as c, wirehub.protocol.framing as f, wirehub._accelerator as a; "
-        "print(c.ACCELERATOR); print(c.Connection.__module__); print(f.ACCELERATOR); print(f.LineDecoder.__module__); "
-        "print(a.summary())"
-    )
-    return subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    script = str(Path(__file__).with_name("accelerator_probe.py"))
+    return subprocess.run([sys.executable, "-W", "always", script], env=env, capture_output=True, text=True, timeout=60)
 
 
 MODULES = [(connection, "wirehub.transport._connection"), (framing, "wirehub.protocol._framing")]
@@ -70,7 +70,8 @@ def test_wirehub_pure_python_selects_the_python_code():
     done = probe({"WIREHUB_PURE_PYTHON": "1"})
     assert done.returncode == 0, done.stderr
     off = "off (WIREHUB_PURE_PYTHON is set)"
-    assert done.stdout.split("\n")[:5] == [off, "wirehub.transport._connection", off, "wirehub.protocol._framing", off]
+    assert done.stdout.split("\n")[:6] == [off, "wirehub.transport._connection", off, "wirehub.protocol._framing", off,
+                                            ECHOED]
 
 
 @pytest.mark.parametrize("edited", ["transport/_connection.py", "protocol/_framing.pxd"])
@@ -85,14 +86,16 @@ def test_a_build_older_than_the_source_is_not_used(tmp_path, edited):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.split("\n")
     stale = "out of date (pure Python)"
-    if edited.startswith("transport"):  # the edited module falls back; the other stays compiled
-        assert lines[:5] == [stale, "wirehub.transport._connection", "compiled", "wirehub.protocol._framing_c",
-                             "protocol compiled, transport out of date (pure Python)"]
+    # the edited module falls back, the other stays compiled, and the two work together
+    if edited.startswith("transport"):
+        assert lines[:6] == [stale, "wirehub.transport._connection", "compiled", "wirehub.protocol._framing_c",
+                             "protocol compiled, transport out of date (pure Python)", ECHOED]
     else:
-        assert lines[:5] == ["compiled", "wirehub.transport._connection_c", stale, "wirehub.protocol._framing",
-                             "protocol out of date (pure Python), transport compiled"]
+        assert lines[:6] == ["compiled", "wirehub.transport._connection_c", stale, "wirehub.protocol._framing",
+                             "protocol out of date (pure Python), transport compiled", ECHOED]
     assert "Reinstall wirehub" in done.stderr and edited.rsplit(".", 1)[0] in done.stderr
-    assert probe({}, PACKAGE.parent).stdout.startswith("compiled")  # the untouched copy is used
+    untouched = probe({}, PACKAGE.parent).stdout.split("\n")  # the installed copy is used as it is
+    assert untouched[4:6] == ["compiled", ECHOED]
 
 
 @pytest.mark.timeout(900)

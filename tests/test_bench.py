@@ -540,7 +540,11 @@ def test_echo_resp_against_redis(redis_url, tmp_path):
     r = doc["results"]
     assert r["bytes_sent_per_msg"] == len(b"*2\r\n$4\r\nECHO\r\n$30\r\n" + b"x" * 30 + b"\r\n")
     assert r["bytes_received_per_msg"] == len(b"$30\r\n" + b"x" * 30 + b"\r\n")
-    assert r["cpu"]["loader"]["per_process"] and r["cpu"]["server"]["pids"]  # the server found by its port
+    server = r["cpu"]["server"]
+    assert r["cpu"]["loader"]["per_process"] and server["pids"]  # the server found by its port
+    # the server's CPU, and of it the part in user mode (redis answered: it ran a little)
+    assert server["cores"] is not None and server["user_cores"] is not None
+    assert 0 <= server["user_cores"] <= server["cores"] + 0.02  # /proc counts in clock ticks
     tcp = redis_url.replace("redis://", "tcp://")
     doc = bench_json(tmp_path, "echo", "--url", tcp, "--protocol", "resp", "--connections", "2", "--pipeline", "1", *QUICK)
     check_echo(doc, tcp, "resp", 2, 1)
