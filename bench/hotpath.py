@@ -16,6 +16,7 @@ versions of the hot path. Throughput through real sockets is ``bench/peers.py``'
 
 Cases:
   line-echo     the echo app (``wirehub run wirehub.apps.echo:app``), TCP, 16 lines of 64 B per read
+  line-echo-p1  the same, one line per read (pipeline 1: the cost per read and per flush shows)
   hub-ping      ``wirehub serve``'s hub, TCP, 16 ``{"op":"ping"}`` per read
   hub-ws-ping   the hub over WebSocket, 16 masked ping frames per read
   hub-fanout    one publisher, 1,000 TCP subscribers joined to a room: ns per delivery
@@ -150,35 +151,42 @@ class Case:
 
 
 class Burst(Case):
-    """One connection; each round is one read of BURST requests and the flush of the replies."""
+    """One connection; each round is one read of ``per_read`` requests and the flush of the
+    replies."""
 
     request = b""
     websocket = False
+    per_read = BURST
 
     def setup(self) -> Callable[[], int]:
         flush = self.ctx.flusher.run
         if self.websocket:
             proto, _ = self.websocket_conn()
-            burst = masked_text(self.request) * BURST
+            burst = masked_text(self.request) * self.per_read
 
             def feed(data: bytes) -> None:
                 feed_buffered(proto, data)
 
         else:
             conn, _ = self.stream()
-            burst = (self.request + b"\n") * BURST
+            burst = (self.request + b"\n") * self.per_read
             feed = conn.data_received
+        n = self.per_read
 
         def round_() -> int:
             feed(burst)
             flush()
-            return BURST
+            return n
 
         return round_
 
 
 class LineEcho(Burst):
     request = b"x" * 64
+
+
+class LineEchoP1(LineEcho):
+    per_read = 1
 
 
 class HubPing(Burst):
@@ -213,6 +221,7 @@ class HubFanout(Case):
 
 CASES: dict[str, tuple[type[Case], Callable[[], Any], dict]] = {
     "line-echo": (LineEcho, lambda: echo_app, {}),
+    "line-echo-p1": (LineEchoP1, lambda: echo_app, {}),
     "hub-ping": (HubPing, None, {}),
     "hub-ws-ping": (HubWsPing, None, {}),
     "hub-fanout": (HubFanout, None, {"history_size": 0}),
@@ -254,6 +263,7 @@ SECTION = "## The hot path, in-process"
 UNITS = {"hub-fanout": "delivery"}
 DESCRIBE = {
     "line-echo": "framework line echo (the echo app), 16 lines of 64 B per read",
+    "line-echo-p1": "framework line echo, one line of 64 B per read (pipeline 1)",
     "hub-ping": "hub `ping`→`pong` over TCP, 16 per read",
     "hub-ws-ping": "hub `ping`→`pong` over WebSocket, 16 per read",
     "hub-fanout": "hub fan-out: one publication to 1,000 TCP members, per delivery",

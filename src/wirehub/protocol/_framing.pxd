@@ -9,7 +9,7 @@ cdef class LineDecoder:
     cdef bytearray _buf
     cdef bint _discard
 
-    @cython.locals(mx=Py_ssize_t, buf=bytearray, end=Py_ssize_t, i=Py_ssize_t, parts=list, tail=bytes,
+    @cython.locals(chunk=bytes, mx=Py_ssize_t, buf=bytearray, end=Py_ssize_t, i=Py_ssize_t, parts=list, tail=bytes,
                    out=list, cr=bint, first=bytes, line=bytes, size=Py_ssize_t, part=bytes, n=Py_ssize_t)
     cpdef list feed(self, data)
 

@@ -89,34 +89,33 @@ class LineDecoder:
         """Consume a chunk; return complete frames and errors in stream order."""
         if not data:
             return []
-        if type(data) is not bytes:
-            data = bytes(data)
+        chunk = data if type(data) is bytes else bytes(data)  # typed bytes when compiled
         if self._discard:  # buffer is empty while discarding
-            i = data.find(b"\n")
+            i = chunk.find(b"\n")
             if i < 0:
                 return []
             self._discard = False
-            data = data[i + 1 :]
-            if not data:
+            chunk = chunk[i + 1 :]
+            if not chunk:
                 return []
         mx = self._max
         buf = self._buf
 
         if not buf:
             # Fast path: exactly one complete line and nothing buffered.
-            end = len(data) - 1
-            if data.find(b"\n") == end:
-                if end and data[end - 1] == _CR:
+            end = len(chunk) - 1
+            if chunk[end] == 10 and chunk.find(b"\n") == end:
+                if end and chunk[end - 1] == 13:
                     end -= 1
                 if end > mx:
                     return [self._too_large(end, False)]
-                return [data[:end]] if end else []
+                return [chunk[:end]] if end else []
 
-        parts = data.split(b"\n")
+        parts = chunk.split(b"\n")
         tail = parts.pop()
         out: list[bytes | FrameError] = []
         if parts:
-            cr = 13 in data  # an int: much faster than the bytes b"\r"
+            cr = 13 in chunk  # an int: much faster than the bytes b"\r"
             if buf:
                 # Complete the buffered partial line with the first segment.
                 first = parts[0]

@@ -12,9 +12,10 @@ cdef class Flusher:
     cpdef add(self, conn)
 
 cdef class Context:
-    cdef public object loop, handlers, settings, deadlines, registry, now
+    cdef public object loop, handlers, settings, deadlines, registry, now, frame_handler
     cdef public Flusher flusher
     cdef public Py_ssize_t max_send_buffer
+    cdef public bint pumped, has_replies
 
 cdef class Connection:
     cdef public object id, transport, peer, peer_ip, connected_at, _state
@@ -24,13 +25,18 @@ cdef class Connection:
     cdef public object encode, _sink
     cdef public list _pending
     cdef public Py_ssize_t _pending_size
-    cdef public bint _write_paused, _closed, _greeted, _reading_paused, _eof, _last_word
+    cdef public bint _write_paused, _closed, _greeted, _reading_paused, _eof, _last_word, _in_read
     cdef public object _close_reason, _idle_timeout
     cdef public double _handshake_deadline
     cdef public object _timer, _queue, _pump, _drain_waiter
     cdef public long long _deadline
     cdef public object _decoder
     cdef object __weakref__
+
+    # called from this module's C code without a Python method lookup (no subclass overrides them)
+    cpdef bint send_wire(self, data) except -1
+    @cython.locals(ctx=Context, replies=dict)
+    cpdef _dispatch(self, list items)
 
 @cython.locals(conn=Connection, pending=list)
 cpdef write_out(conns, bint force)

@@ -7,7 +7,9 @@ transport: :class:`~wirehub.transport.stream.StreamConnection` (TCP, TLS, Unix),
 
 Outbound data goes through a per-connection buffer of whole frames (``_pending``) that a
 shared :class:`Flusher` writes once per event-loop turn, so many frames sent in one turn cost
-one write. While the transport is above its high water mark (``pause_writing``) frames wait in
+one write; what a stream connection's handlers send to it while one of its reads is handled is
+written when that read is done (one write per read, the turn's flush finds nothing left).
+While the transport is above its high water mark (``pause_writing``) frames wait in
 ``_pending``; past ``max_send_buffer`` the slow-consumer policy applies: disconnect, or drop
 the oldest frames.
 
@@ -243,7 +245,7 @@ def broadcast(conns: Iterable[Connection], payload: bytes) -> int:
             size = len(data)
         # send_wire's body, inlined: this runs once per member of a fan-out
         pending = conn._pending
-        if not pending and not conn._write_paused:
+        if not pending and not conn._write_paused and not conn._in_read:
             conn._ctx.flusher.add(conn)
         pending.append(data)
         conn._pending_size += size
@@ -257,7 +259,8 @@ def broadcast(conns: Iterable[Connection], payload: bytes) -> int:
 class Context:
     """What every connection of one server shares: loop, handlers, settings, registry."""
 
-    __slots__ = ("loop", "handlers", "settings", "flusher", "deadlines", "registry", "now", "max_send_buffer")
+    __slots__ = ("loop", "handlers", "settings", "flusher", "deadlines", "registry", "now", "max_send_buffer",
+                 "frame_handler", "pumped", "has_replies")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, handlers: Handlers, settings: Settings, registry: Any) -> None:
         self.loop = loop
@@ -267,7 +270,11 @@ class Context:
         self.deadlines = Deadlines(loop)
         self.registry = registry
         self.now = loop.time
-        self.max_send_buffer = settings.max_send_buffer  # read on every send: one lookup, not two
+        # read on every send or read: one lookup, not two (handlers do not change once built)
+        self.max_send_buffer = settings.max_send_buffer
+        self.frame_handler = handlers.frame
+        self.pumped = handlers.pumped
+        self.has_replies = handlers.replies is not None
 
 
 class Connection:
@@ -312,6 +319,7 @@ class Connection:
         "_last_word",
         "_handshake_deadline",
         "_decoder",
+        "_in_read",
         "__weakref__",
     )
 
@@ -352,6 +360,9 @@ class Connection:
         self._last_word = False  # True while the closing handler may still send
         self._handshake_deadline = 0.0  # loop time by which the first frame must arrive (0: none)
         self._decoder: Any = None  # a byte stream's frame decoder (stream connections)
+        #: True while the frames of one read are handled: what they send is written once at
+        #: the end of the read, not left to the per-turn flush
+        self._in_read = False
 
     # ------------------------------------------------------------------ public API
 
@@ -412,7 +423,7 @@ class Connection:
         else:
             data = self.encode(payload)
         pending = self._pending
-        if not pending and not self._write_paused:
+        if not pending and not self._write_paused and not self._in_read:
             self._ctx.flusher.add(self)
         pending.append(data)
         self._pending_size += len(data)
@@ -426,7 +437,7 @@ class Connection:
         if (self._close_reason is not None and not self._last_word) or self._closed:
             return False
         pending = self._pending
-        if not pending and not self._write_paused:
+        if not pending and not self._write_paused and not self._in_read:
             self._ctx.flusher.add(self)
         pending.append(data)
         self._pending_size += len(data)
@@ -632,7 +643,15 @@ class Connection:
         self.last_activity = self._ctx.now()
         items = self._decoder.feed(data)
         if items:
-            self._dispatch(items)
+            # the replies to one read go out in one write when the read is handled, as a bare
+            # echo server's would: no round through the per-turn flush
+            self._in_read = True
+            try:
+                self._dispatch(items)
+            finally:
+                self._in_read = False
+            if self._pending:
+                write_out((self,), False)
 
     def _dispatch(self, items: list) -> None:
         """Hand decoded frames (bytes) and framing errors to the app, in order."""
@@ -641,13 +660,13 @@ class Connection:
                 if type(item) is bytes:
                     self._greet()
                     break
-        handlers = self._ctx.handlers
-        if handlers.pumped:
+        ctx = self._ctx
+        if ctx.pumped:
             for item in items:
                 self._enqueue(item)
             return
-        frame = handlers.frame
-        replies = handlers.wires_for(self.encode) if handlers.replies is not None else None
+        frame = ctx.frame_handler
+        replies = ctx.handlers.wires_for(self.encode) if ctx.has_replies else None
         try:
             for item in items:
                 if self._close_reason is not None:
@@ -661,7 +680,7 @@ class Connection:
                             continue
                     frame(self, item)
                 else:
-                    handlers.frame_error(self, item)
+                    ctx.handlers.frame_error(self, item)
         except Exception:
             self._handler_failed("frame")
 
@@ -669,18 +688,18 @@ class Connection:
         """:meth:`_dispatch` for one frame (a WebSocket message, a datagram): no list."""
         if not self._greeted:
             self._greet()
-        handlers = self._ctx.handlers
-        if handlers.pumped:
+        ctx = self._ctx
+        if ctx.pumped:
             self._enqueue(frame)
             return
         self.frames_in += 1
-        if handlers.replies is not None:
-            reply = handlers.wires_for(self.encode).get(frame)
+        if ctx.has_replies:
+            reply = ctx.handlers.wires_for(self.encode).get(frame)
             if reply is not None:
                 self.send_wire(reply)
                 return
         try:
-            handlers.frame(self, frame)
+            ctx.frame_handler(self, frame)
         except Exception:
             self._handler_failed("frame")
 

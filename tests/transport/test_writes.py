@@ -1,0 +1,151 @@
+"""How queued frames become writes: a stream connection's replies to one read go out in one
+write when the read is handled; frames for other connections wait for the turn's flush, which
+joins everything a connection got in the turn into one write."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+
+from wirehub import App
+from wirehub.transport.stream import StreamConnection
+
+from ..helpers import serving
+
+
+class RecordingTransport(asyncio.Transport):
+    """Records every write; pushes back only when told to (``pause_writing`` is the test's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self._closing = False
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "socket": self._sock}.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        self._closing = True
+        self._sock.close()
+
+    def abort(self) -> None:
+        self.close()
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.close()
+
+
+class Relay(App):
+    """Echoes a frame; ``to:ID:text`` sends ``text`` to connection ID instead; ``bye`` is
+    echoed, then the connection is closed."""
+
+    def __init__(self) -> None:
+        super().__init__(framing="line")
+        self.by_id: dict[str, Any] = {}
+        self.handled: list[bytes] = []
+
+    def connect(self, conn) -> None:
+        self.by_id[conn.id] = conn
+
+    def frame(self, conn, frame: bytes) -> None:
+        self.handled.append(frame)
+        if frame == b"bye":
+            conn.send(frame)
+            conn.close()
+        elif frame.startswith(b"to:"):
+            _, target, text = frame.split(b":", 2)
+            self.by_id[target.decode()].send(text)
+        else:
+            conn.send(frame)
+
+
+@pytest.fixture
+async def relay():
+    app = Relay()
+    async with serving(app) as server:
+        made: list[tuple[StreamConnection, RecordingTransport]] = []
+
+        def connect() -> tuple[StreamConnection, RecordingTransport]:
+            conn = StreamConnection(server.ctx, "tcp", app.framing)
+            transport = RecordingTransport()
+            conn.connection_made(transport)
+            made.append((conn, transport))
+            return conn, transport
+
+        connect.app = app  # type: ignore[attr-defined]
+        yield connect
+        for conn, _ in made:
+            conn.connection_lost(None)
+
+
+async def test_the_replies_to_one_read_are_one_write_made_before_the_loop_turns(relay):
+    conn, transport = relay()
+    conn.data_received(b"a\nb\r\nc\n")
+    assert transport.writes == [b"a\nb\nc\n"]  # written inside data_received
+    await asyncio.sleep(0)  # the turn's flush has nothing more to write
+    await asyncio.sleep(0)
+    assert transport.writes == [b"a\nb\nc\n"]
+    assert conn.frames_out == 3 and conn.bytes_out == 6 and conn.send_buffer == 0
+
+
+async def test_frames_queued_before_the_read_go_first_in_the_same_write(relay):
+    a, a_out = relay()
+    b, _ = relay()
+    b.data_received(f"to:{a.id}:early\n".encode())  # queued for a, to be flushed this turn
+    assert a_out.writes == []
+    a.data_received(b"reply\n")
+    assert a_out.writes == [b"early\nreply\n"]
+    await asyncio.sleep(0)
+    assert a_out.writes == [b"early\nreply\n"]  # the flush found it written already
+
+
+async def test_frames_for_other_connections_wait_for_the_turns_flush_and_are_joined(relay):
+    a, _ = relay()
+    b, b_out = relay()
+    a.data_received(f"to:{b.id}:one\n".encode())
+    a.data_received(f"to:{b.id}:two\nto:{b.id}:three\n".encode())
+    assert b_out.writes == []  # not b's read: left to the flush
+    await asyncio.sleep(0)
+    assert b_out.writes == [b"one\ntwo\nthree\n"]  # one write for the whole turn
+
+
+async def test_a_peer_that_is_behind_gets_its_replies_when_it_catches_up(relay):
+    conn, transport = relay()
+    conn.pause_writing()  # the transport is above its high water mark
+    conn.data_received(b"x\ny\n")
+    await asyncio.sleep(0)
+    assert transport.writes == [] and conn.send_buffer == 4
+    conn.resume_writing()
+    assert transport.writes == [b"x\ny\n"]
+
+
+async def test_a_handler_that_closes_its_connection_mid_read(relay):
+    conn, transport = relay()
+    conn.data_received(b"one\nbye\nlost\n")
+    assert relay.app.handled == [b"one", b"bye"]  # nothing is handled after the close
+    assert transport.writes == [b"one\nbye\n"] and transport.is_closing()
