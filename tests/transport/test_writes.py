@@ -85,9 +85,10 @@ class Relay(App):
 
 
 @pytest.fixture
-async def relay():
+async def relay(request):
     app = Relay()
-    async with serving(app) as server:
+    options = getattr(request, "param", {})
+    async with serving(app, **options) as server:
         made: list[tuple[StreamConnection, RecordingTransport]] = []
 
         def connect() -> tuple[StreamConnection, RecordingTransport]:
@@ -149,3 +150,48 @@ async def test_a_handler_that_closes_its_connection_mid_read(relay):
     conn.data_received(b"one\nbye\nlost\n")
     assert relay.app.handled == [b"one", b"bye"]  # nothing is handled after the close
     assert transport.writes == [b"one\nbye\n"] and transport.is_closing()
+
+
+async def test_a_sent_buffer_is_copied_so_the_caller_may_reuse_it(relay):
+    conn, transport = relay()
+    buf = bytearray(b"first")
+    conn.pause_writing()
+    assert conn.send(buf) and conn.send(memoryview(b"second"))
+    buf[:] = b"XXXXX"
+    conn.resume_writing()
+    assert transport.writes == [b"first\nsecond\n"]
+    with pytest.raises(ValueError):
+        conn.send(b"two\nlines")
+    with pytest.raises(TypeError):
+        conn.send("text")  # type: ignore[arg-type]
+    assert conn.frames_out == 2
+
+
+@pytest.mark.parametrize("relay", [{"slow_consumer": "drop_oldest", "max_send_buffer": "1KiB", "send_buffer_low": "256", "send_buffer_high": "512"}], indirect=True)
+async def test_drop_oldest_drops_whole_frames_however_they_were_queued(relay):
+    conn, transport = relay()
+    conn.pause_writing()  # the peer is behind: frames pile up
+    line = b"x" * 99  # 100 bytes on the wire
+    for i in range(10):  # 1,000 bytes: at the limit, nothing dropped
+        if i % 2:
+            assert conn.send_wire(b"%d" % i + line[1:] + b"\n")  # encoded already: one entry
+        else:
+            assert conn.send(b"%d" % i + line[1:])  # payload + newline: two entries
+    assert conn.frames_dropped == 0 and conn.send_buffer == 1000
+    conn.send(b"10" + line[2:])  # over: the oldest whole frame goes
+    conn.send_wire(b"11" + line[2:] + b"\n")
+    assert conn.frames_dropped == 2 and conn.send_buffer == 1000
+    conn.resume_writing()
+    (data,) = transport.writes
+    assert [int(x[:2].rstrip(b"x")) for x in data.split(b"\n")[:-1]] == list(range(2, 12))
+
+
+async def test_frames_discarded_at_an_abort_are_counted_as_frames(relay):
+    conn, _ = relay()
+    conn.pause_writing()
+    conn.send(b"one")
+    conn.send_wire(b"two\n")
+    conn.send(b"")  # an empty payload is a frame too (a blank line on the wire)
+    conn.send(b"four")
+    conn.abort()
+    assert conn.frames_dropped == 4 and conn.send_buffer == 0

@@ -34,6 +34,8 @@ cdef class Connection:
     cdef object __weakref__
 
     # called from this module's C code without a Python method lookup (no subclass overrides them)
+    @cython.locals(pending=list, size=Py_ssize_t)
+    cpdef bint send(self, payload) except -1
     cpdef bint send_wire(self, data) except -1
     @cython.locals(ctx=Context, replies=dict)
     cpdef _dispatch(self, list items)

@@ -35,6 +35,9 @@ from .._log import get_logger
 from ..protocol.framing import LINE
 
 _line_encode = LINE.encoder
+#: the line framing's terminator: a frame sent with ``send`` on a line-framed connection is
+#: queued as two entries, its payload and this, joined on write (no copy of the payload)
+_NL = b"\n"
 
 log = get_logger("wirehub.connection")
 
@@ -411,22 +414,31 @@ class Connection:
 
     # send and send_wire share their body rather than call a helper: they run once per frame
     # sent (once per member for a broadcast), and the call would cost more than the body.
+    # On a line-framed connection, ``send`` queues the payload and ``_NL`` as two entries,
+    # joined on write: one copy of the payload (the join) instead of two.
 
     def send(self, payload: bytes) -> bool:
         """Queue one frame. Returns False when it was not queued (closing, or dropped)."""
         if (self._close_reason is not None and not self._last_word) or self._closed:
             return False
+        pending = self._pending
         if self.encode is _line_encode:  # the line framing's encode, inlined (the default framing)
             if 10 in payload:
                 _line_encode(payload)  # raises the framing's ValueError
-            data = payload + b"\n"
+            if type(payload) is not bytes:
+                payload = bytes(payload)  # a copy: the caller may reuse its buffer
+            if not pending and not self._write_paused and not self._in_read:
+                self._ctx.flusher.add(self)
+            pending.append(payload)
+            pending.append(_NL)
+            size = len(payload) + 1
         else:
             data = self.encode(payload)
-        pending = self._pending
-        if not pending and not self._write_paused and not self._in_read:
-            self._ctx.flusher.add(self)
-        pending.append(data)
-        self._pending_size += len(data)
+            if not pending and not self._write_paused and not self._in_read:
+                self._ctx.flusher.add(self)
+            pending.append(data)
+            size = len(data)
+        self._pending_size += size
         self.frames_out += 1
         if self._pending_size > self._ctx.max_send_buffer:
             return self._over_limit()
@@ -506,17 +518,39 @@ class Connection:
             return False
         pending = self._pending
         size = self._pending_size
-        drop = 0
+        line = self.encode is _line_encode
+        drop = frames = 0
         while size > settings.max_send_buffer and drop < len(pending):
-            size -= len(pending[drop])
+            entry = pending[drop]
+            size -= len(entry)
             drop += 1
+            if line and entry[-1:] != _NL and drop < len(pending):  # a payload: its newline goes too
+                size -= len(pending[drop])
+                drop += 1
+            frames += 1
         del pending[:drop]
         self._pending_size = size
-        self.frames_dropped += drop
+        self.frames_dropped += frames
         return bool(pending)
 
+    def _pending_frames(self) -> int:
+        """How many frames ``_pending`` holds: on a line-framed connection, a frame queued by
+        ``send`` is two entries (its payload, then ``_NL``); one queued encoded is one."""
+        pending = self._pending
+        if self.encode is not _line_encode:
+            return len(pending)
+        frames = 0
+        paired = False
+        for entry in pending:
+            if paired:  # the newline after a payload
+                paired = False
+                continue
+            frames += 1
+            paired = entry[-1:] != _NL  # a payload never ends with a newline; an encoded frame does
+        return frames
+
     def _discard_pending(self) -> None:
-        self.frames_dropped += len(self._pending)
+        self.frames_dropped += self._pending_frames()
         self._pending.clear()
         self._pending_size = 0
 
