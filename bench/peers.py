@@ -966,6 +966,18 @@ def cpu_split_notes(by_side: dict[Key, list[Run]]) -> list[str]:
         text += (f" The bare uvloop echo, which frames nothing and calls nothing per message (one `data_received`, "
                  f"one `write` per burst), spent {bare[0]:,.0f} + {bare[1]:,.0f} ns: the event loop's own share of "
                  f"that budget.")
+    text += (f" Per second of the server's CPU, wirehub answered {(peer[0] + peer[1]) / (wh[0] + wh[1]):.2f}× as many "
+             f"messages as redis-server: the ratio the servers alone would give if the load generator were never "
+             f"the limit.")
+    runs = by_side.get((row.group, row.wirehub), [])
+    bare_runs = by_side.get((row.group, "uv-line-p16"), [])
+    if runs and all(r.loader_saturated for r in runs) and bare_runs:
+        ceiling = median([r.value for r in bare_runs if r.value]) / median(
+            [r.value for r in by_side.get((row.group, row.peer), []) if r.value])
+        text += (f" The load generator's core was saturated in every wirehub run, so the throughput ratio is the "
+                 f"load generator's as much as the server's: in the same run the bare uvloop echo reached "
+                 f"{ceiling:.2f}× redis-server, also with the load generator saturated, the most this machine's "
+                 f"one load core shows for any server.")
     return [text, ""]
 
 
