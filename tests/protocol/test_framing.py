@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -177,6 +178,10 @@ class TestLineDecoder:
             LineDecoder(0)
         with pytest.raises(ValueError):
             LengthPrefixDecoder(-1)
+        for decoder in (LineDecoder, LengthPrefixDecoder):  # the same refusal compiled or not
+            with pytest.raises(ValueError, match="at most"):
+                decoder(sys.maxsize + 1)
+            assert decoder(sys.maxsize).buffered == 0
 
 
 # ------------------------------------------------------- LengthPrefixDecoder

@@ -4,6 +4,7 @@ joins everything a connection got in the turn into one write."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import socket
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from wirehub import App
+from wirehub.protocol.framing import Framing, LineDecoder
 from wirehub.transport.stream import StreamConnection
 
 from ..helpers import serving
@@ -60,6 +62,10 @@ class RecordingTransport(asyncio.Transport):
         self.close()
 
 
+class Escape(BaseException):
+    pass
+
+
 class Relay(App):
     """Echoes a frame; ``to:ID:text`` sends ``text`` to connection ID instead; ``bye`` is
     echoed, then the connection is closed."""
@@ -74,6 +80,8 @@ class Relay(App):
 
     def frame(self, conn, frame: bytes) -> None:
         self.handled.append(frame)
+        if frame == b"escape":
+            raise Escape  # not an Exception: dispatch does not catch it
         if frame == b"bye":
             conn.send(frame)
             conn.close()
@@ -162,8 +170,12 @@ async def test_a_sent_buffer_is_copied_so_the_caller_may_reuse_it(relay):
     assert transport.writes == [b"first\nsecond\n"]
     with pytest.raises(ValueError):
         conn.send(b"two\nlines")
+    with pytest.raises(ValueError):  # its bytes hold a newline, whatever its item size
+        conn.send(array.array("H", [0x0A00]))
     with pytest.raises(TypeError):
         conn.send("text")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        conn.send([104, 105])  # type: ignore[arg-type]
     assert conn.frames_out == 2
 
 
@@ -192,6 +204,65 @@ async def test_frames_discarded_at_an_abort_are_counted_as_frames(relay):
     conn.send(b"one")
     conn.send_wire(b"two\n")
     conn.send(b"")  # an empty payload is a frame too (a blank line on the wire)
-    conn.send(b"four")
+    conn.send_wire(b"\n")  # and so is an encoded blank line
+    conn.send_wire(b"")
+    conn.send(b"six")
     conn.abort()
-    assert conn.frames_dropped == 4 and conn.send_buffer == 0
+    assert conn.frames_dropped == 6 and conn.send_buffer == 0
+
+
+@pytest.mark.parametrize("relay", [{"slow_consumer": "drop_oldest", "max_send_buffer": "1KiB", "send_buffer_low": "256",
+                                    "send_buffer_high": "512"}], indirect=True)
+async def test_drop_oldest_with_encoded_frames_that_look_like_a_newline_or_nothing(relay):
+    conn, transport = relay()
+    conn.pause_writing()
+    conn.send_wire(b"")
+    conn.send_wire(b"\n")
+    for c in b"abc":
+        conn.send(bytes([c]) * 299)
+    conn.send(b"d" * 299)  # 1,201 bytes queued: the two encoded frames and "a" go
+    assert conn.frames_dropped == 3 and conn.send_buffer == 900
+    conn.resume_writing()
+    assert transport.writes == [b"b" * 299 + b"\n" + b"c" * 299 + b"\n" + b"d" * 299 + b"\n"]
+
+
+async def test_what_a_read_queued_is_written_even_when_an_exception_escapes_the_handler(relay):
+    conn, transport = relay()
+    with pytest.raises(Escape):
+        conn.data_received(b"hello\nescape\n")
+    assert transport.writes == [b"hello\n"]
+    conn.send(b"later")  # the connection still flushes as usual afterwards
+    await asyncio.sleep(0)
+    assert transport.writes == [b"hello\n", b"later\n"]
+
+
+class _TupleDecoder:
+    """A custom stream decoder whose ``feed`` returns a tuple, not a list."""
+
+    def __init__(self, max_size: int) -> None:
+        self._lines = LineDecoder(max_size)
+
+    def feed(self, data: bytes) -> tuple:
+        return tuple(self._lines.feed(data))
+
+
+class _TupleFraming(Framing):
+    __slots__ = ()
+
+    def stream_decoder(self, max_size: int) -> _TupleDecoder:
+        return _TupleDecoder(max_size)
+
+    def encode(self, payload: bytes) -> bytes:
+        return b"<" + payload + b">\n"
+
+
+async def test_an_apps_own_framing_may_decode_into_any_sequence():
+    app = App(framing=_TupleFraming("tuple-lines"))
+    app.on_frame(lambda conn, frame: conn.send(frame))
+    async with serving(app) as server:
+        conn = StreamConnection(server.ctx, "tcp", app.framing)
+        transport = RecordingTransport()
+        conn.connection_made(transport)
+        conn.data_received(b"a\nb\n")
+        assert transport.writes == [b"<a>\n<b>\n"]
+        conn.connection_lost(None)

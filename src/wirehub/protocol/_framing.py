@@ -22,6 +22,7 @@ keep the two in step. The loops are written for the compiled copy (typed loops o
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass
 
 __all__ = [
@@ -40,6 +41,7 @@ _HEADER = struct.Struct(">I")
 _unpack_from = _HEADER.unpack_from
 _pack = _HEADER.pack
 _MAX_LENGTH = 0xFFFFFFFF
+_MAX_SIZE = sys.maxsize  # what a C size holds (the compiled decoders keep it in one)
 _CR = 0x0D
 
 
@@ -53,8 +55,8 @@ class FrameError:
 
 
 def _check_max(max_size: int) -> int:
-    if not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 1:
-        raise ValueError(f"max_size must be a positive int, got {max_size!r}")
+    if not isinstance(max_size, int) or isinstance(max_size, bool) or not 1 <= max_size <= _MAX_SIZE:
+        raise ValueError(f"max_size must be a positive int of at most {_MAX_SIZE}, got {max_size!r}")
     return max_size
 
 

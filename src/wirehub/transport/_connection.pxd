@@ -38,7 +38,7 @@ cdef class Connection:
     cpdef bint send(self, payload) except -1
     cpdef bint send_wire(self, data) except -1
     @cython.locals(ctx=Context, replies=dict)
-    cpdef _dispatch(self, list items)
+    cpdef _dispatch(self, items)
 
 @cython.locals(conn=Connection, pending=list)
 cpdef write_out(conns, bint force)

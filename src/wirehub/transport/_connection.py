@@ -36,7 +36,9 @@ from ..protocol.framing import LINE
 
 _line_encode = LINE.encoder
 #: the line framing's terminator: a frame sent with ``send`` on a line-framed connection is
-#: queued as two entries, its payload and this, joined on write (no copy of the payload)
+#: queued as two entries, its payload and this very object, joined on write (no copy of the
+#: payload). An entry that *is* ``_NL`` is always such a newline: an encoded empty line queued
+#: by ``send_wire`` or ``broadcast`` is put in as a distinct (bytearray) object.
 _NL = b"\n"
 
 log = get_logger("wirehub.connection")
@@ -244,7 +246,10 @@ def broadcast(conns: Iterable[Connection], payload: bytes) -> int:
             encode = conn.encode
             data = wires.get(encode)  # type: ignore[assignment]
             if data is None:
-                data = wires[encode] = encode(payload)
+                data = encode(payload)
+                if data is _NL and encode is _line_encode:
+                    data = bytearray(data)  # an empty line: not to be taken for a payload's newline
+                wires[encode] = data
             size = len(data)
         # send_wire's body, inlined: this runs once per member of a fan-out
         pending = conn._pending
@@ -423,10 +428,10 @@ class Connection:
             return False
         pending = self._pending
         if self.encode is _line_encode:  # the line framing's encode, inlined (the default framing)
+            if type(payload) is not bytes:
+                payload = memoryview(payload).tobytes()  # its bytes (a copy: the caller may reuse it)
             if 10 in payload:
                 _line_encode(payload)  # raises the framing's ValueError
-            if type(payload) is not bytes:
-                payload = bytes(payload)  # a copy: the caller may reuse its buffer
             if not pending and not self._write_paused and not self._in_read:
                 self._ctx.flusher.add(self)
             pending.append(payload)
@@ -448,6 +453,8 @@ class Connection:
         """Queue bytes already encoded for this connection's framing (see ``encode``)."""
         if (self._close_reason is not None and not self._last_word) or self._closed:
             return False
+        if data is _NL and self.encode is _line_encode:
+            data = bytearray(data)  # an encoded empty line: not to be taken for a payload's newline
         pending = self._pending
         if not pending and not self._write_paused and not self._in_read:
             self._ctx.flusher.add(self)
@@ -524,8 +531,8 @@ class Connection:
             entry = pending[drop]
             size -= len(entry)
             drop += 1
-            if line and entry[-1:] != _NL and drop < len(pending):  # a payload: its newline goes too
-                size -= len(pending[drop])
+            if line and drop < len(pending) and pending[drop] is _NL:  # a payload: its newline goes too
+                size -= 1
                 drop += 1
             frames += 1
         del pending[:drop]
@@ -535,18 +542,14 @@ class Connection:
 
     def _pending_frames(self) -> int:
         """How many frames ``_pending`` holds: on a line-framed connection, a frame queued by
-        ``send`` is two entries (its payload, then ``_NL``); one queued encoded is one."""
+        ``send`` is two entries (its payload, then ``_NL`` itself); one queued encoded is one."""
         pending = self._pending
         if self.encode is not _line_encode:
             return len(pending)
         frames = 0
-        paired = False
         for entry in pending:
-            if paired:  # the newline after a payload
-                paired = False
-                continue
-            frames += 1
-            paired = entry[-1:] != _NL  # a payload never ends with a newline; an encoded frame does
+            if entry is not _NL:
+                frames += 1
         return frames
 
     def _discard_pending(self) -> None:
@@ -561,6 +564,9 @@ class Connection:
 
     # transport hooks, implemented by subclasses
     def _write(self, frames: list[bytes]) -> None:
+        """Write the pending entries (connections without ``_sink``). Each is a whole frame
+        unless ``encode`` is the line framing's, whose ``send`` queues a payload and ``_NL``:
+        joining them is the only correct way to write those."""
         raise NotImplementedError
 
     def _transport_buffered(self) -> int:
@@ -684,8 +690,8 @@ class Connection:
                 self._dispatch(items)
             finally:
                 self._in_read = False
-            if self._pending:
-                write_out((self,), False)
+                if self._pending:  # also when an exception escapes: nothing is left unwritten
+                    write_out((self,), False)
 
     def _dispatch(self, items: list) -> None:
         """Hand decoded frames (bytes) and framing errors to the app, in order."""
