@@ -613,14 +613,19 @@ def table(rows: list[Row], by_side: dict[Key, list[Run]], s: Settings) -> list[s
     return lines
 
 
+def cpu_per_message(runs: list[Run]) -> tuple[float, float] | None:
+    """The server's CPU time per message (echo), in user mode and in the kernel, in ns:
+    medians over the runs that measured it; None when none did."""
+    runs = [r for r in runs if r.value and r.server_cpu is not None and r.server_user is not None]
+    if not runs:
+        return None
+    user = median([r.server_user / r.value * 1e9 for r in runs])  # type: ignore[operator]
+    return user, max(0.0, median([(r.server_cpu - r.server_user) / r.value * 1e9 for r in runs]))  # type: ignore[operator]
+
+
 def per_message(runs: list[Run]) -> str:
-    """The server's CPU time per message (echo), user + system, in ns: medians over the runs."""
-    user = [r.server_user / r.value * 1e9 for r in runs if r.value and r.server_user is not None]
-    system = [(r.server_cpu - r.server_user) / r.value * 1e9 for r in runs
-              if r.value and r.server_cpu is not None and r.server_user is not None]
-    if not user or not system:
-        return "—"
-    return f"{median(user):,.0f} + {max(0.0, median(system)):,.0f}"
+    split = cpu_per_message(runs)
+    return "—" if split is None else f"{split[0]:,.0f} + {split[1]:,.0f}"
 
 
 def runs_table(sides: list[Key], by_side: dict[Key, list[Run]]) -> list[str]:
@@ -945,12 +950,7 @@ def cpu_split_notes(by_side: dict[Key, list[Run]]) -> list[str]:
         return []
 
     def split(side: str) -> tuple[float, float] | None:
-        runs = [r for r in by_side.get((row.group, side), [])
-                if r.value and r.server_cpu is not None and r.server_user is not None]
-        if not runs:
-            return None
-        user = median([r.server_user / r.value * 1e9 for r in runs])
-        return user, max(0.0, median([(r.server_cpu - r.server_user) / r.value * 1e9 for r in runs]))
+        return cpu_per_message(by_side.get((row.group, side), []))
 
     wh, peer, bare = split(row.wirehub), split(row.peer), split("uv-line-p16")
     if wh is None or peer is None:

@@ -11,11 +11,8 @@ from its compiled copy ``_framing_c`` (the optional accelerator: see
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .. import _accelerator
 
-_HERE = Path(__file__).parent
 SOURCE = "_framing"
 
 _impl, ACCELERATOR = _accelerator.load(__package__, SOURCE)

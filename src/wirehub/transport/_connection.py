@@ -426,23 +426,24 @@ class Connection:
         """Queue one frame. Returns False when it was not queued (closing, or dropped)."""
         if (self._close_reason is not None and not self._last_word) or self._closed:
             return False
-        pending = self._pending
         if self.encode is _line_encode:  # the line framing's encode, inlined (the default framing)
             if type(payload) is not bytes:
                 payload = memoryview(payload).tobytes()  # its bytes (a copy: the caller may reuse it)
             if 10 in payload:
                 _line_encode(payload)  # raises the framing's ValueError
-            if not pending and not self._write_paused and not self._in_read:
-                self._ctx.flusher.add(self)
-            pending.append(payload)
-            pending.append(_NL)
+            data = None
             size = len(payload) + 1
         else:
             data = self.encode(payload)
-            if not pending and not self._write_paused and not self._in_read:
-                self._ctx.flusher.add(self)
-            pending.append(data)
             size = len(data)
+        pending = self._pending
+        if not pending and not self._write_paused and not self._in_read:
+            self._ctx.flusher.add(self)
+        if data is None:
+            pending.append(payload)
+            pending.append(_NL)
+        else:
+            pending.append(data)
         self._pending_size += size
         self.frames_out += 1
         if self._pending_size > self._ctx.max_send_buffer:
@@ -607,12 +608,11 @@ class Connection:
         if ctx.settings.handshake_timeout:
             self._handshake_deadline = ctx.loop.time() + ctx.settings.handshake_timeout
             self._arm_deadline()
-        handlers = ctx.handlers
-        if handlers.pumped:
+        if ctx.pumped:
             self._enqueue(_CONNECT)
         else:
             try:
-                handlers.connect(self)
+                ctx.handlers.connect(self)
             except Exception:
                 self._handler_failed("connect")
 

@@ -8,19 +8,9 @@ from its compiled copy ``_connection_c`` (the optional accelerator: see
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .. import _accelerator
 
-_HERE = Path(__file__).parent
 SOURCE = "_connection"
-
-
-def sources_digest(folder: Path = _HERE) -> str:
-    """SHA-256 of this module's accelerator sources, as compiled into it."""
-    return _accelerator.sources_digest(folder, SOURCE)
-
-
 _impl, ACCELERATOR = _accelerator.load(__package__, SOURCE)
 #: True when the compiled accelerator is in use
 COMPILED = ACCELERATOR == _accelerator.COMPILED
