@@ -295,6 +295,28 @@ class BrokerConformance:
         assert got == sent
         assert [p.seq for p in got] == list(range(1, 21))
 
+    # -- publications in flight together (publish_nowait) -------------------------------------
+    async def test_publish_nowait_applies_in_call_order(self, broker, handler, ns):
+        """Many publications started in one turn, to several rooms, without awaiting each:
+        every room's seq follows the call order, delivery and history agree, and in_flight
+        counts them until they are answered."""
+        rooms = [f"{ns}:a", f"{ns}:b", f"{ns}:c"]
+        for room in rooms:
+            await broker.subscribe(room)
+        futures = [
+            (rooms[i % 3], i, broker.publish_nowait(rooms[i % 3], raw(i), sender="c", ts=now_ms(), history=POLICY))
+            for i in range(300)
+        ]
+        assert broker.in_flight <= 300
+        pubs = await asyncio.wait_for(asyncio.gather(*(f for _, _, f in futures)), WAIT)
+        assert broker.in_flight == 0
+        for room in rooms:
+            mine = [(i, p) for (r, i, _), p in zip(futures, pubs) if r == room]
+            assert [p.seq for _, p in mine] == list(range(1, 101))
+            assert [bytes(p.data) for _, p in mine] == [bytes(raw(i)) for i, _ in mine]
+            assert await handler.wait_publications(100, room) == [p for _, p in mine]
+            assert (await broker.history(room, history=POLICY)).publications == [p for _, p in mine]
+
     async def test_delivered_publication_carries_data_exactly(self, broker, handler, ns):
         room = f"{ns}:r"
         await broker.subscribe(room)

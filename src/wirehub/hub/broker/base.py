@@ -9,6 +9,7 @@ cannot be recovered.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -107,6 +108,18 @@ class Broker(Protocol):
         subscribed node. Raises :class:`BrokerError` when that cannot be done; never drops
         silently."""
 
+    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> asyncio.Future[Publication]:
+        """Start :meth:`publish` now and return its future, without waiting for the broker.
+
+        Publications started on one node are applied in the order of these calls (for one
+        room, a later call gets a higher ``seq``), and many may be in flight at once: a
+        remote broker sends those of one event-loop turn together. The future gives the
+        :class:`Publication`, or fails with :class:`BrokerError` (never silently). The caller
+        bounds what it keeps in flight; :attr:`in_flight` counts this node's."""
+
+    #: publications started with :meth:`publish_nowait` (or :meth:`publish`) and not yet answered
+    in_flight: int
+
     async def room_event(self, room: str, frame: bytes, *, exclude: str = "") -> None:
         """Deliver ``frame`` to every member of ``room`` on every node, except the client
         ``exclude``, without history."""
@@ -133,3 +146,30 @@ class Broker(Protocol):
 
     async def rooms(self) -> list[str]:
         """Rooms with a stream or members, as far as this broker knows."""
+
+
+class ChainedPublish:
+    """:meth:`Broker.publish_nowait` for a broker whose ``publish`` is one awaited call: each
+    publication starts when the one before it was answered. Call order is kept; nothing is
+    pipelined."""
+
+    in_flight = 0
+    _tail: asyncio.Future[Publication] | None = None
+
+    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
+        raise NotImplementedError
+
+    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> asyncio.Future[Publication]:
+        before = self._tail
+
+        async def run() -> Publication:
+            if before is not None and not before.done():
+                await asyncio.wait((before,))
+            try:
+                return await self.publish(room, data, sender=sender, ts=ts, history=history)
+            finally:
+                self.in_flight -= 1
+
+        self.in_flight += 1
+        task = self._tail = asyncio.ensure_future(run())
+        return task

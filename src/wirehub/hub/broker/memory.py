@@ -9,6 +9,7 @@ node unsubscribes from it, so joins to arbitrary names do not accumulate.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import secrets
 import time
@@ -37,6 +38,7 @@ class _Stream:
 
 class MemoryBroker:
     local = True
+    in_flight = 0  # every call completes at once
 
     def __init__(self, clock=time.time) -> None:
         self._clock = clock
@@ -74,7 +76,7 @@ class MemoryBroker:
         if stream is not None and stream.seq == 0:
             del self._streams[room]
 
-    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
+    def _publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
         stream = self._stream(room)
         stream.seq += 1
         raw = data if isinstance(data, msgspec.Raw) else msgspec.Raw(data)
@@ -85,6 +87,17 @@ class MemoryBroker:
         if room in self._subscribed and self._handler is not None:
             self._handler.on_publication(pub)
         return pub
+
+    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> asyncio.Future[Publication]:
+        future: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
+        try:
+            future.set_result(self._publish(room, data, sender=sender, ts=ts, history=history))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
+        return self._publish(room, data, sender=sender, ts=ts, history=history)
 
     async def room_event(self, room: str, frame: bytes, *, exclude: str = "") -> None:
         if room in self._subscribed and self._handler is not None:

@@ -88,7 +88,7 @@ import nats
 import nats.errors
 
 from ..._log import get_logger
-from .base import BrokerError, BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
+from .base import BrokerError, ChainedPublish, BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
 
 log = get_logger("wirehub.hub.broker.nats")
 
@@ -202,7 +202,7 @@ class _RoomSub:
         self.seq = 0
 
 
-class NatsBroker:
+class NatsBroker(ChainedPublish):
     local = False
 
     def __init__(

@@ -52,7 +52,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..._log import get_logger
-from .base import BrokerError, BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
+from .base import BrokerError, ChainedPublish, BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
 
 log = get_logger("wirehub.hub.broker.redis")
 
@@ -246,7 +246,7 @@ def _glob_escape(text: str) -> str:
 #: connections one node keeps to Redis for commands (pub/sub has its own)
 POOL_SIZE = 256
 
-class RedisBroker:
+class RedisBroker(ChainedPublish):
     """:class:`~wirehub.hub.broker.base.Broker` on Redis (see the module docstring)."""
 
     local = False
