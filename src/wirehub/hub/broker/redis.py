@@ -16,12 +16,26 @@ A publication is one Lua script (EVALSHA, reloaded on NOSCRIPT): it reads the ro
 seq, appends to the stream with an exact MAXLEN and drops entries older than the TTL, sets the
 expiries and PUBLISHes on the room's channel, all atomically, so every node sees one order.
 
-Each node keeps one dedicated pub/sub connection, read by one task: calls for one room reach
-the handler in seq order. ``subscribe()`` returns once Redis acknowledged the SUBSCRIBE, and
-``position()``/``history()`` of a subscribed room return only after the reader has handed the
-node every publication Redis sent it before (a PING/PONG through the pub/sub connection), so
-that, as with a local broker, no publication up to the position a join read arrives after
-it. When that connection is lost the node reports the broker down,
+Each node keeps two connections to Redis (``_resp.py``, replies parsed by hiredis), with no
+pool and no request/response lock-step:
+
+- **commands**, auto-pipelined: every command issued in one event-loop turn, by any number of
+  client connections, leaves in one write, and the replies are matched in order. Redis runs
+  a connection's commands in arrival order, so publications are applied in call order: a
+  connection's ``publish_nowait`` calls need not wait for each other's round trip, and a
+  room's ``seq`` still follows publish order. A hung Redis is noticed when the oldest
+  unanswered command is ``timeout`` old; the connection is dropped and every command in
+  flight fails with :class:`BrokerError` (``maybe_applied`` for writes that were sent).
+- **pub/sub**: every message parsed from one socket read is handed to the node in the same
+  event-loop turn, so the hub writes a read's worth of publications to each subscriber in
+  one write, as with the memory broker. Calls for one room reach the handler in seq order.
+  ``subscribe()`` returns once Redis acknowledged the SUBSCRIBE, and
+  ``position()``/``history()`` of a subscribed room return only after the node was handed
+  every publication Redis sent it before (a PING/PONG through the pub/sub connection), so
+  that, as with a local broker, no publication up to the position a join read arrives after
+  it.
+
+When either connection is lost the node reports the broker down,
 refuses calls with :class:`BrokerError`, reconnects with backoff, resubscribes every room,
 re-registers its clients and presence leases (Redis may have lost them), delivers from the
 streams what was published while it was away (when history still holds it), and only then
@@ -36,27 +50,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import math
 import random
 import secrets
 import time
 import uuid
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Callable
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..._log import get_logger
-from .base import BrokerError, ChainedPublish, BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
+from ._resp import CommandLink, Endpoint, LinkLost, ReplyError, SubscriberLink, open_link
+from .base import BrokerError, BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
 
 log = get_logger("wirehub.hub.broker.redis")
-
-T = TypeVar("T")
 
 #: A room's seq and epoch are remembered at least this long after its last publication (or
 #: the history TTL when longer): the seq does not restart for a room that merely went quiet.
@@ -243,10 +251,23 @@ def _glob_escape(text: str) -> str:
 
 
 
-#: connections one node keeps to Redis for commands (pub/sub has its own)
-POOL_SIZE = 256
+#: the scripts every node loads (SCRIPT LOAD) when it connects, by name
+SCRIPTS = {
+    "publish": PUBLISH_LUA,
+    "read": READ_LUA,
+    "catch_up": CATCH_UP_LUA,
+    "presence": PRESENCE_LUA,
+    "send": SEND_LUA,
+    "forget_client": FORGET_CLIENT_LUA,
+}
+SHAS = {name: hashlib.sha1(text.encode()).hexdigest().encode() for name, text in SCRIPTS.items()}
 
-class RedisBroker(ChainedPublish):
+
+def _noscript(reply: Any) -> bool:
+    return type(reply) is ReplyError and str(reply).startswith("NOSCRIPT")
+
+
+class RedisBroker:
     """:class:`~wirehub.hub.broker.base.Broker` on Redis (see the module docstring)."""
 
     local = False
@@ -264,19 +285,24 @@ class RedisBroker(ChainedPublish):
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
         self.url = url
+        self._endpoint = Endpoint.from_url(url)
         self.prefix = prefix
         self.node_id = node_id or uuid.uuid4().hex[:12]
         self.lease_s = lease_s
         self._clock = clock
-        self._timeout = timeout  # every socket operation and every call is bounded by it
-        self._client: aioredis.Redis | None = None
-        self._where = "redis"
+        self._timeout = timeout  # every call is bounded by it, and so is Redis's silence
+        self._where = self._endpoint.where
         self._handler: BrokerHandler | None = None
         self._closing = False
-        self._up = False  # the pub/sub connection is established and subscribed
-        self._conn: Any = None  # that connection (redis.asyncio.connection.Connection)
+        self._up = False  # both connections are established and subscribed
+        self._cmd: CommandLink | None = None  # commands, auto-pipelined
+        self._sub: SubscriberLink | None = None  # pub/sub
+        self._holding: list[Any] | None = None  # messages held while (re)subscribing
+        self._opening: tuple[SubscriberLink, set[bytes], asyncio.Future[None]] | None = None
+        self._next_sub: SubscriberLink | None = None  # the pub/sub connection being set up
         self._reader: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self.in_flight = 0  # publications sent and not answered
         self._inflight = 0  # calls under way; close() lets them finish (bounded)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -293,6 +319,7 @@ class RedisBroker(ChainedPublish):
         self._room_ch_b = self._room_ch.encode()
         self._node_ch_prefix = f"{prefix}:n:"
         self._node_ch = f"{prefix}:n:{self.node_id}".encode()
+        self._prefix_b = prefix.encode()
 
     # -- keys --------------------------------------------------------------------------------
     def _meta(self, room: str) -> str:
@@ -334,45 +361,18 @@ class RedisBroker(ChainedPublish):
     async def start(self, handler: BrokerHandler) -> None:
         self._handler = handler
         self._closing = False
-        # A blocking pool: when every connection is busy (a thousand clients joining at once),
-        # a call waits for one (up to the timeout) instead of failing with "Too many
-        # connections". ``?max_connections=N`` in the URL changes the size.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=POOL_SIZE,
-            timeout=self._timeout,
-            protocol=2,
-            socket_timeout=self._timeout,
-            socket_connect_timeout=self._timeout,
-            retry=Retry(NoBackoff(), 0),  # a publish is never sent twice
-            client_name=f"wirehub-{self.node_id}",
-        )
-        client = aioredis.Redis(connection_pool=pool)
-        kwargs = client.connection_pool.connection_kwargs
-        self._where = f"redis at {kwargs.get('path') or '%s:%s' % (kwargs.get('host'), kwargs.get('port'))}/{kwargs.get('db', 0)}"
-        self._client = client
-        self._publish = client.register_script(PUBLISH_LUA)
-        self._read = client.register_script(READ_LUA)
-        self._catch_up = client.register_script(CATCH_UP_LUA)
-        self._presence_script = client.register_script(PRESENCE_LUA)
-        self._send = client.register_script(SEND_LUA)
-        self._forget_client = client.register_script(FORGET_CLIENT_LUA)
         try:
-            async with asyncio.timeout(self._timeout):
-                await client.ping()
-            self._conn, buffered = await self._open_pubsub([])
-        except (RedisError, OSError, TimeoutError) as exc:
-            await self._close_client()
+            self._cmd, self._sub = await self._open([])
+        except (ReplyError, LinkLost, OSError, TimeoutError) as exc:
             raise BrokerError(f"cannot reach {self._where}: {exc or type(exc).__name__}") from exc
         self._up = True
-        for msg in buffered:
-            self._dispatch(msg)
+        self._release()
         self._reader = asyncio.create_task(self._run(), name=f"redis-broker-reader-{self.node_id}")
         self._refresher = asyncio.create_task(self._refresh_loop(), name=f"redis-broker-leases-{self.node_id}")
 
     async def close(self) -> None:
         self._closing = True  # new calls are refused from here on
-        if self._inflight:  # the calls under way finish first (a node's last clean-ups)
+        if not self._idle.is_set():  # the calls under way finish first (a node's last clean-ups)
             try:
                 async with asyncio.timeout(self._timeout * 2):
                     await self._idle.wait()
@@ -391,62 +391,91 @@ class RedisBroker(ChainedPublish):
                 log.warning("redis_broker_task_failed", error=repr(exc))
         was_up, self._up = self._up, False
         self._fail_acks("the broker is closing")
-        if was_up and self._client is not None:
+        if was_up and self._cmd is not None:
             try:  # best effort: this node's leases go now rather than after lease_s
                 async with asyncio.timeout(self._timeout):
                     await self._forget_everything()
             except Exception as exc:
                 log.debug("redis_broker_cleanup_failed", error=str(exc) or type(exc).__name__)
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await self._disconnect(conn)
-        await self._close_client()
+        for link in (self._cmd, self._sub):
+            if link is not None:
+                link.abort("the broker closed")
+        self._cmd = self._sub = None
         self._handler = None
-
-    async def _close_client(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await (client.aclose() if hasattr(client, "aclose") else client.close())
-            except Exception as exc:  # closing must not fail
-                log.debug("redis_broker_close_failed", error=repr(exc))
 
     def ready(self) -> bool:
         return self._up
 
     # -- calls -------------------------------------------------------------------------------
-    def _check(self, what: str) -> aioredis.Redis:
-        client = self._client
-        if client is None or self._closing:
-            raise BrokerError(f"cannot {what}: the redis broker is not running")
+    def _refusal(self, what: str) -> BrokerError | None:
+        if self._cmd is None or self._closing:
+            return BrokerError(f"cannot {what}: the redis broker is not running")
         if not self._up:
-            raise BrokerError(f"cannot {what}: {self._where} is unreachable (reconnecting)")
-        return client
+            return BrokerError(f"cannot {what}: {self._where} is unreachable (reconnecting)")
+        return None
 
-    async def _call(self, what: str, make: Callable[[aioredis.Redis], Awaitable[T]], *, unknown: bool = False) -> T:
-        """Run one Redis round trip, turning every failure into a :class:`BrokerError`.
-        ``unknown``: a timeout leaves the outcome unknown (say so)."""
-        client = self._check(what)
+    def _error(self, what: str, exc: BaseException, *, unknown: bool = False) -> BrokerError:
+        """The BrokerError for a failed call. ``unknown``: the call writes, so a lost answer
+        leaves its outcome unknown (say so)."""
+        if self._closing:
+            return BrokerError(f"cannot {what}: the redis broker was closed meanwhile")
+        if isinstance(exc, LinkLost):
+            outcome = " (it may or may not have been applied)" if unknown and exc.sent else ""
+            return BrokerError(f"cannot {what}: {self._where} {exc.reason}{outcome}", maybe_applied=unknown and exc.sent)
+        if isinstance(exc, TimeoutError):
+            outcome = " (it may or may not have been applied)" if unknown else ""
+            return BrokerError(f"cannot {what}: {self._where} did not answer within {self._timeout:g}s{outcome}", maybe_applied=unknown)
+        if isinstance(exc, ReplyError) and str(exc).startswith("NOSCRIPT"):
+            return BrokerError(f"cannot {what}: {self._where} lost wirehub's scripts (SCRIPT FLUSH?); nothing was done, try again")
+        return BrokerError(f"cannot {what}: {self._where} refused: {exc}")
+
+    async def _call(self, what: str, *args: Any, unknown: bool = False) -> Any:
+        """One command, answered within the timeout; every failure is a :class:`BrokerError`."""
+        refused = self._refusal(what)
+        if refused is not None:
+            raise refused
+        assert self._cmd is not None
         self._inflight += 1
         self._idle.clear()
         try:
-            async with asyncio.timeout(self._timeout * 2):
-                return await make(client)
-        except (RedisError, OSError, TimeoutError) as exc:
-            if self._closing:
-                raise BrokerError(f"cannot {what}: the redis broker was closed meanwhile") from exc
-            # The request was sent: a lost answer leaves its outcome unknown.
-            outcome = " (it may or may not have been applied)" if unknown else ""
-            if isinstance(exc, (RedisTimeoutError, TimeoutError)):
-                raise BrokerError(f"cannot {what}: {self._where} did not answer within {self._timeout:g}s{outcome}", maybe_applied=unknown) from exc
-            if isinstance(exc, (RedisConnectionError, OSError)):
-                raise BrokerError(f"cannot {what}: {self._where} went away{outcome}: {exc}", maybe_applied=unknown) from exc
-            raise BrokerError(f"cannot {what}: {self._where} refused: {exc}") from exc
+            async with asyncio.timeout(self._timeout):
+                return await self._cmd.call(*args)
+        except (ReplyError, LinkLost, OSError, TimeoutError) as exc:
+            raise self._error(what, exc, unknown=unknown) from exc
         finally:
             self._inflight -= 1
-            if not self._inflight:
-                self._idle.set()
+            self._settle()
+
+    def _settle(self) -> None:
+        if not self._inflight and not self.in_flight:
+            self._idle.set()
+
+    async def _script(self, what: str, name: str, keys: list[Any], args: list[Any], *, unknown: bool = False) -> Any:
+        """EVALSHA ``name``; when Redis lost the script (SCRIPT FLUSH), load them again and
+        retry once (only for a script that writes nothing it cannot repeat)."""
+        try:
+            return await self._call(what, b"EVALSHA", SHAS[name], len(keys), *keys, *args, unknown=unknown)
+        except BrokerError as exc:
+            if not isinstance(exc.__cause__, ReplyError) or not str(exc.__cause__).startswith("NOSCRIPT"):
+                raise
+            self._load_scripts()
+            return await self._call(what, b"EVALSHA", SHAS[name], len(keys), *keys, *args, unknown=unknown)
+
+    def _load_scripts(self) -> None:
+        """Load the scripts again (Redis lost them); the commands queued after these find them."""
+        if self._cmd is not None:
+            for text in SCRIPTS.values():
+                self._cmd.then(None, b"SCRIPT", b"LOAD", text)
+
+    async def _many(self, link: CommandLink, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` together (one pipeline) and return their replies; the first
+        error is raised once every reply is in."""
+        futures = [link.call(*cmd) for cmd in commands]
+        replies = await asyncio.gather(*futures, return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
 
     # -- rooms: delivery ---------------------------------------------------------------------
     async def subscribe(self, room: str) -> None:
@@ -459,7 +488,7 @@ class RedisBroker(ChainedPublish):
             self._want.discard(room)
             raise
         try:  # where the stream stood: the reference for a catch-up after a reconnect
-            meta = await self._call(f"subscribe to {room!r}", lambda c: c.hmget(self._meta(room), "e", "s"))
+            meta = await self._call(f"subscribe to {room!r}", b"HMGET", self._meta(room), b"e", b"s")
         except BaseException:
             await self.unsubscribe(room)
             raise
@@ -484,32 +513,66 @@ class RedisBroker(ChainedPublish):
         channel = self._channel(room)
         what = f"{kind.decode()} {room!r}"
         async with self._sub_lock:
-            self._check(what)
-            conn = self._conn
-            if not conn.is_connected:  # lost, and the reader has yet to notice: never reconnect here
+            refused = self._refusal(what)
+            if refused is not None:
+                raise refused
+            sub = self._sub
+            if sub is None or not sub.open:  # lost, and the reader has yet to notice: never reconnect here
                 raise BrokerError(f"cannot {what}: lost the connection to {self._where}")
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             entry = (kind, channel, fut)
             self._acks.append(entry)
             try:
                 async with asyncio.timeout(self._timeout):
-                    await conn.send_command(kind.upper(), channel)
+                    sub.send(kind.upper(), channel)
                     await fut
             except TimeoutError as exc:
                 raise BrokerError(f"cannot {what}: {self._where} did not answer within {self._timeout:g}s") from exc
-            except (RedisError, OSError) as exc:
-                raise BrokerError(f"cannot {what}: {self._where} is unreachable: {exc}") from exc
+            except LinkLost as exc:
+                raise BrokerError(f"cannot {what}: {self._where} {exc.reason}") from exc
             finally:
                 try:
                     self._acks.remove(entry)
                 except ValueError:
                     pass
 
-    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
+    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> asyncio.Future[Publication]:
+        """One EVALSHA of the publish script, queued on the auto-pipelined connection: the
+        publications of one event-loop turn leave in one write, and Redis runs them in call
+        order (see the module docstring)."""
+        future: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
+        what = f"publish to {room!r}"
+        refused = self._refusal(what)
+        if refused is not None:
+            future.set_exception(refused)
+            return future
         raw = data if isinstance(data, msgspec.Raw) else msgspec.Raw(data)
         body = _encode((room, sender, ts, bytes(raw)))
         ttl_ms = self._ttl_ms(history)
-        args = [
+        self.in_flight += 1
+        self._idle.clear()
+
+        def answered(reply: Any) -> None:
+            self.in_flight -= 1
+            self._settle()
+            if future.done():
+                return
+            if isinstance(reply, BaseException):
+                if _noscript(reply):
+                    self._load_scripts()  # for the next ones; this one was not applied
+                future.set_exception(self._error(what, reply, unknown=True))
+                return
+            seq, epoch = reply
+            future.set_result(Publication(room=room, seq=int(seq), epoch=epoch.decode(), data=raw, sender=sender, ts=ts))
+
+        assert self._cmd is not None
+        self._cmd.then(
+            answered,
+            b"EVALSHA",
+            SHAS["publish"],
+            2,
+            self._meta(room),
+            self._stream(room),
             secrets.token_hex(6),
             max(0, history.size),
             ttl_ms,
@@ -518,17 +581,20 @@ class RedisBroker(ChainedPublish):
             ts,
             body,
             self._channel(room),
-        ]
-        seq, epoch = await self._call(
-            f"publish to {room!r}",
-            lambda c: self._publish(keys=[self._meta(room), self._stream(room)], args=args, client=c),
-            unknown=True,
         )
-        return Publication(room=room, seq=int(seq), epoch=epoch.decode(), data=raw, sender=sender, ts=ts)
+        return future
+
+    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
+        future = self.publish_nowait(room, data, sender=sender, ts=ts, history=history)
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await asyncio.shield(future)
+        except TimeoutError as exc:
+            raise self._error(f"publish to {room!r}", exc, unknown=True) from exc
 
     async def room_event(self, room: str, frame: bytes, *, exclude: str = "") -> None:
         payload = b"e" + _encode((exclude, bytes(frame)))
-        await self._call(f"send an event to {room!r}", lambda c: c.publish(self._channel(room), payload))
+        await self._call(f"send an event to {room!r}", b"PUBLISH", self._channel(room), payload)
 
     # -- rooms: history ----------------------------------------------------------------------
     async def history(self, room: str, *, since: int | None = None, limit: int | None = None, history: HistoryPolicy) -> HistoryResult:
@@ -542,10 +608,8 @@ class RedisBroker(ChainedPublish):
             "" if since is None else max(-1, min(since, MAX_SEQ)),
             "" if limit is None else max(0, min(limit, 2**31)),
         ]
-        reply = await self._call(
-            f"read the history of {room!r}",
-            lambda c: self._read(keys=[self._meta(room), self._stream(room)], args=args, client=c),
-        )
+        what = f"read the history of {room!r}"
+        reply = await self._script(what, "read", [self._meta(room), self._stream(room)], args)
         seq, epoch_b, complete, reversed_ = reply[:4]
         epoch = epoch_b.decode()
         items = reply[4:]
@@ -554,17 +618,15 @@ class RedisBroker(ChainedPublish):
             pubs.reverse()
         result = HistoryResult(pubs, Position(int(seq), epoch), bool(complete))
         if room in self._want:
-            await self._flush(f"read the history of {room!r}")
+            await self._flush(what)
         return result
 
     async def position(self, room: str) -> Position:
+        what = f"read the position of {room!r}"
         args = [secrets.token_hex(6), META_MIN_TTL_MS, "pos", 0, 0, "", ""]
-        seq, epoch = await self._call(
-            f"read the position of {room!r}",
-            lambda c: self._read(keys=[self._meta(room), self._stream(room)], args=args, client=c),
-        )
+        seq, epoch = await self._script(what, "read", [self._meta(room), self._stream(room)], args)
         if room in self._want:
-            await self._flush(f"read the position of {room!r}")
+            await self._flush(what)
         return Position(int(seq), epoch.decode())
 
     async def _flush(self, what: str) -> None:
@@ -574,9 +636,11 @@ class RedisBroker(ChainedPublish):
         After ``history()``/``position()`` of a subscribed room, every publication up to the
         position returned has been delivered already (those that will be delivered at all),
         as with a local broker: the node never gets one of them after it answered a join."""
-        self._check(what)
-        conn = self._conn
-        if not conn.is_connected:
+        refused = self._refusal(what)
+        if refused is not None:
+            raise refused
+        sub = self._sub
+        if sub is None or not sub.open:
             raise BrokerError(f"cannot {what}: lost the connection to {self._where}")
         self._ping_n += 1
         token = b"w%d" % self._ping_n
@@ -584,45 +648,33 @@ class RedisBroker(ChainedPublish):
         self._pings[token] = fut
         try:
             async with asyncio.timeout(self._timeout):
-                await conn.send_command("PING", token)
+                sub.send(b"PING", token)
                 await fut
         except TimeoutError as exc:
             raise BrokerError(f"cannot {what}: {self._where} did not answer within {self._timeout:g}s") from exc
-        except (RedisError, OSError) as exc:
-            raise BrokerError(f"cannot {what}: {self._where} is unreachable: {exc}") from exc
+        except LinkLost as exc:
+            raise BrokerError(f"cannot {what}: {self._where} {exc.reason}") from exc
         finally:
             self._pings.pop(token, None)
 
     # -- direct messages ---------------------------------------------------------------------
     async def add_client(self, client: str) -> None:
         self._clients.add(client)  # registered again on reconnect if this fails
-        await self._call(f"register client {client!r}", lambda c: c.set(self._ckey(client), self.node_id, px=self._lease_ms))
+        await self._call(f"register client {client!r}", b"SET", self._ckey(client), self.node_id, b"PX", self._lease_ms)
 
     async def remove_client(self, client: str) -> None:
         self._clients.discard(client)  # unrefreshed, its lease runs out if this fails
-        await self._call(
-            f"unregister client {client!r}",
-            lambda c: self._forget_client(keys=[self._ckey(client)], args=[self.node_id], client=c),
-        )
+        await self._script(f"unregister client {client!r}", "forget_client", [self._ckey(client)], [self.node_id])
 
     async def send(self, client: str, frame: bytes) -> bool:
         payload = b"d" + _encode((client, bytes(frame)))
-        receivers = await self._call(
-            f"send to client {client!r}",
-            lambda c: self._send(keys=[self._ckey(client)], args=[self._node_ch_prefix, payload], client=c),
-        )
+        receivers = await self._script(f"send to client {client!r}", "send", [self._ckey(client)], [self._node_ch_prefix, payload])
         return int(receivers) > 0
 
     # -- presence ----------------------------------------------------------------------------
     async def presence_add(self, room: str, member: Member) -> None:
         self._members.setdefault(room, {})[member.client] = member  # re-added on reconnect
-
-        async def run(c: aioredis.Redis) -> Any:
-            pipe = c.pipeline(transaction=True)
-            self._queue_member(pipe, room, member)
-            return await pipe.execute()
-
-        await self._call(f"add {member.client!r} to the presence of {room!r}", run)
+        await self._transaction(f"add {member.client!r} to the presence of {room!r}", self._member_commands(room, member))
 
     async def presence_remove(self, room: str, client: str) -> None:
         members = self._members.get(room)
@@ -630,57 +682,74 @@ class RedisBroker(ChainedPublish):
             members.pop(client, None)
             if not members:
                 del self._members[room]
+        commands = [(b"HDEL", self._pkey(room), client), (b"ZREM", self._pekey(room), client)]
+        await self._transaction(f"remove {client!r} from the presence of {room!r}", commands)
 
-        async def run(c: aioredis.Redis) -> Any:
-            pipe = c.pipeline(transaction=True)
-            pipe.hdel(self._pkey(room), client)
-            pipe.zrem(self._pekey(room), client)
-            return await pipe.execute()
-
-        await self._call(f"remove {client!r} from the presence of {room!r}", run)
+    async def _transaction(self, what: str, commands: list[tuple[Any, ...]]) -> Any:
+        """``commands`` in MULTI/EXEC: queued together on the one connection, so nothing
+        comes between them; the EXEC's reply (the commands' replies) is returned."""
+        refused = self._refusal(what)
+        if refused is not None:
+            raise refused
+        link = self._cmd
+        assert link is not None
+        link.then(None, b"MULTI")
+        for cmd in commands:
+            link.then(None, *cmd)
+        return await self._call(what, b"EXEC")
 
     async def presence(self, room: str) -> list[Member]:
-        reply = await self._call(
-            f"read the presence of {room!r}",
-            lambda c: self._presence_script(keys=[self._pkey(room), self._pekey(room)], args=[self._now_ms()], client=c),
-        )
+        reply = await self._script(f"read the presence of {room!r}", "presence", [self._pkey(room), self._pekey(room)], [self._now_ms()])
         pairs = sorted((reply[i], reply[i + 1]) for i in range(0, len(reply), 2))
         return [_decode_member(blob) for _, blob in pairs]
 
-    def _queue_member(self, pipe: Any, room: str, member: Member) -> None:
+    def _member_commands(self, room: str, member: Member) -> list[tuple[Any, ...]]:
         gc_ms = self._lease_ms * 2
-        pipe.hset(self._pkey(room), member.client, _encode(member))
-        pipe.zadd(self._pekey(room), {member.client: self._now_ms() + self._lease_ms})
-        pipe.pexpire(self._pkey(room), gc_ms)
-        pipe.pexpire(self._pekey(room), gc_ms)
+        return [
+            (b"HSET", self._pkey(room), member.client, _encode(member)),
+            (b"ZADD", self._pekey(room), self._now_ms() + self._lease_ms, member.client),
+            (b"PEXPIRE", self._pkey(room), gc_ms),
+            (b"PEXPIRE", self._pekey(room), gc_ms),
+        ]
 
     async def rooms(self) -> list[str]:
-        async def run(c: aioredis.Redis) -> list[str]:
-            found: set[str] = set()
-            escaped = _glob_escape(self.prefix)
-            metas = [key async for key in c.scan_iter(match=f"{escaped}:m:*", count=1000)]
-            cut = len(self.prefix.encode()) + 3  # "{prefix}:m:" and "{prefix}:p:"
-            for i in range(0, len(metas), BATCH):
-                chunk = metas[i : i + BATCH]
-                pipe = c.pipeline(transaction=False)
-                for key in chunk:
-                    pipe.hget(key, "s")
-                for key, seq in zip(chunk, await pipe.execute()):
-                    if seq is not None and int(seq) > 0:
-                        found.add(key[cut:].decode())
-            now = self._now_ms()
-            present = [key async for key in c.scan_iter(match=f"{escaped}:p:*", count=1000)]
-            for i in range(0, len(present), BATCH):
-                chunk = [key[cut:].decode() for key in present[i : i + BATCH]]
-                pipe = c.pipeline(transaction=False)
-                for room in chunk:
-                    pipe.zcount(self._pekey(room), now, "+inf")
-                for room, alive in zip(chunk, await pipe.execute()):
-                    if alive:
-                        found.add(room)
-            return sorted(found)
+        what = "list the rooms"
+        found: set[str] = set()
+        escaped = _glob_escape(self.prefix)
+        cut = len(self.prefix.encode()) + 3  # "{prefix}:m:" and "{prefix}:p:"
 
-        return await self._call("list the rooms", run)
+        async def scan(pattern: str) -> list[bytes]:
+            keys: list[bytes] = []
+            cursor = b"0"
+            while True:
+                cursor, batch = await self._call(what, b"SCAN", cursor, b"MATCH", pattern, b"COUNT", 1000)
+                keys.extend(batch)
+                if cursor == b"0":
+                    return keys
+
+        metas = await scan(f"{escaped}:m:*")
+        for i in range(0, len(metas), BATCH):
+            chunk = metas[i : i + BATCH]
+            seqs = await self._gather(what, [(b"HGET", key, b"s") for key in chunk])
+            found.update(key[cut:].decode() for key, seq in zip(chunk, seqs) if seq is not None and int(seq) > 0)
+        now = self._now_ms()
+        present = await scan(f"{escaped}:p:*")
+        for i in range(0, len(present), BATCH):
+            chunk = [key[cut:].decode() for key in present[i : i + BATCH]]
+            alive = await self._gather(what, [(b"ZCOUNT", self._pekey(room), now, b"+inf") for room in chunk])
+            found.update(room for room, n in zip(chunk, alive) if n)
+        return sorted(found)
+
+    async def _gather(self, what: str, commands: list[tuple[Any, ...]]) -> list[Any]:
+        refused = self._refusal(what)
+        if refused is not None:
+            raise refused
+        assert self._cmd is not None
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._many(self._cmd, commands)
+        except (ReplyError, LinkLost, OSError, TimeoutError) as exc:
+            raise self._error(what, exc) from exc
 
     # -- leases ------------------------------------------------------------------------------
     async def _refresh_loop(self) -> None:
@@ -691,128 +760,127 @@ class RedisBroker(ChainedPublish):
             try:
                 async with asyncio.timeout(self._timeout):
                     await self._refresh(full=False)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (ReplyError, LinkLost, OSError, TimeoutError) as exc:
                 log.debug("redis_lease_refresh_failed", error=str(exc) or type(exc).__name__)
             except Exception:  # never let the refresher die
                 log.exception("redis_lease_refresh_failed")
 
-    async def _refresh(self, *, full: bool) -> None:
+    async def _refresh(self, *, full: bool, link: CommandLink | None = None) -> None:
         """Extend this node's leases. ``full`` writes every entry again (after a reconnect:
         Redis may have lost them); otherwise presence entries removed meanwhile (by another
         node, or expired) stay removed."""
-        client = self._client
-        if client is None:
+        link = link or self._cmd
+        if link is None:
             return
         lease_ms, gc_ms = self._lease_ms, self._lease_ms * 2
         expiry = self._now_ms() + lease_ms
-        commands: list[Callable[[Any], Any]] = []
-        for c in list(self._clients):
-            commands.append(lambda p, c=c: p.set(self._ckey(c), self.node_id, px=lease_ms))
+        commands: list[tuple[Any, ...]] = [(b"SET", self._ckey(c), self.node_id, b"PX", lease_ms) for c in list(self._clients)]
         for room, members in list(self._members.items()):
             for member in list(members.values()):
                 if full:
-                    commands.append(lambda p, r=room, m=member: self._queue_member(p, r, m))
+                    commands.extend(self._member_commands(room, member))
                 else:
-                    commands.append(lambda p, r=room, m=member: p.zadd(self._pekey(r), {m.client: expiry}, xx=True))
+                    commands.append((b"ZADD", self._pekey(room), b"XX", expiry, member.client))
             if not full:
-                commands.append(lambda p, r=room: (p.pexpire(self._pkey(r), gc_ms), p.pexpire(self._pekey(r), gc_ms)))
+                commands.append((b"PEXPIRE", self._pkey(room), gc_ms))
+                commands.append((b"PEXPIRE", self._pekey(room), gc_ms))
         for i in range(0, len(commands), BATCH):
-            pipe = client.pipeline(transaction=False)
-            for queue in commands[i : i + BATCH]:
-                queue(pipe)
-            await pipe.execute()
+            await self._many(link, commands[i : i + BATCH])
 
     async def _forget_everything(self) -> None:
-        client = self._client
-        if client is None or not (self._clients or self._members):
+        link = self._cmd
+        if link is None or not (self._clients or self._members):
             return
-        pipe = client.pipeline(transaction=False)
-        for c in self._clients:
-            await self._forget_client(keys=[self._ckey(c)], args=[self.node_id], client=pipe)  # queued
+        commands: list[tuple[Any, ...]] = [
+            (b"EVALSHA", SHAS["forget_client"], 1, self._ckey(c), self.node_id) for c in self._clients
+        ]
         for room, members in self._members.items():
             for member in members:
-                pipe.hdel(self._pkey(room), member)
-                pipe.zrem(self._pekey(room), member)
-        await pipe.execute()
+                commands.append((b"HDEL", self._pkey(room), member))
+                commands.append((b"ZREM", self._pekey(room), member))
+        await self._many(link, commands)
         self._clients.clear()
         self._members.clear()
 
-    # -- the pub/sub connection --------------------------------------------------------------
-    def _new_connection(self) -> Any:
-        assert self._client is not None
-        pool = self._client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
-        kwargs.update(socket_timeout=None, socket_connect_timeout=self._timeout, client_name=f"wirehub-sub-{self.node_id}")
-        kwargs.pop("max_connections", None)
-        return pool.connection_class(**kwargs)
-
-    async def _disconnect(self, conn: Any) -> None:
+    # -- the connections ---------------------------------------------------------------------
+    async def _open(self, rooms: list[str]) -> tuple[CommandLink, SubscriberLink]:
+        """A command connection with the scripts loaded, and a pub/sub connection subscribed
+        to this node's channel and ``rooms`` once Redis acknowledged every subscription. The
+        messages that come meanwhile are held (``_holding``) until :meth:`_release`."""
+        cmd = CommandLink("commands")
+        sub = self._next_sub = SubscriberLink("pub/sub", lambda replies: self._on_replies(sub, replies))
+        self._holding = []
         try:
+            await open_link(self._endpoint, cmd, timeout=self._timeout, client_name=f"wirehub-{self.node_id}")
             async with asyncio.timeout(self._timeout):
-                await conn.disconnect(nowait=True)
-        except Exception as exc:
-            log.debug("redis_disconnect_failed", error=repr(exc))
-
-    async def _open_pubsub(self, rooms: list[str]) -> tuple[Any, list[Any]]:
-        """A new pub/sub connection subscribed to this node's channel and ``rooms``, once
-        Redis acknowledged every subscription; the messages that came meanwhile, in order."""
-        conn = self._new_connection()
-        try:
+                await self._many(cmd, [(b"SCRIPT", b"LOAD", text) for text in SCRIPTS.values()])
+            await open_link(self._endpoint, sub, timeout=self._timeout, client_name=f"wirehub-sub-{self.node_id}")
+            channels = [self._node_ch] + [self._channel(r) for r in rooms]
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._opening = (sub, set(channels), done)
+            for i in range(0, len(channels), BATCH):
+                sub.send(b"SUBSCRIBE", *channels[i : i + BATCH])
             async with asyncio.timeout(self._timeout):
-                await conn.connect()
-                channels = [self._node_ch] + [self._channel(r) for r in rooms]
-                pending = set(channels)
-                for i in range(0, len(channels), BATCH):
-                    await conn.send_command("SUBSCRIBE", *channels[i : i + BATCH])
-                buffered = []
-                while pending:
-                    msg = await conn.read_response(timeout=self._timeout)
-                    if msg is None:
-                        raise TimeoutError("no subscription ack")
-                    if msg[0] == b"subscribe":
-                        pending.discard(msg[1])
-                    else:
-                        buffered.append(msg)
+                await asyncio.wait((done, sub.lost), return_when=asyncio.FIRST_COMPLETED)
+            if not done.done():
+                raise LinkLost(sub.lost.result(), sent=True)
         except BaseException:
-            await self._disconnect(conn)
+            cmd.abort("setup failed")
+            sub.abort("setup failed")
+            self._holding = self._next_sub = None
             raise
-        return conn, buffered
+        finally:
+            self._opening = None
+        return cmd, sub
+
+    def _release(self) -> None:
+        """Deliver the messages held while subscribing, and stop holding."""
+        self._next_sub = None
+        held, self._holding = self._holding, None
+        for reply in held or ():
+            self._on_reply(reply)
 
     async def _run(self) -> None:
-        """The reader: deliver what arrives; when the connection is lost, report it, reconnect
-        with backoff, catch up and report the broker back."""
+        """The watch: when a connection is lost (or Redis stops answering), report it,
+        reconnect with backoff, catch up and report the broker back."""
         while True:
-            conn = self._conn
-            reason = "closed"
-            try:
-                await self._read_loop(conn)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                reason = str(exc) or type(exc).__name__
-            await self._lost(conn, reason)
+            reason = await self._watch()
+            await self._lost(reason)
             await self._reconnect()
 
-    async def _read_loop(self, conn: Any) -> None:
+    async def _watch(self) -> str:
+        """Return why the connections had to be given up."""
+        cmd, sub = self._cmd, self._sub
+        assert cmd is not None and sub is not None
         idle = max(self._timeout, 0.05)
-        pinged = False
+        pinged_at = 0.0
         while True:
-            msg = await conn.read_response(timeout=idle)
-            if msg is None:  # quiet for a while: make sure Redis is still there
-                if pinged:
-                    raise RedisConnectionError(f"no answer to PING within {idle:g}s")
-                pinged = True
-                async with asyncio.timeout(self._timeout):
-                    await conn.send_command("PING")
-                continue
-            pinged = False
-            self._dispatch(msg)
+            await asyncio.wait((cmd.lost, sub.lost), timeout=idle / 4, return_when=asyncio.FIRST_COMPLETED)
+            for link in (cmd, sub):
+                if link.lost.done():
+                    return f"{link.name}: {link.lost.result()}"
+            now = time.monotonic()
+            if cmd.sent_at and now - cmd.sent_at > self._timeout:
+                reason = f"did not answer within {self._timeout:g}s"
+                cmd.abort(reason)
+                return f"commands: {reason}"
+            if now - sub.received_at < idle:
+                pinged_at = 0.0
+            elif not pinged_at:  # quiet for a while: make sure Redis is still there
+                pinged_at = now
+                try:
+                    sub.send(b"PING")
+                except LinkLost:
+                    continue
+            elif now - pinged_at > idle:
+                return f"pub/sub: no answer to PING within {idle:g}s"
 
-    async def _lost(self, conn: Any, reason: str) -> None:
+    async def _lost(self, reason: str) -> None:
         self._up = False
-        self._conn = None
+        for link in (self._cmd, self._sub):
+            if link is not None:
+                link.abort(reason)
         self._fail_acks(f"lost the connection to {self._where}: {reason}")
-        await self._disconnect(conn)
         log.warning("redis_broker_down", where=self._where, error=reason)
         self._notify(False)
 
@@ -831,53 +899,52 @@ class RedisBroker(ChainedPublish):
             delay = min(delay * 2, BACKOFF_MAX_S)
             rooms = list(self._want)
             try:
-                conn, buffered = await self._open_pubsub(rooms)
+                cmd, sub = await self._open(rooms)
             except Exception as exc:
                 log.debug("redis_reconnect_failed", where=self._where, error=str(exc) or type(exc).__name__)
                 continue
             try:
                 async with asyncio.timeout(self._timeout * 2):
-                    await self._refresh(full=True)
-                    missed = await self._missed(rooms)
+                    await self._refresh(full=True, link=cmd)
+                    missed = await self._missed(rooms, cmd)
             except Exception as exc:  # Redis failed again (or a bug): try again later
-                if not isinstance(exc, (RedisError, OSError, TimeoutError)):
+                if not isinstance(exc, (ReplyError, LinkLost, OSError, TimeoutError)):
                     log.exception("redis_reconnect_failed", where=self._where)
                 log.debug("redis_reconnect_failed", where=self._where, error=str(exc) or type(exc).__name__)
-                await self._disconnect(conn)
+                cmd.abort("reconnect failed")
+                sub.abort("reconnect failed")
+                self._holding = self._next_sub = None
                 continue
-            self._conn = conn
+            self._cmd, self._sub = cmd, sub
             for pub in missed:
                 self._deliver(pub)
-            for msg in buffered:
-                self._dispatch(msg)
+            self._release()
             stale = [self._channel(r) for r in rooms if r not in self._want]
             try:
-                async with asyncio.timeout(self._timeout):
-                    for i in range(0, len(stale), BATCH):
-                        await conn.send_command("UNSUBSCRIBE", *stale[i : i + BATCH])
-            except (RedisError, OSError, TimeoutError) as exc:
-                log.debug("redis_reconnect_failed", where=self._where, error=str(exc))
-                self._conn = None
-                await self._disconnect(conn)
+                for i in range(0, len(stale), BATCH):
+                    sub.send(b"UNSUBSCRIBE", *stale[i : i + BATCH])
+            except LinkLost as exc:
+                log.debug("redis_reconnect_failed", where=self._where, error=exc.reason)
+                cmd.abort("reconnect failed")
+                sub.abort("reconnect failed")
                 continue
             self._up = True
             log.warning("redis_broker_up", where=self._where)
             self._notify(True)
             return
 
-    async def _missed(self, rooms: list[str]) -> list[Publication]:
+    async def _missed(self, rooms: list[str], link: CommandLink) -> list[Publication]:
         """What was published to ``rooms`` after the last publication delivered here (or after
         the subscription, when none was), as far as the streams still hold it."""
-        assert self._client is not None
         known = [(room, self._last.get(room) or self._base.get(room)) for room in rooms]
         known = [(room, last) for room, last in known if last is not None]
         out: list[Publication] = []
         for i in range(0, len(known), BATCH):
             chunk = known[i : i + BATCH]
-            pipe = self._client.pipeline(transaction=False)
-            for room, (epoch, seq) in chunk:
-                await self._catch_up(keys=[self._meta(room), self._stream(room)], args=[epoch or "", seq], client=pipe)  # queued
-            for reply in await pipe.execute():
+            commands = [
+                (b"EVALSHA", SHAS["catch_up"], 2, self._meta(room), self._stream(room), epoch or "", seq) for room, (epoch, seq) in chunk
+            ]
+            for reply in await self._many(link, commands):
                 if not reply or reply[0] is None:
                     continue
                 epoch = reply[0].decode()
@@ -886,8 +953,34 @@ class RedisBroker(ChainedPublish):
         return out
 
     # -- dispatch ----------------------------------------------------------------------------
-    def _dispatch(self, msg: Any) -> None:
+    def _on_replies(self, link: SubscriberLink, replies: list[Any]) -> None:
+        """Everything one read of the pub/sub connection brought, in one event-loop turn: the
+        hub's writes to its subscribers are flushed once per turn, so a subscriber gets all
+        the publications of one read in one write."""
+        opening = self._opening
+        if opening is not None and opening[0] is link:
+            _, pending, done = opening
+            for reply in replies:
+                if type(reply) is list and reply and reply[0] == b"subscribe":
+                    pending.discard(reply[1])
+                    if not pending and not done.done():
+                        done.set_result(None)
+                elif self._holding is not None:
+                    self._holding.append(reply)
+            return
+        if link is not self._sub and link is not self._next_sub:
+            return  # a connection given up
+        holding = self._holding
+        for reply in replies:
+            if holding is not None and type(reply) is list and reply and reply[0] == b"message":
+                holding.append(reply)
+            else:
+                self._on_reply(reply)
+
+    def _on_reply(self, msg: Any) -> None:
         try:
+            if type(msg) is not list or not msg:
+                return
             kind = msg[0]
             if kind == b"message":
                 self._on_message(msg[1], msg[2])
