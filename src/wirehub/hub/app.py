@@ -14,6 +14,8 @@ connection's frames in order in a task, pausing reads while it is behind.
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -47,6 +49,11 @@ BYE = {
 
 ERROR_WINDOW_S = 60.0
 POLICY_CACHE = 10_000  # rooms whose resolved settings are remembered
+#: publications one connection may have in flight at a remote broker; its next one waits
+#: (and its reads pause once its queue of frames fills) until the oldest is answered
+PUB_WINDOW = 64
+#: publications the whole node may have in flight; beyond it a connection waits for its own
+PUB_IN_FLIGHT = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +83,7 @@ class Session:
         "tokens",
         "tokens_at",
         "expiry",
+        "publishing",
     )
 
     def __init__(self, conn: Connection) -> None:
@@ -95,6 +103,9 @@ class Session:
         self.tokens = 0.0
         self.tokens_at = 0.0
         self.expiry: Any = None
+        #: this connection's publications in flight at a remote broker, oldest first (None
+        #: when there are none): its other frames wait for them, so replies keep their order
+        self.publishing: collections.deque[asyncio.Future[Publication]] | None = None
 
     def member(self) -> Member:
         return Member(client=self.client, user=self.user, name=self.name)
@@ -290,6 +301,12 @@ class HubApp(App):
     async def _frame_async(self, conn: Connection, data: bytes) -> None:
         session: Session = self.sessions[conn.id]
         cmd = wire.decode(data)
+        if type(cmd) is Pub:
+            if self._admit(session, cmd.ref):
+                await self._pub_pipelined(session, cmd)
+            return
+        if session.publishing:  # replies go out in the order of the frames they answer
+            await asyncio.wait(tuple(session.publishing))
         if type(cmd) is ProtocolError:
             self._error(session, cmd.code, cmd.message, cmd.ref)
         elif type(cmd) is Ping:
@@ -299,14 +316,17 @@ class HubApp(App):
             try:
                 await self._ops[type(cmd)](session, cmd)
             except BrokerError as exc:
-                if exc.maybe_applied:
-                    why = f"the broker connection failed during this request; it may or may not have taken effect: {exc}"
-                else:
-                    why = f"the broker is unavailable, nothing was done: {exc}"
-                # The server's trouble, not the client's: it does not count toward max_errors.
-                self._error(session, "internal", why, cmd.ref, counts=False)
+                self._broker_failed(session, cmd, exc)
             except Exception:
                 self._failed(session, cmd)
+
+    def _broker_failed(self, session: Session, cmd: Any, exc: BrokerError) -> None:
+        if exc.maybe_applied:
+            why = f"the broker connection failed during this request; it may or may not have taken effect: {exc}"
+        else:
+            why = f"the broker is unavailable, nothing was done: {exc}"
+        # The server's trouble, not the client's: it does not count toward max_errors.
+        self._error(session, "internal", why, cmd.ref, counts=False)
 
     def _failed(self, session: Session, cmd: Any) -> None:
         log.exception("hub_op_failed", conn=session.client, op=type(cmd).__name__.lower())
@@ -524,6 +544,51 @@ class HubApp(App):
         pub = await self.broker.publish(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy(cmd.room).history)
         if cmd.ref is not None:
             s.conn.send(wire.encode({"op": "ok", "ref": cmd.ref, "seq": pub.seq}))
+
+    async def _pub_pipelined(self, s: Session, cmd: Pub) -> None:
+        """``pub`` on a remote broker: started without waiting for the broker's answer, so a
+        connection's publications travel together (one pipeline per event-loop turn) instead
+        of one round trip each. The broker applies them in call order; the acks follow in
+        that order. A connection keeps at most PUB_WINDOW in flight (and the node
+        PUB_IN_FLIGHT): beyond that its frames wait, and its reads pause."""
+        if self._needs_hello(s, cmd.ref):
+            return
+        if s.claims is not None and not s.claims.may_publish(cmd.room):
+            self._error(s, "forbidden", f"your token does not allow publishing to {cmd.room!r}", cmd.ref)
+            return
+        data = wire.data_bytes(cmd.data)
+        if type(data) is str:
+            self._error(s, "bad_frame", data, cmd.ref)
+            return
+        broker = self.broker
+        while (window := s.publishing) and (len(window) >= PUB_WINDOW or broker.in_flight >= PUB_IN_FLIGHT):
+            await asyncio.wait((window[0],))  # its answer takes it out of the window
+        if window is None:
+            window = s.publishing = collections.deque()
+        future = broker.publish_nowait(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy(cmd.room).history)
+        window.append(future)
+        future.add_done_callback(functools.partial(self._published, s, cmd))
+
+    def _published(self, s: Session, cmd: Pub, future: asyncio.Future[Publication]) -> None:
+        window = s.publishing
+        if window:
+            if window[0] is future:
+                window.popleft()
+            else:
+                window.remove(future)
+            if not window:
+                s.publishing = None
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            if cmd.ref is not None:
+                s.conn.send(wire.encode({"op": "ok", "ref": cmd.ref, "seq": future.result().seq}))
+        elif isinstance(exc, BrokerError):
+            self._broker_failed(s, cmd, exc)
+        else:
+            log.error("hub_op_failed", conn=s.client, op="pub", error=repr(exc))
+            self._error(s, "internal", "the server failed to handle this frame; it has been logged", cmd.ref, counts=False)
 
     async def _send(self, s: Session, cmd: Send) -> None:
         if self._needs_hello(s, cmd.ref):

@@ -1,0 +1,130 @@
+"""Publications on a remote broker travel together: a connection's ``pub`` frames do not wait
+for one another's round trip, the acks come in order, frames after them are answered after
+them, a connection's window bounds what it has in flight, and a broker that fails mid-stream
+answers every publication (ok or error), none lost silently."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from wirehub.hub import app as hub_app
+from wirehub.hub.broker.nats import NatsBroker
+from wirehub.hub.broker.redis import RedisBroker
+
+from ..helpers import WAIT, wait_for
+from .hubclient import hub_server
+from .test_broker_nats import URL as NATS_URL
+from .test_broker_nats import drop_prefix as drop_nats
+from .test_broker_redis import URL as REDIS_URL
+from .test_broker_redis import OwnRedis
+from .test_broker_redis import drop_prefix as drop_redis
+
+
+def peak_tracking(cls):
+    """The broker class, counting the most publications it ever had in flight."""
+
+    class Tracked(cls):
+        peak = 0
+
+        def publish_nowait(self, *args, **kwargs):
+            future = super().publish_nowait(*args, **kwargs)
+            self.peak = max(self.peak, self.in_flight)
+            return future
+
+    return Tracked
+
+
+@pytest.fixture(params=["redis", "nats"])
+async def remote(request):
+    """A started-by-the-hub remote broker, with its own key prefix."""
+    prefix = f"wht{uuid.uuid4().hex[:12]}"
+    if request.param == "redis":
+        broker = peak_tracking(RedisBroker)(REDIS_URL, prefix=prefix)
+    else:
+        broker = peak_tracking(NatsBroker)(NATS_URL, prefix=prefix)
+    yield broker
+    await (drop_redis if request.param == "redis" else drop_nats)(prefix)
+
+
+def lines(frames: list[dict]) -> bytes:
+    return b"".join(json.dumps(f, separators=(",", ":")).encode() + b"\n" for f in frames)
+
+
+@pytest.mark.one_loop
+async def test_a_connections_publications_are_pipelined_and_acked_in_order(remote):
+    n = 300
+    async with hub_server("tcp", broker=remote) as hub:
+        sub = await hub.greeted()
+        await sub.join("r")
+        pub = await hub.greeted()
+        # every frame in one write: n publications with refs, then a ping
+        await pub.send_raw(lines([{"op": "pub", "room": "r", "data": {"i": i}, "ref": i} for i in range(n)] + [{"op": "ping", "ref": "end"}]), newline=False)
+        acks = [await pub.expect("ok", ref=i) for i in range(n)]
+        assert [a["seq"] for a in acks] == list(range(1, n + 1))
+        await pub.expect("pong", ref="end")  # answered after every publication before it
+        got = [await sub.expect("msg", room="r") for _ in range(n)]
+        assert [(m["seq"], m["data"]["i"]) for m in got] == [(i + 1, i) for i in range(n)]
+        assert 1 < remote.peak <= hub_app.PUB_WINDOW  # in flight together, within the window
+        assert remote.in_flight == 0
+
+
+@pytest.mark.one_loop
+async def test_publications_from_many_connections_keep_each_rooms_order(remote):
+    async with hub_server("tcp", broker=remote) as hub:
+        subs = [await hub.greeted() for _ in range(2)]
+        for s, room in zip(subs, ("a", "b")):
+            await s.join(room)
+        pubs = [await hub.greeted() for _ in range(4)]
+        for k, p in enumerate(pubs):
+            frames = [{"op": "pub", "room": "ab"[i % 2], "data": [k, i], "ref": i} for i in range(100)]
+            await p.send_raw(lines(frames), newline=False)
+        for p in pubs:
+            seqs = {"a": [], "b": []}
+            for i in range(100):
+                seqs["ab"[i % 2]].append((await p.expect("ok", ref=i))["seq"])
+            assert all(x < y for room in seqs.values() for x, y in zip(room, room[1:]))  # a connection's own order
+        for s, room in zip(subs, ("a", "b")):
+            got = [await s.expect("msg", room=room) for _ in range(200)]
+            assert [m["seq"] for m in got] == list(range(1, 201))
+            for k in range(4):  # each publisher's messages arrive in the order it sent them
+                mine = [m["data"][1] for m in got if m["data"][0] == k]
+                assert mine == sorted(mine) and len(mine) == 50
+
+
+@pytest.mark.one_loop
+async def test_a_broker_failure_mid_stream_answers_every_publication(tmp_path):
+    """Redis (with AOF) is stopped while a connection has publications in flight and more
+    queued: every ``pub`` gets its ``ok`` or an ``error`` with its ref, and every one that
+    was acked is in the history once Redis is back."""
+    own = OwnRedis(tmp_path, aof=True)
+    await own.start()
+    prefix = f"wht{uuid.uuid4().hex[:12]}"
+    broker = RedisBroker(own.url, prefix=prefix, timeout=1.0)
+    n = 3000
+    try:
+        async with hub_server("tcp", broker=broker, history_size=n) as hub:
+            pub = await hub.greeted()
+            await pub.send_raw(lines([{"op": "pub", "room": "r", "data": i, "ref": i} for i in range(n)]), newline=False)
+            answers: dict[int, dict] = {}
+            first = await pub.recv()
+            answers[first["ref"]] = first
+            await own.stop()  # publications still in flight and queued
+            while len(answers) < n:
+                frame = await pub.recv(timeout=WAIT * 2)
+                assert frame["op"] in ("ok", "error"), frame
+                assert frame["ref"] not in answers, f"answered twice: {frame}"
+                answers[frame["ref"]] = frame
+            acked = sorted(a["seq"] for a in answers.values() if a["op"] == "ok")
+            failed = [a for a in answers.values() if a["op"] == "error"]
+            assert acked == list(range(1, len(acked) + 1))
+            assert failed, "the broker was stopped with publications queued"
+            assert all(a["code"] == "internal" and "broker" in a["message"] for a in failed)
+            await own.start()
+            await wait_for(broker.ready, timeout=10, what="redis to be back")
+            held = await broker.history("r", history=hub.app.policy("r").history)
+            assert set(acked) <= {p.seq for p in held.publications}
+    finally:
+        await own.stop()
