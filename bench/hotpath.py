@@ -19,6 +19,9 @@ Cases:
   line-echo-p1  the same, one line per read (pipeline 1: the cost per read and per flush shows)
   hub-ping      ``wirehub serve``'s hub, TCP, 16 ``{"op":"ping"}`` per read
   hub-ws-ping   the hub over WebSocket, 16 masked ping frames per read
+  hub-ping-ref  the hub, TCP, 16 ``{"op":"ping","ref":N}`` per read (the general frame path)
+  hub-pub-ref   the hub, TCP, 16 ``pub`` with a ref and 64 B of data per read, 100 rooms
+                (history append and ack), memory broker
   hub-fanout    one publisher, 1,000 TCP subscribers joined to a room: ns per delivery
 """
 
@@ -197,6 +200,35 @@ class HubWsPing(HubPing):
     websocket = True
 
 
+class HubPingRef(HubPing):
+    request = b'{"op":"ping","ref":1234}'
+
+
+class HubPubRef(Case):
+    """16 publications with a ref per read, each connection to its own room among 100 (as
+    ``wirehub bench echo --protocol hub-pub`` does): a history append and an ack each."""
+
+    connections = 100
+
+    def setup(self) -> Callable[[], int]:
+        flush = self.ctx.flusher.run
+        feeds = []
+        for k in range(self.connections):
+            conn, _ = self.stream()
+            data = b'"' + b"x" * 62 + b'"'
+            request = b'{"op":"pub","room":"bench-%d","data":%s,"ref":1}\n' % (k, data)
+            feeds.append((conn.data_received, request * BURST))
+        n = BURST * self.connections
+
+        def round_() -> int:
+            for feed, burst in feeds:
+                feed(burst)
+            flush()
+            return n
+
+        return round_
+
+
 class HubFanout(Case):
     subscribers = 1000
 
@@ -224,6 +256,8 @@ CASES: dict[str, tuple[type[Case], Callable[[], Any], dict]] = {
     "line-echo-p1": (LineEchoP1, lambda: echo_app, {}),
     "hub-ping": (HubPing, None, {}),
     "hub-ws-ping": (HubWsPing, None, {}),
+    "hub-ping-ref": (HubPingRef, None, {}),
+    "hub-pub-ref": (HubPubRef, None, {}),
     "hub-fanout": (HubFanout, None, {"history_size": 0}),
 }
 
@@ -266,6 +300,8 @@ DESCRIBE = {
     "line-echo-p1": "framework line echo, one line of 64 B per read (pipeline 1)",
     "hub-ping": "hub `ping`→`pong` over TCP, 16 per read",
     "hub-ws-ping": "hub `ping`→`pong` over WebSocket, 16 per read",
+    "hub-ping-ref": "hub `ping` with a `ref` over TCP (the general frame path), 16 per read",
+    "hub-pub-ref": "hub `pub` with a `ref`, 64 B, 100 rooms (history append and ack), 16 per read",
     "hub-fanout": "hub fan-out: one publication to 1,000 TCP members, per delivery",
 }
 

@@ -6,6 +6,7 @@ speed, only against what must hold (counts, order of percentiles, zero loss)."""
 from __future__ import annotations
 
 import json
+import urllib.request
 import os
 import random
 import shutil
@@ -548,6 +549,55 @@ def test_echo_resp_against_redis(redis_url, tmp_path):
     tcp = redis_url.replace("redis://", "tcp://")
     doc = bench_json(tmp_path, "echo", "--url", tcp, "--protocol", "resp", "--connections", "2", "--pipeline", "1", *QUICK)
     check_echo(doc, tcp, "resp", 2, 1)
+
+
+def test_echo_hub_ping_with_a_ref(hub, tmp_path):
+    doc = bench_json(tmp_path, "echo", "--url", hub["tcp"], "--protocol", "hub-ref", "--connections", "4", "--pipeline", "3", *QUICK)
+    check_echo(doc, hub["tcp"], "hub-ref", 4, 3)
+    assert doc["results"]["bytes_received_per_msg"] == len(b'{"op":"pong","ref":1}\n')
+
+
+def test_echo_hub_pub_with_a_ref_spreads_over_rooms(tmp_path):
+    """hub-pub: each connection publishes to its own room among 100 and every reply is an ok
+    (its seq varies); the rooms' history holds what was published."""
+    tcp, admin = free_port(), free_port()
+    server = ServerProcess("serve", "--tcp", f"127.0.0.1:{tcp}", "--ws", "off", "--udp", "off", "--admin", f"127.0.0.1:{admin}",
+                           "--log-level", "warning")
+    server.start(tmp_path)
+    try:
+        server.wait_port(tcp)
+        server.wait_port(admin)
+        url = f"tcp://127.0.0.1:{tcp}"
+        doc = bench_json(tmp_path, "echo", "--url", url, "--protocol", "hub-pub", "--connections", "3",
+                         "--pipeline", "4", "--size", "20", *QUICK)
+        check_echo(doc, url, "hub-pub", 3, 4)
+        assert doc["results"]["bytes_sent_per_msg"] == len(b'{"op":"pub","room":"bench-0","data":"' + b"x" * 18 + b'","ref":1}\n')
+        rooms = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{admin}/api/rooms", timeout=5).read())
+        seqs = {r["room"]: r["seq"] for r in rooms if r["room"].startswith("bench-")}
+        assert set(seqs) == {"bench-0", "bench-1", "bench-2"}
+        assert sum(seqs.values()) >= doc["results"]["messages"]  # warmup's publications too
+    finally:
+        server.stop()
+
+
+def test_echo_hub_pub_notices_refusals(hub, tmp_path):
+    proc = bench("echo", "--url", hub["tcp"], "--protocol", "hub-pub", "--connections", "1", "--size", "70000", *QUICK, timeout=60)
+    assert proc.returncode == 1
+    assert "expected {\"op\":\"ok\"" in proc.stderr
+
+
+def test_echo_resp_xadd_against_redis(redis_url, tmp_path):
+    doc = bench_json(tmp_path, "echo", "--url", redis_url, "--protocol", "resp-xadd", "--connections", "3", "--pipeline", "4",
+                     "--size", "30", *QUICK)
+    check_echo(doc, redis_url, "resp-xadd", 3, 4)
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        assert {k.decode() for k in r.keys("bench-*")} >= {"bench-0", "bench-1", "bench-2"}
+        assert 0 < r.xlen("bench-1") <= 200  # MAXLEN ~ 100 trims in whole nodes
+    finally:
+        r.close()
 
 
 def test_protocols_that_do_not_fit_the_url_are_refused(redis_url, nats_url):

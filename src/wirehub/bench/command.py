@@ -72,10 +72,12 @@ def bench() -> None:
 @bench.command("echo")
 @click.option("--url", default="tcp://127.0.0.1:7400", show_default=True,
               help="tcp://HOST:PORT, ws://HOST:PORT/PATH or redis://HOST:PORT")
-@click.option("--protocol", type=click.Choice(["hub", "line", "raw", "resp"]), default=None,
+@click.option("--protocol", type=click.Choice(["hub", "line", "raw", "resp", "hub-ref", "hub-pub", "resp-xadd"]), default=None,
               help="hub: ping -> pong (wirehub serve); line: S-byte messages echoed back (wirehub run "
                    "wirehub.apps.echo:app, any echo server); raw: the hub's ping bytes to a plain echo server, which "
-                   "sends them back unchanged; resp: Redis ECHO.  [default: hub, resp for a redis:// URL]")
+                   "sends them back unchanged; resp: Redis ECHO; hub-ref: ping with a ref -> pong with it; hub-pub: "
+                   "pub of S bytes with a ref to room bench-K (connection K mod 100) -> ok; resp-xadd: Redis XADD "
+                   "bench-K MAXLEN ~ 100 of S bytes.  [default: hub, resp for a redis:// URL]")
 @click.option("--connections", "-c", type=click.IntRange(1, 1_000_000), default=100, show_default=True, metavar="C")
 @click.option("--pipeline", "-p", type=click.IntRange(1, 100_000), default=1, show_default=True, metavar="P",
               help="Requests written at once per connection; the next burst goes when all P replies are back.")
@@ -175,6 +177,7 @@ def conns_cmd(**params: Any) -> None:
 
 
 _SCHEME_PROTOCOL = {"echo": {"redis": "resp"}, "fanout": {"redis": "redis", "nats": "nats"}}
+_REDIS_PROTOCOLS = {"echo": ("resp", "resp-xadd")}
 
 
 def _protocol(mode: str, url: str, protocol: str | None, ws: bool) -> str:
@@ -187,9 +190,9 @@ def _protocol(mode: str, url: str, protocol: str | None, ws: bool) -> str:
         raise BenchError(f"wirehub bench {mode} has no {scheme} protocol: use a tcp:// or ws:// URL")
     if protocol is None:
         protocol = implied or "hub"
-    elif implied is not None and protocol != implied:
+    elif implied is not None and protocol != implied and protocol not in _REDIS_PROTOCOLS.get(mode, ()):
         raise BenchError(f"a {scheme}:// URL speaks --protocol {implied}, not {protocol}")
-    if ws and protocol in ("resp", "redis", "nats"):
+    if ws and protocol in ("resp", "resp-xadd", "redis", "nats", "hub-pub"):
         raise BenchError(f"--protocol {protocol} is plain TCP: use a tcp:// URL")
     return protocol
 

@@ -15,6 +15,16 @@ same ``{"op":"ping"}`` bytes the hub gets, to a plain echo server (a Node ``ws``
 echo server, a bare TCP echo server), which must send them back unchanged; S is ignored.
 ``--protocol resp``: Redis ``ECHO`` of S bytes (``*2\\r\\n$4\\r\\nECHO\\r\\n$S\\r\\n...``),
 answered with a bulk string (``$S\\r\\n...\\r\\n``, two newlines per reply), TCP only.
+
+Requests that are more than an echo (their replies differ from one another, so the last
+reply of a burst is checked for its kind rather than compared byte for byte):
+``--protocol hub-ref``: ``{"op":"ping","ref":1}``, answered ``{"op":"pong","ref":1}`` by the
+hub's general frame path (a bare ping is answered from a table). ``--protocol hub-pub``:
+``{"op":"pub","room":"bench-K","data":"xx…","ref":1}`` with S bytes of data, connection K
+publishing to room K mod 100, answered ``{"op":"ok","ref":1,"seq":N}``, TCP only.
+``--protocol resp-xadd``: Redis ``XADD bench-K MAXLEN ~ 100 * d <S bytes>`` as a RESP array,
+connection K writing stream K mod 100, answered with the entry id as a bulk string: what a
+Redis user does to keep a capped history per room, the peer of ``hub-pub``.
 """
 
 from __future__ import annotations
@@ -30,23 +40,49 @@ from .runner import Control, CpuWindow, Progress, WorkerPool, merge_cpu, progres
 from .stats import Histogram
 
 PING = b'{"op":"ping"}'
+PING_REF = b'{"op":"ping","ref":1}'
 CONNECT_CONCURRENCY = 200
-PROTOCOLS = ("hub", "line", "raw", "resp")
+PROTOCOLS = ("hub", "line", "raw", "resp", "hub-ref", "hub-pub", "resp-xadd")
+ROOMS = 100  # hub-pub and resp-xadd: connection K writes to room (stream) K mod ROOMS
+#: protocols whose replies differ from one another: reply -> the start its last line(s) must have
+VARIES = {"hub-pub": b'{"op":"ok"', "resp-xadd": b"$"}
 
 
-def request_payload(protocol: str, size: int) -> bytes:
+def request_payload(protocol: str, size: int, index: int = 0) -> bytes:
     if protocol in ("hub", "raw"):
         return PING
+    if protocol == "hub-ref":
+        return PING_REF
+    if protocol == "hub-pub":
+        data = b'"' + b"x" * max(0, size - 2) + b'"'  # a JSON string of S bytes, quotes included
+        return b'{"op":"pub","room":"bench-%d","data":%s,"ref":1}' % (index % ROOMS, data)
     return b"x" * size
 
 
-def request_bytes(target: Target, protocol: str, payload: bytes) -> bytes:
+def request_bytes(target: Target, protocol: str, payload: bytes, index: int = 0) -> bytes:
     """One request as written on the wire."""
-    if protocol == "resp":
+    if protocol in ("resp", "resp-xadd"):
         if target.ws:
-            raise BenchError("--protocol resp (Redis ECHO) needs a tcp:// or redis:// URL")
+            raise BenchError(f"--protocol {protocol} (Redis) needs a tcp:// or redis:// URL")
+        if protocol == "resp-xadd":
+            key = b"bench-%d" % (index % ROOMS)
+            return (b"*8\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$3\r\n100\r\n$1\r\n*\r\n"
+                    b"$1\r\nd\r\n$%d\r\n%s\r\n") % (len(key), key, len(payload), payload)
         return b"*2\r\n$4\r\nECHO\r\n$%d\r\n%s\r\n" % (len(payload), payload)
+    if protocol == "hub-pub" and target.ws:
+        raise BenchError("--protocol hub-pub counts replies by their newlines: use a tcp:// URL")
     return frame_for(target, payload)
+
+
+def last_reply_is(data: bytes, start: bytes, lines: int) -> bool:
+    """Whether the last reply in ``data`` (which ends with one) starts with ``start``; a
+    reply spans ``lines`` lines. True when ``data`` does not hold the whole reply."""
+    end = len(data) - 1
+    for _ in range(lines):
+        end = data.rfind(b"\n", 0, end)
+        if end < 0:
+            return True
+    return data.startswith(start, end + 1)
 
 
 def resp_bulk(payload: bytes) -> bytes:
@@ -57,13 +93,16 @@ class EchoRun:
     """What the connections of one worker share: the burst, the clock limits, the tallies."""
 
     __slots__ = ("pipeline", "burst", "expect", "tail", "measure_start", "measure_end", "msgs", "total",
-                 "hist", "record", "errors", "error_text", "protocol", "request")
+                 "hist", "record", "errors", "error_text", "protocol", "request", "target", "size", "varies")
 
     def __init__(self, target: Target, protocol: str, pipeline: int, size: int) -> None:
         self.protocol = protocol
         self.pipeline = pipeline
+        self.target = target
+        self.size = size
         self.request = request_payload(protocol, size)
         self.burst = request_bytes(target, protocol, self.request) * pipeline
+        self.varies = VARIES.get(protocol)
         self.expect = 0  # newlines (tcp) or bytes (ws) per burst, set once a reply has been seen
         self.tail = b""  # the exact bytes of one reply on the wire
         self.measure_start = 1 << 62
@@ -87,10 +126,20 @@ class EchoRun:
             if reply != resp_bulk(self.request):
                 return f"expected the bulk string {resp_bulk(self.request)[:40]!r}... (--protocol resp, Redis ECHO), got {shown!r}"
             return ""
+        if self.protocol == "resp-xadd":
+            if not reply.startswith(b"$"):
+                return f"expected a stream entry id as a bulk string (--protocol resp-xadd, Redis XADD), got {shown!r}"
+            return ""
         try:
             obj = json.loads(reply)
         except ValueError:
             obj = None
+        if self.protocol == "hub-pub":
+            if not isinstance(obj, dict) or obj.get("op") != "ok" or obj.get("ref") != 1 or type(obj.get("seq")) is not int:
+                return f'expected {{"op":"ok","ref":1,"seq":N}} (--protocol hub-pub, a wirehub hub), got {shown!r}'
+            return ""
+        if self.protocol == "hub-ref" and isinstance(obj, dict) and obj.get("ref") != 1:
+            return f'expected {{"op":"pong","ref":1}} (--protocol hub-ref), got {shown!r}'
         if not isinstance(obj, dict) or obj.get("op") != "pong":
             hint = " (an echo server answers a ping with the ping: use --protocol raw, or --protocol line)" if reply == PING else ""
             return f'expected {{"op":"pong"}} (--protocol hub, a wirehub hub), got {shown!r}{hint}'
@@ -98,9 +147,15 @@ class EchoRun:
 
 
 class _EchoClient(Client):
-    def __init__(self, target: Target, run: EchoRun) -> None:
+    def __init__(self, target: Target, run: EchoRun, index: int) -> None:
         super().__init__(target)
         self.run = run
+        if run.protocol in VARIES:  # a room (stream) of its own among ROOMS
+            one = request_bytes(target, run.protocol, request_payload(run.protocol, run.size, index), index)
+            self.first, self.burst = one, one * run.pipeline
+        else:
+            self.burst = run.burst
+            self.first = run.burst[: len(run.burst) // run.pipeline]
         self.calibrated = self.new_future()
         self.done = self.loop.create_future()
         self.pending = 0
@@ -110,11 +165,11 @@ class _EchoClient(Client):
     # ---- setup: one request, its reply learnt
 
     def calibrate(self) -> None:
-        self.transport.write(self.run.burst[: len(self.run.burst) // self.run.pipeline])  # type: ignore[union-attr]
+        self.transport.write(self.first)  # type: ignore[union-attr]
 
     def setup_frame(self, payload: bytes, opcode: int) -> None:
         run = self.run
-        if run.protocol == "resp":  # lines: a bulk string is two of them, anything else one
+        if run.protocol in ("resp", "resp-xadd"):  # lines: a bulk string is two of them, anything else one
             payload = self.partial + payload + b"\n"
             if payload.startswith(b"$"):
                 try:
@@ -129,8 +184,11 @@ class _EchoClient(Client):
         if problem:
             self.setup_failed(f"{self.target.url}: {problem}")
             return
-        tail = payload if run.protocol == "resp" else self.reply_bytes(payload, opcode)
-        if not run.tail:
+        tail = payload if run.protocol in ("resp", "resp-xadd") else self.reply_bytes(payload, opcode)
+        if run.varies is not None:  # replies differ (a seq, an entry id): count lines, check kinds
+            run.tail = tail
+            run.expect = run.pipeline * tail.count(b"\n")
+        elif not run.tail:
             run.tail = tail
             # what the hot path counts per reply: its bytes (ws) or its newlines (tcp)
             run.expect = run.pipeline * (len(tail) if self.target.ws else tail.count(b"\n"))
@@ -150,7 +208,7 @@ class _EchoClient(Client):
     def start(self, now: int) -> None:
         self.sent_at = now
         self.pending = self.run.expect
-        self.transport.write(self.run.burst)  # type: ignore[union-attr]
+        self.transport.write(self.burst)  # type: ignore[union-attr]
 
     def finish(self) -> None:
         if not self.done.done():
@@ -167,7 +225,11 @@ class _EchoClient(Client):
         run = self.run
         now = monotonic_ns()
         tail = run.tail
-        if self.pending < 0 or (len(data) >= len(tail) and not data.endswith(tail)):
+        if run.varies is not None:
+            bad = self.pending < 0 or not last_reply_is(data, run.varies, tail.count(b"\n"))
+        else:
+            bad = self.pending < 0 or (len(data) >= len(tail) and not data.endswith(tail))
+        if bad:
             self.fail(f"unexpected reply: ...{data[-80:].decode('utf-8', 'replace')!r}")
             return
         run.total += run.pipeline
@@ -179,7 +241,7 @@ class _EchoClient(Client):
             run.record(now - self.sent_at)
         self.sent_at = now
         self.pending = run.expect
-        self.transport.write(run.burst)  # type: ignore[union-attr]
+        self.transport.write(self.burst)  # type: ignore[union-attr]
 
     def on_lost(self) -> None:
         if not self.setup and not self.done.done():
@@ -225,7 +287,9 @@ async def worker(ctl: Control, p: dict) -> None:
     n = share(p["connections"], ctl.index, ctl.count)
     run = EchoRun(target, p["protocol"], p["pipeline"], p["size"])
     cls = _WsClient if target.ws else _LineClient
-    clients = await open_clients(target, lambda: cls(target, run), n)
+    first = sum(share(p["connections"], i, ctl.count) for i in range(ctl.index))  # this worker's first index
+    indexes = iter(range(first, first + n))
+    clients = await open_clients(target, lambda: cls(target, run, next(indexes)), n)
     try:
         for c in clients:
             c.calibrate()

@@ -179,12 +179,12 @@ class HubApp(App):
         if self.verifier is None and not config.rate_limit:
             # no auth and no rate limit: a bare ping needs no session, the server answers it
             self.replies[wire.PING] = wire.PONG
+        self._rate = config.rate_limit
         self._heartbeat = int(config.heartbeat) if config.heartbeat == int(config.heartbeat) else config.heartbeat
         self._ops: dict[type, Callable[[Session, Any], Awaitable[None]]] = {
             Hello: self._hello,
             Join: self._join,
             Leave: self._leave,
-            Pub: self._pub,
             Send: self._send,
             Presence: self._presence,
             History: self._history,
@@ -285,18 +285,24 @@ class HubApp(App):
     def _frame_inline(self, conn: Connection, data: bytes) -> None:
         session: Session = self.sessions[conn.id]
         cmd = wire.decode(data)
-        if type(cmd) is Ping:  # the hot path: no coroutine
-            if self._admit(session, cmd.ref) and not self._needs_hello(session, cmd.ref):
-                conn.send(wire.pong(cmd.ref))
-            return
-        if type(cmd) is ProtocolError:
+        kind = type(cmd)
+        if kind is ProtocolError:
             self._error(session, cmd.code, cmd.message, cmd.ref)
             return
-        if self._admit(session, cmd.ref):
-            try:
-                _drive(self._ops[type(cmd)](session, cmd))
-            except Exception:
-                self._failed(session, cmd)
+        if self._rate and not self._admit(session, cmd.ref):
+            return
+        # the hot paths, ping and pub, without a coroutine
+        if kind is Ping:
+            if self.verifier is None or session.greeted or not self._needs_hello(session, cmd.ref):
+                conn.send(wire.pong(cmd.ref))
+            return
+        try:
+            if kind is Pub:
+                self._pub_local(session, cmd)
+            else:
+                _drive(self._ops[kind](session, cmd))
+        except Exception:
+            self._failed(session, cmd)
 
     async def _frame_async(self, conn: Connection, data: bytes) -> None:
         session: Session = self.sessions[conn.id]
@@ -531,19 +537,27 @@ class HubApp(App):
         if not room.members and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
 
-    async def _pub(self, s: Session, cmd: Pub) -> None:
-        if self._needs_hello(s, cmd.ref):
-            return
+    def _pub_data(self, s: Session, cmd: Pub) -> bytes | None:
+        """The data of a ``pub`` the client may send, or None once it was told why not."""
+        if self.verifier is not None and not s.greeted and self._needs_hello(s, cmd.ref):
+            return None
         if s.claims is not None and not s.claims.may_publish(cmd.room):
             self._error(s, "forbidden", f"your token does not allow publishing to {cmd.room!r}", cmd.ref)
-            return
+            return None
         data = wire.data_bytes(cmd.data)
         if type(data) is str:
             self._error(s, "bad_frame", data, cmd.ref)
+            return None
+        return data
+
+    def _pub_local(self, s: Session, cmd: Pub) -> None:
+        """``pub`` on a local broker: published (and fanned out) now."""
+        data = self._pub_data(s, cmd)
+        if data is None:
             return
-        pub = await self.broker.publish(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy(cmd.room).history)
+        pub = self.broker.publish_now(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy(cmd.room).history)  # type: ignore[attr-defined]
         if cmd.ref is not None:
-            s.conn.send(wire.encode({"op": "ok", "ref": cmd.ref, "seq": pub.seq}))
+            s.conn.send(wire.ok(cmd.ref, pub.seq))
 
     async def _pub_pipelined(self, s: Session, cmd: Pub) -> None:
         """``pub`` on a remote broker: started without waiting for the broker's answer, so a
@@ -551,14 +565,8 @@ class HubApp(App):
         of one round trip each. The broker applies them in call order; the acks follow in
         that order. A connection keeps at most PUB_WINDOW in flight (and the node
         PUB_IN_FLIGHT): beyond that its frames wait, and its reads pause."""
-        if self._needs_hello(s, cmd.ref):
-            return
-        if s.claims is not None and not s.claims.may_publish(cmd.room):
-            self._error(s, "forbidden", f"your token does not allow publishing to {cmd.room!r}", cmd.ref)
-            return
-        data = wire.data_bytes(cmd.data)
-        if type(data) is str:
-            self._error(s, "bad_frame", data, cmd.ref)
+        data = self._pub_data(s, cmd)
+        if data is None:
             return
         broker = self.broker
         while (window := s.publishing) and (len(window) >= PUB_WINDOW or broker.in_flight >= PUB_IN_FLIGHT):
@@ -583,7 +591,7 @@ class HubApp(App):
         exc = future.exception()
         if exc is None:
             if cmd.ref is not None:
-                s.conn.send(wire.encode({"op": "ok", "ref": cmd.ref, "seq": future.result().seq}))
+                s.conn.send(wire.ok(cmd.ref, future.result().seq))
         elif isinstance(exc, BrokerError):
             self._broker_failed(s, cmd, exc)
         else:

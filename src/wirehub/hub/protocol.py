@@ -149,8 +149,17 @@ PING = b'{"op":"ping"}'  # a ping as clients send it, byte for byte
 PONG = b'{"op":"pong"}'
 
 
+def _ref_json(ref: int | str) -> bytes:
+    return b"%d" % ref if type(ref) is int else _encoder.encode(ref)
+
+
 def pong(ref: Ref) -> bytes:
-    return PONG if ref is None else _encoder.encode({"op": "pong", "ref": ref})
+    return PONG if ref is None else b'{"op":"pong","ref":' + _ref_json(ref) + b"}"
+
+
+def ok(ref: int | str, seq: int) -> bytes:
+    """``{"op":"ok","ref":REF,"seq":SEQ}``, a publication's ack, built without a dict."""
+    return b'{"op":"ok","ref":%b,"seq":%d}' % (_ref_json(ref), seq)
 
 
 def error(code: str, message: str, ref: Ref = None) -> bytes:

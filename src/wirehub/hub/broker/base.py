@@ -87,7 +87,9 @@ class BrokerHandler(Protocol):
 
 class Broker(Protocol):
     #: True when every call completes without I/O, so the hub may run calls inline
-    #: instead of in a task (the memory broker).
+    #: instead of in a task (the memory broker). Such a broker also has
+    #: ``publish_now(room, data, *, sender, ts, history) -> Publication``: ``publish`` without
+    #: a coroutine.
     local: bool
 
     async def start(self, handler: BrokerHandler) -> None: ...

@@ -76,7 +76,8 @@ class MemoryBroker:
         if stream is not None and stream.seq == 0:
             del self._streams[room]
 
-    def _publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
+    def publish_now(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
+        """:meth:`publish` without a coroutine (a local broker's; the hub's hot path)."""
         stream = self._stream(room)
         stream.seq += 1
         raw = data if isinstance(data, msgspec.Raw) else msgspec.Raw(data)
@@ -91,13 +92,13 @@ class MemoryBroker:
     def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> asyncio.Future[Publication]:
         future: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
         try:
-            future.set_result(self._publish(room, data, sender=sender, ts=ts, history=history))
+            future.set_result(self.publish_now(room, data, sender=sender, ts=ts, history=history))
         except Exception as exc:
             future.set_exception(exc)
         return future
 
     async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
-        return self._publish(room, data, sender=sender, ts=ts, history=history)
+        return self.publish_now(room, data, sender=sender, ts=ts, history=history)
 
     async def room_event(self, room: str, frame: bytes, *, exclude: str = "") -> None:
         if room in self._subscribed and self._handler is not None:
