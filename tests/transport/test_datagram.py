@@ -90,7 +90,7 @@ async def test_two_source_addresses_get_two_sessions():
         assert len(conns) == 2 and {c.transport for c in conns} == {"udp"}
         assert {c.peer for c in conns} == {f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"}
         assert [e[0] for e in app.log].count("connect") == 2
-        assert server.gate.count == 2
+        assert server.udp_gate.count == 2 and server.gate.count == 0  # UDP has its own slots
         a.close()
         b.close()
 
@@ -100,14 +100,15 @@ async def test_idle_session_is_closed_with_a_last_datagram():
     async with serving(app, udp="127.0.0.1:0", idle_timeout=0.3) as server:
         loop = asyncio.get_running_loop()
         client = await UdpClient.open(server)
-        assert await client.exchange(b"hi") == b"hi\n"
+        # 8 bytes sent: an unvalidated session may be sent 24 (echo 9, bye 9)
+        assert await client.exchange(b"hi there") == b"hi there\n"
         start = loop.time()
         assert await client.recv() == b"bye idle\n"  # the closing handler's frame, as a datagram
         assert 0.2 <= loop.time() - start < 2.3
         (event,) = await app.disconnected()
         assert event[2] == "idle"
         assert [e[0] for e in app.log] == ["connect", "frame", "closing", "disconnect"]
-        assert server.connections() == [] and server.gate.count == 0
+        assert server.connections() == [] and server.udp_gate.count == 0
         # the same address opens a fresh session
         assert await client.exchange(b"back") == b"back\n"
         (conn,) = server.connections()
@@ -143,7 +144,7 @@ async def test_max_connections_per_ip_limits_sessions():
         (conn,) = server.connections()
         assert conn.peer == f"127.0.0.1:{a.port}"
         assert [e[0] for e in app.log].count("connect") == 1
-        assert server.gate.count == 1
+        assert server.udp_gate.count == 1
         a.close()
         b.close()
 
@@ -153,7 +154,7 @@ async def test_freed_slot_admits_the_next_source():
     async with serving(app, udp="127.0.0.1:0", max_connections_per_ip=1, idle_timeout=0.2) as server:
         a = await UdpClient.open(server)
         b = await UdpClient.open(server)
-        assert await a.exchange(b"a") == b"a\n"
+        assert await a.exchange(b"a" * 8) == b"a" * 8 + b"\n"
         assert await a.recv() == b"bye idle\n"
         await app.disconnected()
         assert await b.exchange(b"b") == b"b\n"
@@ -195,10 +196,10 @@ async def test_shutdown_closes_sessions_with_a_last_datagram():
     app = Recorder()
     async with serving(app, udp="127.0.0.1:0") as server:
         client = await UdpClient.open(server)
-        assert await client.exchange(b"hi") == b"hi\n"
+        assert await client.exchange(b"hi there") == b"hi there\n"
         await asyncio.wait_for(server.shutdown(), WAIT)
         assert await client.recv() == b"bye shutdown\n"
         (event,) = await app.disconnected()
         assert event[2] == "shutdown"
-        assert server.connections() == [] and server.gate.count == 0
+        assert server.connections() == [] and server.udp_gate.count == 0
         client.close()

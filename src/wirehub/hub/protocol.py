@@ -175,3 +175,29 @@ def room_msg(room_json: bytes, seq: int, sender_json: bytes, data: bytes, ts: in
 
 def direct_msg(sender_json: bytes, data: bytes) -> bytes:
     return b"".join((b'{"op":"msg","from":', sender_json, b',"data":', data, b"}"))
+
+
+# --------------------------------------------------------------------- UDP address validation
+
+
+class _Cookie(msgspec.Struct):
+    cookie: str | None = None
+
+
+_cookie_decoder = msgspec.json.Decoder(_Cookie)
+
+
+def challenge(cookie: bytes) -> bytes:
+    """``{"op":"challenge","cookie":C}``: what a UDP source address without a session gets;
+    it echoes ``"cookie":C`` in a frame to open one (``cookie`` is base64url ASCII)."""
+    return b'{"op":"challenge","cookie":"' + cookie + b'"}'
+
+
+def echoed_cookie(frame: bytes) -> str | None:
+    """The ``cookie`` string field of a client frame (any op), or None."""
+    if b'"cookie"' not in frame:
+        return None
+    try:
+        return _cookie_decoder.decode(frame).cookie
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return None
