@@ -260,7 +260,7 @@ class HubApp(App):
     def udp_challenge(self, cookie: bytes) -> bytes:
         return wire.challenge(cookie)
 
-    def udp_cookie(self, frame: bytes) -> str | None:
+    def udp_cookie(self, frame: bytes) -> bytes | None:
         return wire.echoed_cookie(frame)
 
     def ready(self, server: Server) -> tuple[bool, str]:
