@@ -203,3 +203,115 @@ async def test_shutdown_closes_sessions_with_a_last_datagram():
         assert event[2] == "shutdown"
         assert server.connections() == [] and server.udp_gate.count == 0
         client.close()
+
+
+# ------------------------------------------------------------------ address validation
+
+
+def test_cookie_jar_binds_the_address_and_a_time_window():
+    from wirehub.transport.datagram import CookieJar
+
+    now = [1000.0]
+    jar = CookieJar(window=30.0, clock=lambda: now[0])
+    cookie = jar.issue(("127.0.0.1", 5000))
+    assert len(cookie) == 22 and cookie.isascii()
+    assert jar.valid(cookie, ("127.0.0.1", 5000)) and jar.valid(cookie.decode(), ("127.0.0.1", 5000))
+    assert not jar.valid(cookie, ("127.0.0.1", 5001)) and not jar.valid(cookie, ("127.0.0.2", 5000))
+    assert not CookieJar(window=30.0, clock=lambda: now[0]).valid(cookie, ("127.0.0.1", 5000))  # another secret
+    now[0] += 30.0  # the next window: still accepted
+    assert jar.valid(cookie, ("127.0.0.1", 5000))
+    now[0] += 30.0  # two windows on: expired
+    assert not jar.valid(cookie, ("127.0.0.1", 5000))
+    for bad in (None, 5, b"", "é" * 22, b"x" * 1000):
+        assert not jar.valid(bad, ("127.0.0.1", 5000))
+
+
+class Validating(Recorder):
+    """A framework app that validates UDP addresses with its own frames."""
+
+    def udp_challenge(self, cookie):
+        return b"prove " + cookie
+
+    def udp_cookie(self, frame):
+        return frame[7:] if frame.startswith(b"cookie ") else None
+
+
+async def test_an_app_with_hooks_keeps_no_state_for_unvalidated_addresses():
+    app = Validating()
+    async with serving(app, udp="127.0.0.1:0") as server:
+        endpoint = server.datagram_endpoints[0]
+        client = await UdpClient.open(server)
+        client.send(b"hello")  # 5 bytes: the 29-byte challenge would be more than 3x
+        client.send(b"x" * 10)
+        challenge = await client.recv()  # answers the second only
+        assert challenge.startswith(b"prove ") and len(challenge) == 29
+        assert client.replies.empty() and server.connections() == [] and app.log == []
+        cookie = challenge[6:-1]
+        assert await client.exchange(b"cookie " + cookie) == b"cookie " + cookie + b"\n"  # opens it, then is a frame
+        (conn,) = server.connections()
+        assert conn.validated and [e[0] for e in app.log] == ["connect", "frame"]
+        assert await client.exchange(b"y" * 2000) == b"y" * 2000 + b"\n"
+        assert await client.exchange(b"z") == b"z\n"  # validated: no budget
+        # A cookie from another address does not open a session for this one.
+        other = await UdpClient.open(server)
+        assert await other.exchange(b"cookie " + cookie) == b"prove " + endpoint.cookies.issue(("127.0.0.1", other.port)) + b"\n"
+        assert len(server.connections()) == 1 and server.udp_gate.count == 1 and server.gate.count == 0
+        assert endpoint.stats["challenged"] == 2 and endpoint.stats["validated"] == 1 and endpoint.stats["dropped"] == 1
+        client.close()
+        other.close()
+
+
+async def test_validated_sessions_over_the_cap_are_refused_with_the_limit_named():
+    app = Validating()
+    app.refusal = lambda reason: f"refused: {reason}".encode()
+    async with serving(app, udp="127.0.0.1:0", max_udp_sessions=1, max_connections=1) as server:
+        a, b = await UdpClient.open(server), await UdpClient.open(server)
+        for c in (a, b):
+            c.send(b"x" * 30)
+        cookie_a, cookie_b = (await a.recv())[6:-1], (await b.recv())[6:-1]
+        assert await a.exchange(b"cookie " + cookie_a) == b"cookie " + cookie_a + b"\n"
+        assert await b.exchange(b"cookie " + cookie_b) == b"refused: max_udp_sessions\n"
+        assert [c.peer for c in server.connections()] == [f"127.0.0.1:{a.port}"]
+        assert server.refused == {"max_udp_sessions": 1}
+        # The stream listeners' own limit is untouched: a TCP connection still gets in.
+        assert server.gate.count == 0
+        a.close()
+        b.close()
+
+
+async def test_without_hooks_an_unvalidated_session_gets_at_most_3x():
+    class Pusher(Recorder):
+        def connect(self, conn):
+            super().connect(conn)
+            conn.send(b"w" * 1000)  # a banner far bigger than any first datagram
+
+    app = Pusher()
+    async with serving(app, udp="127.0.0.1:0") as server:
+        client = await UdpClient.open(server)
+        assert await client.exchange(b"1") == b"1\n"  # the banner (1001 bytes) is dropped: 3 may go
+        assert await client.exchange(b"22") == b"22\n"  # 2 + 3 bytes sent of the 9 allowed
+        (conn,) = server.connections()
+        assert not conn.validated and conn.bytes_in == 3 and conn.bytes_out == 5
+        assert conn.frames_dropped == 1 and server.datagram_endpoints[0].stats["over_budget"] == 1
+        client.close()
+
+
+async def test_app_replies_are_answered_without_a_session():
+    app = Validating()
+    app.replies[b"ping"] = b"pong"
+    async with serving(app, udp="127.0.0.1:0") as server:
+        client = await UdpClient.open(server)
+        assert await client.exchange(b"ping") == b"pong\n"
+        assert await client.exchange(b"ping\n") == b"pong\n"
+        assert server.connections() == [] and app.log == []
+        client.close()
+
+
+def test_hooks_come_in_pairs():
+    app = Recorder()
+    assert app.udp_hooks() is None
+    app.on_udp_challenge(lambda cookie: b"c " + cookie)
+    with pytest.raises(TypeError, match="udp_cookie"):
+        app.udp_hooks()
+    app.on_udp_cookie(lambda frame: None)
+    assert app.udp_hooks() is not None
