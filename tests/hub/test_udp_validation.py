@@ -219,7 +219,10 @@ def test_a_spoofed_source_never_gets_more_than_3x(tmp_path):
         # No session for any of them: only the honest one.
         udp = [c for c in admin_json(ports, "/api/connections") if c["transport"] == "udp"]
         assert len(udp) == 1, udp
-        assert metric(ports, 'wirehub_udp_unvalidated_datagrams_total{outcome="challenged"}') >= len(spoofed) - 1
+        # (the kernel may drop some of the flood on the way in: count what came back)
+        challenges = sum(len(s.frames()) for s in spoofed)
+        assert challenges > len(spoofed) // 2
+        assert metric(ports, 'wirehub_udp_unvalidated_datagrams_total{outcome="challenged"}') >= challenges
     finally:
         for s in spoofed:
             s.close()
@@ -267,7 +270,7 @@ def test_a_flood_of_sources_holds_no_state_and_never_blocks_the_stream_listeners
     held: list[TcpLine] = []
     try:
         thread.start()
-        pings = 0
+        pings = during = 0
         # An honest TCP client's ping stays fast while the flood runs; the stream listeners
         # keep accepting (15 of the 20 connections are held open meanwhile).
         while not stop.is_set() or pings < 5:
@@ -276,6 +279,7 @@ def test_a_flood_of_sources_holds_no_state_and_never_blocks_the_stream_listeners
             c.send({"op": "ping", "ref": 1})
             assert c.until_ref(1) == {"op": "pong", "ref": 1}
             assert time.monotonic() - start < 1.0
+            during += not stop.is_set()
             if len(held) < 15:
                 held.append(c)
             else:
@@ -286,7 +290,7 @@ def test_a_flood_of_sources_holds_no_state_and_never_blocks_the_stream_listeners
             ws.send('{"op":"ping","ref":2}')
             assert json.loads(ws.recv(timeout=1.0)) == {"op": "pong", "ref": 2}
         thread.join(WAIT)
-        assert sent[0] >= 10_000
+        assert sent[0] >= 10_000 and during >= 1
         # An honest UDP client still gets in, after all that.
         honest = HonestUdp(target)
         assert honest.validate({"op": "hello"})["op"] == "welcome"
