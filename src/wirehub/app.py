@@ -9,7 +9,8 @@ Write handlers with decorators::
         conn.send(frame)
 
 or subclass :class:`App` and override the methods of the same names (``connect``, ``frame``,
-``frame_error``, ``closing``, ``disconnect``, ``refusal``, ``startup``, ``shutdown``).
+``frame_error``, ``closing``, ``disconnect``, ``refusal``, ``startup``, ``shutdown``,
+``udp_challenge``, ``udp_cookie``).
 
 A handler may be a plain function or ``async def``. Plain functions run inline as bytes
 arrive, the fastest path. When ``connect``, ``frame`` or ``frame_error`` is ``async``, each
@@ -71,6 +72,23 @@ class App:
         """The frame to send a client refused at accept (``max_connections_per_ip``), or None."""
         return None
 
+    # UDP address validation (see wirehub.transport.datagram): an app that implements both
+    # hooks gets no session for a UDP source address until it echoed a cookie; one that does
+    # not keeps a session per address whose output is held to 3x what the address sent.
+
+    def udp_challenge(self, cookie: bytes) -> bytes:
+        """The frame that asks a UDP source address without a session to prove it is real:
+        it must carry ``cookie`` (ASCII) so that the client can echo it. Sent only when it is
+        at most 3x the size of the datagram it answers (clients pad their first datagram).
+        Must be a plain function with no side effects: it runs without any session."""
+        raise NotImplementedError
+
+    def udp_cookie(self, frame: bytes) -> bytes | str | None:
+        """The cookie a frame from an address without a session echoes, or None. When it is
+        valid for that address, a session opens and the frame is handled as usual; otherwise
+        the address is challenged again. A plain function, cheap: it sees every such frame."""
+        return None
+
     async def startup(self, server: Server) -> None:
         """Runs once per process before the listeners open."""
 
@@ -103,6 +121,14 @@ class App:
         self.refusal = fn  # type: ignore[method-assign]
         return fn
 
+    def on_udp_challenge(self, fn: F) -> F:
+        self.udp_challenge = fn  # type: ignore[method-assign]
+        return fn
+
+    def on_udp_cookie(self, fn: F) -> F:
+        self.udp_cookie = fn  # type: ignore[method-assign]
+        return fn
+
     def on_startup(self, fn: F) -> F:
         self.startup = fn  # type: ignore[method-assign]
         return fn
@@ -112,6 +138,14 @@ class App:
         return fn
 
     # --------------------------------------------------------------- for the server
+
+    def udp_hooks(self) -> tuple[Callable[[bytes], bytes], Callable[[bytes], Any]] | None:
+        """(challenge, cookie) when this app validates UDP source addresses, else None."""
+        challenge = type(self).udp_challenge is not App.udp_challenge or "udp_challenge" in self.__dict__
+        cookie = type(self).udp_cookie is not App.udp_cookie or "udp_cookie" in self.__dict__
+        if challenge != cookie:
+            raise TypeError(f"{self.name} implements only one of udp_challenge and udp_cookie: UDP address validation needs both")
+        return (self.udp_challenge, self.udp_cookie) if challenge else None
 
     def handlers(self) -> Handlers:
         if type(self).frame is App.frame and "frame" not in self.__dict__:

@@ -548,6 +548,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_connections", "int", 100000, "Maximum concurrent connections.", group=_LIM, minimum=1),
     Option("max_connections_per_ip", "int", 0,
            "Maximum concurrent connections from one IP address (0 = unlimited).", group=_LIM, minimum=0),
+    Option("max_udp_sessions", "int", 10000,
+           "Maximum concurrent UDP sessions (validated source addresses), counted apart from "
+           "--max-connections; more are refused with an error naming this limit.", group=_LIM, minimum=1),
     Option("max_frame", "size", 65536, "Largest accepted frame/message.", group=_LIM, minimum=1),
     Option("send_buffer_low", "size", 16384, "Send buffer low-water mark: writing resumes below it.",
            group=_LIM, minimum=0),
@@ -633,6 +636,7 @@ class Config:
     close_timeout: float = _DEFAULTS["close_timeout"]
     max_connections: int = _DEFAULTS["max_connections"]
     max_connections_per_ip: int = _DEFAULTS["max_connections_per_ip"]
+    max_udp_sessions: int = _DEFAULTS["max_udp_sessions"]
     max_frame: int = _DEFAULTS["max_frame"]
     send_buffer_low: int = _DEFAULTS["send_buffer_low"]
     send_buffer_high: int = _DEFAULTS["send_buffer_high"]

@@ -637,3 +637,57 @@ async def test_close_fails_requests_in_flight_with_closed():
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_udp_handshake_retries_a_lost_datagram_and_a_forgotten_session_reconnects():
+    """A fake hub that loses the first probe, then challenges, then acts as a session: the
+    link resends after its delay and echoes the cookie. Later a challenge (the hub forgot
+    the session) ends the link and the client reconnects with a fresh handshake."""
+    from wirehub.client.transports import UDP_PAD_TO
+
+    seen: list[bytes] = []
+
+    class FakeHub(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            self.forget = False
+            self.validated: set = set()
+
+        def datagram_received(self, data, addr):
+            seen.append(data)
+            frame = json.loads(data)
+            if addr not in self.validated:
+                if frame.get("cookie") == f"c{addr[1]}":
+                    self.validated.add(addr)
+                elif len([d for d in seen if b'"cookie"' not in d]) == 1:
+                    return  # the first probe is lost
+                else:
+                    assert len(data) >= UDP_PAD_TO  # padded: room for a 3x answer
+                    self.transport.sendto(json.dumps({"op": "challenge", "cookie": f"c{addr[1]}"}).encode() + b"\n", addr)
+                    return
+            if self.forget:  # a restarted hub: no session, so a challenge
+                self.validated.discard(addr)
+                self.forget = False
+                self.transport.sendto(json.dumps({"op": "challenge", "cookie": "new"}).encode() + b"\n", addr)
+                return
+            reply = {"op": "pong"} if frame["op"] == "ping" else {"op": "welcome", "client": f"c{addr[1]}", "heartbeat": 0.05}
+            if "ref" in frame:
+                reply["ref"] = frame["ref"]
+            self.transport.sendto(json.dumps(reply).encode() + b"\n", addr)
+
+    loop = asyncio.get_running_loop()
+    transport, fake = await loop.create_datagram_endpoint(FakeHub, local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    try:
+        start = loop.time()
+        client = await wc.connect(f"udp://127.0.0.1:{port}", **FAST)
+        assert loop.time() - start >= 0.15  # waited out the lost probe's delay
+        first = client.client_id
+        probes = [json.loads(d) for d in seen if b'"hello"' not in d]
+        assert probes[0]["op"] == "ping" and "cookie" not in probes[0] and probes[-1]["cookie"] == first
+        fake.forget = True
+        await wait_for(lambda: client.reconnects == 1 and client.state == "connected", what="the reconnect")
+        assert client.client_id != first
+        await client.close()
+    finally:
+        transport.close()

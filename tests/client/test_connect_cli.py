@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -229,3 +230,22 @@ def test_unreachable_hub_exits_non_zero():
     assert out.returncode == 1 and "No such file or directory" in out.stderr
     out = run_connect(f"tcp://127.0.0.1:{port}", "--cafile", "ca.pem")
     assert out.returncode == 2 and "--cafile is for tls:// and wss://" in out.stderr
+
+
+def test_connect_over_udp_does_the_address_validation(tmp_path):
+    """``wirehub connect udp://`` against ``wirehub serve``: the cookie round trip is the
+    client's business; what the user sees is the same as on TCP."""
+    port, udp = free_port(), free_port(socket.SOCK_DGRAM)
+    server = ServerProcess("serve", "--tcp", f"127.0.0.1:{port}", "--udp", f"127.0.0.1:{udp}", "--ws", "off", "--admin", "off")
+    server.env = clean_env()
+    server.start(tmp_path)
+    try:
+        server.wait_port(port)
+        lines = ["/join lobby", "/pub lobby over udp", '{"op":"ping","ref":"last"}']
+        out = run_connect(f"udp://127.0.0.1:{udp}", stdin="\n".join(lines) + "\n")
+        assert out.returncode == 0, out.stderr
+        frames = [json.loads(line) for line in out.stdout.splitlines()]
+        assert [f["op"] for f in frames] == ["welcome", "joined", "msg", "ok", "pong"], frames
+        assert frames[2]["data"] == "over udp"
+    finally:
+        server.stop()

@@ -8,7 +8,8 @@ nothing about the hub protocol beyond framing:
 tcp, tls,   one JSON object per line (``\\n``), on an :class:`asyncio.Protocol`
 unix
 ws, wss     one JSON object per text message, with the ``websockets`` library
-udp         one JSON object per datagram, on a connected UDP socket
+udp         one JSON object per datagram, on a connected UDP socket, after a
+            cookie round trip that validates the socket's address
 ==========  ==============================================================
 """
 
@@ -22,6 +23,8 @@ import ssl as _ssl
 from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlsplit
+
+import msgspec
 
 from ..protocol.framing import LineDecoder
 from .errors import ConnectError
@@ -268,26 +271,87 @@ _WS_TEXT_BYTES = _WS_MAJOR >= 14
 
 class DatagramLink(Link, asyncio.DatagramProtocol):
     """One JSON object per datagram on a connected UDP socket. Best effort: nothing is
-    retried. A port-unreachable answer (nothing listens there any more) ends the link."""
+    retried. A port-unreachable answer (nothing listens there any more) ends the link.
+
+    Before the link is handed over, :meth:`handshake` validates this socket's address with
+    the hub (docs/hub.md, "UDP"): a ping padded to :data:`UDP_PAD_TO` bytes until the hub's
+    ``{"op":"challenge","cookie":C}`` arrives, then the ping with ``"cookie":C`` until the
+    session answers, each resent after a growing delay. A challenge that arrives later means
+    the hub no longer has this session (it restarted, or the session expired): the link ends,
+    and the client reconnects with recovery as after any drop."""
 
     kind = "udp"
 
     def __init__(self, on_frame: OnFrame, on_lost: OnLost) -> None:
         super().__init__(on_frame, on_lost)
         self._transport: asyncio.DatagramTransport | None = None
+        self.validated = False
+        self.cookie: str | None = None
+        self._wake: asyncio.Future | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        if not self.closed:
-            data = data.rstrip(b"\r\n")
-            if data:
-                self._on_frame(self, data)
+        if self.closed:
+            return
+        data = data.rstrip(b"\r\n")
+        if not data:
+            return
+        if b'"challenge"' in data:
+            cookie = _challenge_cookie(data)
+            if cookie is not None:
+                if self.validated:
+                    self._forgotten()
+                else:
+                    self.cookie = cookie
+                    self._wakeup()
+                return
+        if not self.validated:
+            # Before the handshake is done nothing but its ping was sent: this is the
+            # session's answer to it (a pong, or an error when the hub wants hello first).
+            self.validated = True
+            self._wakeup()
+            return
+        self._on_frame(self, data)
+
+    def _wakeup(self) -> None:
+        waiter = self._wake
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _forgotten(self) -> None:
+        log.info("wirehub client: the hub no longer knows this udp session (it restarted or the session expired)")
+        self._ended(ConnectionResetError("the hub no longer knows this UDP session"))
+        if self._transport is not None:
+            self._transport.close()
+
+    async def handshake(self) -> None:
+        """Validate this socket's address with the hub; the caller bounds it in time."""
+        loop = asyncio.get_running_loop()
+        delay = UDP_RETRY_FIRST
+        while not self.validated:
+            if self.closed or self._transport is None:
+                cause = self.done.result() if self.done.done() else None
+                raise cause if isinstance(cause, OSError) else ConnectionResetError("the UDP socket closed during the handshake")
+            frame = b'{"op":"ping"' + (b',"cookie":"' + self.cookie.encode() + b'"' if self.cookie else b"")
+            pad = max(0, UDP_PAD_TO - len(frame) - len(b',"pad":""}'))
+            self._transport.sendto(frame + b',"pad":"' + b" " * pad + b'"}')
+            cookie = self.cookie
+            self._wake = loop.create_future()
+            try:
+                await asyncio.wait_for(self._wake, delay)
+            except asyncio.TimeoutError:
+                delay = min(delay * 2, UDP_RETRY_MAX)  # lost (either way): send again, later
+            finally:
+                self._wake = None
+            if self.cookie != cookie:
+                delay = UDP_RETRY_FIRST  # a fresh cookie: echo it at once
 
     def error_received(self, exc: Exception) -> None:
         if isinstance(exc, ConnectionRefusedError):
             self._ended(exc)
+            self._wakeup()
             if self._transport is not None:
                 self._transport.close()
         else:
@@ -296,6 +360,7 @@ class DatagramLink(Link, asyncio.DatagramProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._transport = None
         self._ended(exc)
+        self._wakeup()
 
     async def send(self, data: bytes) -> None:
         if self._transport is None or self.closed:
@@ -309,6 +374,29 @@ class DatagramLink(Link, asyncio.DatagramProtocol):
             self._ended(None)
 
     abort = close
+
+
+#: the handshake's datagrams are padded to this many bytes, so that the hub's challenge fits
+#: within the 3x it may send an address it has not validated (as QUIC pads its Initial)
+UDP_PAD_TO = 200
+#: the handshake resends after this delay, doubling up to UDP_RETRY_MAX
+UDP_RETRY_FIRST = 0.2
+UDP_RETRY_MAX = 1.0
+
+_generic_decode = msgspec.json.Decoder().decode
+
+
+def _challenge_cookie(data: bytes) -> str | None:
+    """The cookie of a ``{"op":"challenge","cookie":C}`` frame, or None for any other frame."""
+    try:
+        frame = _generic_decode(data)
+    except msgspec.DecodeError:
+        return None
+    if type(frame) is dict and frame.get("op") == "challenge":
+        cookie = frame.get("cookie")
+        if type(cookie) is str and cookie.isascii() and cookie.isprintable() and '"' not in cookie and "\\" not in cookie:
+            return cookie
+    return None
 
 
 # ---------------------------------------------------------------------- opening
@@ -385,6 +473,11 @@ async def _open(
         dlink = DatagramLink(on_frame, on_lost)
         on_link(dlink)
         await loop.create_datagram_endpoint(lambda: dlink, remote_addr=(ep.host, ep.port))
+        try:
+            await dlink.handshake()
+        except BaseException:
+            dlink.abort()
+            raise
         return dlink
     # ws, wss
     from websockets.asyncio.client import connect as ws_connect

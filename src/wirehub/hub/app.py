@@ -266,6 +266,14 @@ class HubApp(App):
     def refusal(self, reason: str) -> bytes:
         return wire.error("rate_limited", f"connection refused: {reason} reached; try again later")
 
+    # UDP address validation: a source address gets no session (no history, no room
+    # traffic) until it echoed the cookie of a {"op":"challenge"} in a frame. See docs/hub.md.
+    def udp_challenge(self, cookie: bytes) -> bytes:
+        return wire.challenge(cookie)
+
+    def udp_cookie(self, frame: bytes) -> bytes | None:
+        return wire.echoed_cookie(frame)
+
     def ready(self, server: Server) -> tuple[bool, str]:
         return (True, "ok") if self.broker.ready() else (False, "broker unreachable")
 

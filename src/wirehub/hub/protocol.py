@@ -9,6 +9,7 @@ the raw JSON the client sent (``msgspec.Raw``), so a publication is never re-enc
 
 from __future__ import annotations
 
+import re
 from typing import Union
 
 import msgspec
@@ -184,3 +185,25 @@ def room_msg(room_json: bytes, seq: int, sender_json: bytes, data: bytes, ts: in
 
 def direct_msg(sender_json: bytes, data: bytes) -> bytes:
     return b"".join((b'{"op":"msg","from":', sender_json, b',"data":', data, b"}"))
+
+
+# --------------------------------------------------------------------- UDP address validation
+
+
+#: a "cookie" member anywhere in the frame: the cookie proves the address whatever the frame
+#: is, so the frame need not even decode (a deeply nested one is still answered bad_frame)
+_COOKIE = re.compile(rb'"cookie"\s*:\s*"([A-Za-z0-9_-]{1,64})"')
+
+
+def challenge(cookie: bytes) -> bytes:
+    """``{"op":"challenge","cookie":C}``: what a UDP source address without a session gets;
+    it echoes ``"cookie":C`` in a frame to open one (``cookie`` is base64url ASCII)."""
+    return b'{"op":"challenge","cookie":"' + cookie + b'"}'
+
+
+def echoed_cookie(frame: bytes) -> bytes | None:
+    """The value of a ``"cookie"`` string member of a client frame, or None."""
+    if b'"cookie"' not in frame:
+        return None
+    found = _COOKIE.search(frame)
+    return found.group(1) if found is not None else None

@@ -104,6 +104,24 @@ class _Collector:
         h.add_metric([], buckets=list(zip(edges, lag.cumulative())), sum_value=lag.total)
         yield h
         yield GaugeMetricFamily("wirehub_draining", "1 while the server drains.", value=1 if server.draining else 0)
+        if server.datagram_endpoints:
+            udp = CounterMetricFamily(
+                "wirehub_udp_unvalidated_datagrams",
+                "UDP datagrams from addresses without a session, by what became of them.",
+                labels=["outcome"],
+            )
+            outcomes: dict[str, int] = {}
+            for endpoint in server.datagram_endpoints:
+                for outcome, n in endpoint.stats.items():
+                    outcomes[outcome] = outcomes.get(outcome, 0) + n
+            for outcome in ("challenged", "validated", "replied", "refused", "dropped"):
+                udp.add_metric([outcome], outcomes.get(outcome, 0))
+            yield udp
+            yield CounterMetricFamily(
+                "wirehub_udp_over_budget_frames",
+                "Frames not sent to an unvalidated UDP session: they would have exceeded 3x the bytes it sent.",
+                value=outcomes.get("over_budget", 0),
+            )
 
 
 class AdminServer:

@@ -7,6 +7,7 @@ from typing import Callable, Iterator
 
 MAX_CONNECTIONS = "max_connections"
 MAX_CONNECTIONS_PER_IP = "max_connections_per_ip"
+MAX_UDP_SESSIONS = "max_udp_sessions"
 
 
 class AcceptGate:
@@ -18,9 +19,18 @@ class AcceptGate:
     limit is refused.
     """
 
-    __slots__ = ("max_total", "max_per_ip", "count", "_per_ip", "_on_full", "_on_space", "_full")
+    __slots__ = ("max_total", "max_per_ip", "count", "_per_ip", "_on_full", "_on_space", "_full", "total_limit")
 
-    def __init__(self, max_total: int, max_per_ip: int, on_full: Callable[[], None], on_space: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        max_total: int,
+        max_per_ip: int,
+        on_full: Callable[[], None],
+        on_space: Callable[[], None],
+        total_limit: str = MAX_CONNECTIONS,
+    ) -> None:
+        #: the name of the total's limit, as a refusal says it
+        self.total_limit = total_limit
         self.max_total = max_total
         self.max_per_ip = max_per_ip
         self.count = 0
@@ -39,7 +49,7 @@ class AcceptGate:
         header names the client: then :meth:`move`)."""
         if self.count >= self.max_total:
             self._set_full()
-            return MAX_CONNECTIONS
+            return self.total_limit
         if self.max_per_ip and per_ip:
             n = self._per_ip.get(ip, 0)
             if n >= self.max_per_ip:
@@ -85,11 +95,13 @@ class ConnectionRegistry:
     """Every open connection of this process, by id. Reading it is cheap; the admin API and
     the dashboard iterate it."""
 
-    __slots__ = ("_conns", "_gate", "_empty", "accepted_total", "closed_totals", "closed_reasons", "handshaking", "closing")
+    __slots__ = ("_conns", "_gate", "_udp_gate", "_empty", "accepted_total", "closed_totals", "closed_reasons", "handshaking", "closing")
 
-    def __init__(self, gate: AcceptGate) -> None:
+    def __init__(self, gate: AcceptGate, udp_gate: AcceptGate | None = None) -> None:
         self._conns: dict[str, object] = {}
         self._gate = gate
+        #: UDP sessions' own slots (``max_udp_sessions``), apart from the stream listeners'
+        self._udp_gate = udp_gate or gate
         self._empty: asyncio.Event | None = None
         self.accepted_total = 0
         #: counters of connections that have closed, so totals survive them
@@ -106,7 +118,7 @@ class ConnectionRegistry:
 
     def remove(self, conn) -> None:
         if self._conns.pop(conn.id, None) is not None:
-            self._gate.release(conn.peer_ip)
+            (self._udp_gate if conn.transport == "udp" else self._gate).release(conn.peer_ip)
             totals = self.closed_totals
             totals["bytes_in"] += conn.bytes_in
             totals["bytes_out"] += conn.bytes_out

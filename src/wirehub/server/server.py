@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from .._log import get_logger
 from ..transport.connection import SHUTDOWN, Context, Settings
-from ..transport.datagram import DatagramEndpoint
+from ..transport.datagram import CookieJar, DatagramEndpoint, UdpValidation
 from ..transport.stream import StreamConnection, format_peer
 from .listeners import BindError, Endpoint, StreamListener, bind_inet, bind_unix, configure_accepted
 from ..protocol.framing import FrameError
 from ..protocol.proxy import ProxyHeaderParser, ProxyInfo
-from .registry import AcceptGate, ConnectionRegistry
+from .registry import MAX_UDP_SESSIONS, AcceptGate, ConnectionRegistry
 from .tls import server_context
 
 if TYPE_CHECKING:
@@ -103,7 +103,11 @@ class Server:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ctx: Context | None = None
         self.gate = AcceptGate(config.max_connections, config.max_connections_per_ip, self._pause_accepting, self._resume_accepting)
-        self.registry = ConnectionRegistry(self.gate)
+        #: UDP sessions' own slots: they never count against (or pause) the stream listeners
+        self.udp_gate = AcceptGate(config.max_udp_sessions, config.max_connections_per_ip, _nothing, _nothing, MAX_UDP_SESSIONS)
+        self.registry = ConnectionRegistry(self.gate, self.udp_gate)
+        #: the secret of this process's UDP address-validation cookies (shared by its UDP sockets)
+        self.udp_cookies = CookieJar()
         self._allow = tuple(config.allow)
         self._deny = tuple(config.deny)
         self._proxies = tuple(config.proxy_protocol)
@@ -144,10 +148,21 @@ class Server:
             self.admin = AdminServer(self)
             await self.admin.start(admin)
         self._spawn(self.loop_lag.run())
+        hooks = self.app.udp_hooks()
+        validation = UdpValidation(*hooks) if hooks is not None else None
         for ep in endpoints:
             if ep.kind == "udp":
                 _, proto = await self.loop.create_datagram_endpoint(
-                    lambda: DatagramEndpoint(self.ctx, framing, self._admit_datagram), sock=ep.sock
+                    lambda: DatagramEndpoint(
+                        self.ctx,
+                        framing,
+                        self._admit_datagram,
+                        allowed=self._datagram_allowed,
+                        validation=validation,
+                        cookies=self.udp_cookies,
+                        refusal=self.app.refusal,
+                    ),
+                    sock=ep.sock,
                 )
                 self.datagram_endpoints.append(proto)  # type: ignore[arg-type]
             elif ep.kind != "admin":
@@ -382,10 +397,15 @@ class Server:
             pass
         sock.close()
 
-    def _admit_datagram(self, ip: str) -> bool:
-        if self.draining or not self._ip_allowed(ip):
-            return False
-        return self.gate.admit(ip) is None
+    def _datagram_allowed(self, ip: str) -> bool:
+        return not self.draining and self._ip_allowed(ip)
+
+    def _admit_datagram(self, ip: str) -> str | None:
+        """A UDP session slot for ``ip`` (None), or the name of the limit that refused it."""
+        refusal = self.udp_gate.admit(ip)
+        if refusal is not None:
+            self.refused[refusal] = self.refused.get(refusal, 0) + 1
+        return refusal
 
     def _pause_accepting(self) -> None:
         log.warning("connection_limit_reached", max_connections=self.gate.max_total)
@@ -475,6 +495,10 @@ class LoopLag:
             start = loop.time()
             await asyncio.sleep(self.interval)
             self.record(max(0.0, loop.time() - start - self.interval))
+
+
+def _nothing() -> None:
+    pass
 
 
 async def _maybe_await(result: Any) -> Any:
