@@ -410,6 +410,33 @@ class TestRedisOnly:
             got = await a.handler.wait_publications(last.seq, room)
             assert [p.seq for p in got] == list(range(1, last.seq + 1))
 
+    async def test_a_node_cut_for_its_output_buffer_resubscribes_and_catches_up(self, own_redis, prefix):
+        """A node that falls behind its pub/sub connection is cut by Redis when the connection's
+        output buffer passes ``client-output-buffer-limit pubsub``: it resubscribes and catches
+        up from the history, every publication once and in order, as after an outage."""
+        room = f"{prefix}:r"
+        admin = aioredis.Redis.from_url(own_redis.url)
+        policy = HistoryPolicy(size=2000, ttl=3600.0)
+        data = b'"' + b"x" * 10_000 + b'"'
+        try:
+            await admin.config_set("client-output-buffer-limit", "pubsub 262144 131072 1")
+            async with started(own_redis.url, prefix, "a") as a, started(own_redis.url, prefix, "b") as b:
+                await a.broker.subscribe(room)
+                sub = a.broker._sub
+                sub.transport.pause_reading()  # a falls behind: 20 MB will not fit in the socket buffers
+
+                async def cut() -> bool:
+                    return not [c for c in await admin.client_list() if c["name"] == "wirehub-sub-a"]
+
+                sent = await asyncio.gather(*(b.broker.publish_nowait(room, data, sender="", ts=now_ms(), history=policy) for _ in range(2000)))
+                await eventually(cut, "redis to cut a's pub/sub connection")
+                sub.transport.resume_reading()  # a reads what it was sent, then finds the connection gone
+                await a.handler.wait_until(lambda: a.handler.states == [False, True], "a to be back")
+                got = await a.handler.wait_publications(2000, room)
+                assert got == sent
+        finally:
+            await admin.aclose()
+
     async def test_close_while_redis_is_down_is_bounded(self, own_redis, prefix):
         handler = RecordingHandler()
         broker = RedisBroker(own_redis.url, prefix=prefix, node_id="a", timeout=1.0)
