@@ -736,3 +736,23 @@ async def test_publications_in_flight_when_the_connection_is_lost(own_nats):
         after = await broker.publish("r", b"1", sender="", ts=now_ms(), history=policy)
         assert after.seq == len(held) + 1
     assert unhandled == []
+
+
+async def test_messages_arriving_together_are_delivered_in_few_turns(prefix):
+    """Many one-publication messages reaching a node together (here written straight to the
+    room's fan-out subject in one write) are handed to the hub in a few event-loop turns,
+    not one turn (one write per subscriber) each, in order."""
+    room, n = "together", 200
+    async with counting(URL, prefix, "b", storage="memory") as b:
+        await b.broker.subscribe(room)
+        nc = await nats.connect(URL)
+        try:
+            for seq in range(1, n + 1):
+                head = msgspec.json.encode([room, seq, "e1", "s", seq, f"p{seq}"])
+                await nc.publish(b.broker._fanout_subject(room), head + b"\n" + raw(seq))
+            await nc.flush()
+        finally:
+            await nc.close()
+        got = await b.handler.wait_publications(n, room)
+        assert [(p.seq, bytes(p.data)) for p in got] == [(s, raw(s)) for s in range(1, n + 1)]
+        assert b.handler.turns <= 20, b.handler.turns
