@@ -233,6 +233,8 @@ def _decode_pubs(body: bytes) -> tuple[list[Publication], _Head]:
     h = _head_decoder.decode(raw_head)
     if h.parts is None:
         return [Publication(h.room, h.seq, h.epoch, msgspec.Raw(data), h.sender, h.ts)], h
+    if not h.parts or any(size < 0 for _, _, size in h.parts) or sum(size for _, _, size in h.parts) != len(data):
+        raise ValueError(f"a history message of {h.room!r} does not hold the publications its head lists")
     seq = h.seq - len(h.parts)
     offset = 0
     pubs = []
@@ -240,8 +242,6 @@ def _decode_pubs(body: bytes) -> tuple[list[Publication], _Head]:
         seq += 1
         pubs.append(Publication(h.room, seq, h.epoch, msgspec.Raw(data[offset : offset + size]), sender, ts))
         offset += size
-    if offset != len(data) or size < 0:
-        raise ValueError(f"a history message of {h.room!r} does not hold the {len(h.parts)} publications its head lists")
     return pubs, h
 
 
@@ -376,7 +376,7 @@ class NatsBroker:
         self._sub_locks = _Locks()
         self.in_flight = 0  # publications started and not answered (in outboxes, queued or being appended)
         self._outboxes: dict[str, _Outbox] = {}
-        self._slots = asyncio.Semaphore(publish_window)  # history messages unacknowledged
+        self._slots = asyncio.Semaphore(publish_window)  # history messages unacknowledged (made again per start)
         self._trimming: set[str] = set()  # rooms with a trim under way
         self._ack_prefix = ""  # this connection's inbox for JetStream acknowledgements
         self._acks: dict[str, asyncio.Future[Any]] = {}
@@ -418,6 +418,7 @@ class NatsBroker:
     async def start(self, handler: BrokerHandler) -> None:
         self._handler = handler
         self._closing = False
+        self._slots = asyncio.Semaphore(self.publish_window)  # bound to this loop
         nc = nats.NATS()
         try:
             await asyncio.wait_for(
