@@ -24,10 +24,11 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
+import msgspec
 import nats
 import pytest
 
-from wirehub.hub.broker.base import BrokerError, HistoryPolicy, Member, Position
+from wirehub.hub.broker.base import BrokerError, HistoryPolicy, Member, Position, Publication
 from wirehub.hub.broker.nats import NatsBroker
 
 from .broker_conformance import POLICY, BrokerConformance, FakeClock, Node, RecordingHandler, eventually, now_ms, raw
@@ -376,6 +377,12 @@ class OwnNats:
 
         await eventually(answers, f"nats-server on port {self.port}")
 
+    def stopped(self) -> bool:
+        """Every thread of the server is stopped (SIGSTOP took effect)."""
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        states = [(task / "stat").read_text().rpartition(")")[2].split()[0] for task in tasks.iterdir()]
+        return all(state in ("T", "t") for state in states)
+
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
@@ -490,3 +497,262 @@ async def test_a_restart_under_load_loses_nothing_that_was_acknowledged(own_nats
         assert len({bytes(p.data) for p in held}) == len(held)  # nothing stored twice
         assert {(p.seq, bytes(p.data)) for p in acked} <= {(p.seq, bytes(p.data)) for p in held}
         assert any("unreachable" in text for text in refused)
+
+
+# -- publications in flight (publish_nowait) ---------------------------------------------------------
+
+
+class TurnCountingHandler(RecordingHandler):
+    """Also counts the event-loop turns publications were delivered in (the hub writes to its
+    subscribers once per turn, so this is the number of writes per subscriber)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.turns = 0
+        self._in_turn = False
+
+    def on_publication(self, pub) -> None:
+        if not self._in_turn:
+            self._in_turn = True
+            self.turns += 1
+            asyncio.get_running_loop().call_soon(self._end_turn)
+        super().on_publication(pub)
+
+    def _end_turn(self) -> None:
+        self._in_turn = False
+
+
+@contextlib.asynccontextmanager
+async def counting(url: str, prefix: str, node_id: str, **kwargs) -> AsyncIterator[Node]:
+    handler = TurnCountingHandler()
+    broker = NatsBroker(url, prefix=prefix, node_id=node_id, **kwargs)
+    await broker.start(handler)
+    try:
+        yield Node(broker, handler)
+    finally:
+        await broker.close()
+
+
+async def test_pipelined_publications_to_one_room_from_one_node(prefix):
+    """Hundreds of publications in flight into one room: seq follows the call order exactly,
+    an awaited publish after them gets the next seq, history and another node's delivery
+    hold exactly the same, and that node gets them in a few turns, not one per publication."""
+    room, n = "hot", 600
+    policy = HistoryPolicy(size=1000)
+    async with started(URL, prefix, "a", storage="memory") as a, counting(URL, prefix, "b", storage="memory") as b:
+        await b.broker.subscribe(room)
+        futures = [a.broker.publish_nowait(room, raw(i), sender=f"c{i % 7}", ts=now_ms(), history=policy) for i in range(n // 2)]
+        assert a.broker.in_flight == n // 2
+        await asyncio.sleep(0)  # one turn later, with the first ones on their way: more
+        futures += [a.broker.publish_nowait(room, raw(i), sender=f"c{i % 7}", ts=now_ms(), history=policy) for i in range(n // 2, n)]
+        last = await a.broker.publish(room, raw("last"), sender="z", ts=now_ms(), history=policy)
+        pubs = await asyncio.wait_for(asyncio.gather(*futures), 10)
+        assert a.broker.in_flight == 0
+        assert [p.seq for p in pubs] == list(range(1, n + 1)) and last.seq == n + 1
+        assert [bytes(p.data) for p in pubs] == [raw(i) for i in range(n)]
+        assert [p.sender for p in pubs] == [f"c{i % 7}" for i in range(n)]
+        everything = pubs + [last]
+        assert len({p.epoch for p in everything}) == 1
+        assert await b.handler.wait_publications(n + 1, room) == everything
+        assert b.handler.turns <= 20, b.handler.turns  # one turn per publication was n + 1
+        result = await b.broker.history(room, since=0, history=policy)
+        assert (result.publications, result.complete, result.position.seq) == (everything, True, n + 1)
+        assert (await a.broker.history(room, limit=3, history=policy)).publications == everything[-3:]
+        assert await a.broker.position(room) == Position(n + 1, last.epoch)
+
+
+async def test_pipelined_history_is_trimmed_exactly(prefix):
+    """Batches much larger than the room's history: what is kept is exactly the last
+    ``size`` publications, and storage holds few messages."""
+    room, small = "trimmed", HistoryPolicy(size=10)
+    async with started(URL, prefix, "a", storage="memory") as a:
+        for _ in range(3):
+            futures = [a.broker.publish_nowait(room, raw(i), sender="", ts=now_ms(), history=small) for i in range(200)]
+            await asyncio.wait_for(asyncio.gather(*futures), 10)
+        pubs = [await a.broker.publish(room, raw(i), sender="", ts=now_ms(), history=small) for i in range(3)]
+        await eventually(holds(lambda: not a.broker._trimming), "the trims to finish")
+        result = await a.broker.history(room, since=590, history=small)
+        assert [p.seq for p in result.publications] == list(range(594, 604)) and result.complete is False
+        assert result.publications[-3:] == pubs
+        stored = await a.broker._read(a.broker._hist, a.broker._room_subject(room))
+        assert len(stored) <= 10 + 32
+
+
+async def test_two_nodes_publish_pipelined_into_one_room(prefix):
+    """Both nodes keep publications in flight into the same room at once: one sequence, no
+    seq skipped or repeated, each node's own in its call order, both deliver the same order."""
+    room, per_turn, turns = "shared", 40, 6
+    policy = HistoryPolicy(size=10_000)
+    async with started(URL, prefix, "a", storage="memory") as a, started(URL, prefix, "b", storage="memory") as b:
+        await a.broker.subscribe(room)
+        await b.broker.subscribe(room)
+        calls: dict[str, list] = {"a": [], "b": []}
+        for turn in range(turns):
+            for name, node in (("a", a), ("b", b)):
+                calls[name] += [
+                    node.broker.publish_nowait(room, raw(f"{name}{turn}.{i}"), sender=name, ts=now_ms(), history=policy) for i in range(per_turn)
+                ]
+            await asyncio.sleep(0)  # the next turn's publications while these are in flight
+        results = {name: await asyncio.wait_for(asyncio.gather(*futures), 15) for name, futures in calls.items()}
+        total = 2 * per_turn * turns
+        everything = results["a"] + results["b"]
+        assert sorted(p.seq for p in everything) == list(range(1, total + 1))
+        for name, pubs in results.items():
+            assert [p.seq for p in pubs] == sorted(p.seq for p in pubs)
+            assert [bytes(p.data) for p in pubs] == [raw(f"{name}{t}.{i}") for t in range(turns) for i in range(per_turn)]
+        by_seq = sorted(everything, key=lambda p: p.seq)
+        for node in (a, b):
+            assert await node.handler.wait_publications(total, room) == by_seq
+        assert (await a.broker.history(room, since=0, history=policy)).publications == by_seq
+
+
+async def test_publications_of_one_turn_leave_in_one_write(prefix):
+    """Publications to many rooms started in one turn go to NATS in one socket write."""
+    rooms = [f"r{i}" for i in range(50)]
+    async with started(URL, prefix, "a", storage="memory") as a:
+        for room in rooms:  # every room's head is known: the next publications go out at once
+            await a.broker.publish(room, b"0", sender="", ts=now_ms(), history=POLICY)
+        transport = a.broker._nc._transport
+        writes: list[int] = []
+        original = transport.writelines
+
+        def counted(payload):
+            writes.append(len(payload))
+            return original(payload)
+
+        transport.writelines = counted
+        try:
+            futures = [a.broker.publish_nowait(room, raw(i), sender="", ts=now_ms(), history=POLICY) for room in rooms for i in range(3)]
+            pubs = await asyncio.wait_for(asyncio.gather(*futures), 10)
+        finally:
+            transport.writelines = original
+        assert {(p.room, p.seq) for p in pubs} == {(room, s) for room in rooms for s in (2, 3, 4)}
+        assert len(writes) == 1 and writes[0] == len(rooms), writes  # one PUB per room (3 publications each)
+
+
+async def test_in_flight_is_exact_and_bounded(prefix):
+    """``in_flight`` counts what is unanswered, at every moment; history messages in flight
+    stay within ``publish_window``, each holding at most ``publish_batch`` publications; past
+    ``max_in_flight`` a publication is refused at once, saying which limit and what to do."""
+    rooms = [f"r{i}" for i in range(6)]
+    async with started(URL, prefix, "a", storage="memory", publish_window=2, publish_batch=4, max_in_flight=60) as a:
+        broker = a.broker
+        out = {"now": 0, "most": 0}
+        parts: list[int] = []
+        original = broker._js_send
+
+        async def watched(subject, body, headers):
+            head = msgspec.json.decode(body.partition(b"\n")[0])
+            parts.append(len(head[6]) if len(head) > 6 else 1)
+            out["now"] += 1
+            out["most"] = max(out["most"], out["now"])
+            try:
+                return await original(subject, body, headers)
+            finally:
+                out["now"] -= 1
+
+        broker._js_send = watched
+        futures = [broker.publish_nowait(room, raw(i), sender="", ts=now_ms(), history=POLICY) for i in range(10) for room in rooms]
+        assert broker.in_flight == 60
+        refused = broker.publish_nowait(rooms[0], b"1", sender="", ts=now_ms(), history=POLICY)
+        with pytest.raises(BrokerError, match="max_in_flight") as info:
+            refused.result()
+        assert info.value.maybe_applied is False and broker.in_flight == 60
+        pending = set(futures)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            assert broker.in_flight == len(pending)
+        assert out["most"] <= 2 and max(parts) <= 4 and sum(parts) == 60
+        for room in rooms:
+            mine = [f.result() for f in futures if f.result().room == room]
+            assert [p.seq for p in mine] == list(range(1, 11))
+            assert [bytes(p.data) for p in mine] == [raw(i) for i in range(10)]
+        assert (await broker.publish(rooms[0], b"1", sender="", ts=now_ms(), history=POLICY)).seq == 11
+
+
+async def test_a_publication_the_caller_gave_up_on_before_it_left_is_not_sent(prefix):
+    async with started(URL, prefix, "a", storage="memory") as a:
+        first = a.broker.publish_nowait("r", b"1", sender="", ts=now_ms(), history=POLICY)
+        dropped = a.broker.publish_nowait("r", b"2", sender="", ts=now_ms(), history=POLICY)
+        kept = a.broker.publish_nowait("r", b"3", sender="", ts=now_ms(), history=POLICY)
+        dropped.cancel()
+        assert [p.seq for p in await asyncio.gather(first, kept)] == [1, 2]
+        assert a.broker.in_flight == 0
+        assert [bytes(p.data) for p in (await a.broker.history("r", history=POLICY)).publications] == [b"1", b"3"]
+
+
+async def test_a_publication_larger_than_nats_takes_is_refused_alone(prefix):
+    async with started(URL, prefix, "a", storage="memory") as a:
+        big = b'"' + b"x" * a.broker._nc.max_payload + b'"'
+        before = a.broker.publish_nowait("r", b"1", sender="", ts=now_ms(), history=POLICY)
+        refused = a.broker.publish_nowait("r", big, sender="", ts=now_ms(), history=POLICY)
+        after = a.broker.publish_nowait("r", b"2", sender="", ts=now_ms(), history=POLICY)
+        assert (await before).seq == 1 and (await after).seq == 2
+        with pytest.raises(BrokerError, match="max_payload") as info:
+            await refused
+        assert info.value.maybe_applied is False and a.broker.in_flight == 0
+
+
+async def test_publications_in_flight_when_the_connection_is_lost(own_nats):
+    """The connection to NATS breaks with publications sent and unanswered (the server is
+    paused, so none can be answered): every future settles at once, with a BrokerError, none
+    hangs; whatever was acknowledged before is in history afterwards, once, and whatever was
+    refused as not applied is not."""
+    policy = HistoryPolicy(size=10_000)
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    async with started(own_nats.url, "lost", "a", timeout=5.0, connect_timeout=1.0, reconnect_wait=0.1, publish_batch=8) as a:
+        broker = a.broker
+        acked = list(await asyncio.gather(*(broker.publish_nowait("r", raw(f"before{i}"), sender="", ts=now_ms(), history=policy) for i in range(200))))
+        assert [p.seq for p in acked] == list(range(1, 201))
+        own_nats.proc.send_signal(signal.SIGSTOP)  # nothing is answered from here on
+        try:
+            await eventually(holds(lambda: own_nats.stopped()), "nats-server to stop")
+            calls = [broker.publish_nowait("r", raw(f"during{i}"), sender="", ts=now_ms(), history=policy) for i in range(300)]
+            calls.append(asyncio.ensure_future(broker.publish("r", raw("awaited"), sender="", ts=now_ms(), history=policy)))
+            await eventually(holds(lambda: broker._acks), "the first batch to go out")
+            assert broker.in_flight == 301
+            started_at = loop.time()
+            broker._nc._transport._io_writer.transport.abort()  # the connection breaks
+            results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)  # none hangs
+            assert loop.time() - started_at < 2.0  # failed when the connection went, not after a timeout
+        finally:
+            own_nats.proc.send_signal(signal.SIGCONT)
+        assert broker.in_flight == 0
+        assert all(isinstance(r, BrokerError) for r in results), results[:3]
+        assert results[0].maybe_applied is True  # the first batch was out: it may have been stored
+        assert any(not r.maybe_applied for r in results)  # those never sent were not
+        not_applied = {raw(f"during{i}") for i, r in enumerate(results[:300]) if not r.maybe_applied}
+
+        a.handler.timeout = 15.0
+        await a.handler.wait_until(lambda: a.handler.states == [False, True], "on_broker_state(True)")
+        result = await broker.history("r", since=0, history=policy)
+        held = result.publications
+        assert result.complete is True and [p.seq for p in held] == list(range(1, len(held) + 1))
+        assert len({bytes(p.data) for p in held}) == len(held)  # nothing stored twice
+        assert held[:200] == acked
+        assert not not_applied & {bytes(p.data) for p in held}
+        after = await broker.publish("r", b"1", sender="", ts=now_ms(), history=policy)
+        assert after.seq == len(held) + 1
+    assert unhandled == []
+
+
+async def test_messages_arriving_together_are_delivered_in_few_turns(prefix):
+    """Many one-publication messages reaching a node together (here written straight to the
+    room's fan-out subject in one write) are handed to the hub in a few event-loop turns,
+    not one turn (one write per subscriber) each, in order."""
+    room, n = "together", 200
+    async with counting(URL, prefix, "b", storage="memory") as b:
+        await b.broker.subscribe(room)
+        nc = await nats.connect(URL)
+        try:
+            for seq in range(1, n + 1):
+                head = msgspec.json.encode([room, seq, "e1", "s", seq, f"p{seq}"])
+                await nc.publish(b.broker._fanout_subject(room), head + b"\n" + raw(seq))
+            await nc.flush()
+        finally:
+            await nc.close()
+        got = await b.handler.wait_publications(n, room)
+        assert [(p.seq, bytes(p.data)) for p in got] == [(s, raw(s)) for s in range(1, n + 1)]
+        assert b.handler.turns <= 20, b.handler.turns

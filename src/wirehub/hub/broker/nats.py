@@ -6,26 +6,56 @@ base32 of its UTF-8, or ``x`` + sha256 hex when that would be longer than 400 ch
 the real name always travels in the message itself):
 
 ``P_HISTORY`` (JetStream stream, subjects ``P.h.>`` and ``P.meta``)
-    One subject per room, ``P.h.<room>``. Each message is one publication: a JSON head
-    ``[room, seq, epoch, sender, ts, publish-id]``, a newline, then the publication's data
-    bytes untouched. The stream has no per-subject or age limit of its own: history policies
-    differ per room and the broker only learns them per call, so the *size* and *ttl* of a
-    room are enforced when reading, and every ``max(size, 32)`` publications the publisher
-    trims the subject with a purge-by-subject ``keep=max(size, 1)``, so a room holds at most
-    ``size + max(size, 32)`` messages. The newest message of a room (its *head*) is never
-    removed: it carries the room's ``seq`` and epoch, so ``seq`` never goes back.
+    One subject per room, ``P.h.<room>``. Each message holds one or more consecutive
+    publications of the room: a JSON head ``[room, seq, epoch, sender, ts, publish-id]``
+    (``seq`` the last publication's, ``sender``/``ts`` too), a newline, then the
+    publication's data bytes untouched; a message of several adds a seventh item,
+    ``[[sender, ts, size], ...]`` for each publication oldest first (they hold ``seq - n + 1``
+    to ``seq``), and the data bytes follow one after another. (A one-publication message is
+    as it always was; a node of an older version cannot read the longer head, so a fleet
+    is upgraded all at once.) The stream has no per-subject or age limit of its own:
+    history policies differ per room and the broker only learns them per call, so the *size*
+    and *ttl* of a room are enforced when reading, and whenever a room's ``seq`` passes a
+    multiple of ``max(size, 32)`` the publisher trims the subject (in the background, one
+    trim per room at a time): when it knows where the oldest message still needed starts
+    (it keeps the stream sequences of the last 16 messages it appended one after the other)
+    it purges the subject below that message, so the room keeps about the last ``size``
+    publications; otherwise it purges-by-subject with ``keep=max(size, 1)`` messages. Either
+    way a room holds at most about ``size + max(size, 32)`` messages of at most 64 KiB of
+    data each (or one larger publication). The newest message of a room (its *head*) is
+    never removed: it carries the room's ``seq`` and epoch, so ``seq`` never goes back.
     ``P.meta`` holds one message, the stream's *generation*: a random id written
     create-if-absent when the stream is created (or found without it).
 
-Sequence: optimistic concurrency on the head. A publish reads the head (or uses the head it
-    cached from its own last publish to that room), writes ``seq + 1`` with
+Sequence: optimistic concurrency on the head. An append reads the head (or uses the head it
+    cached from its own last append to that room), writes the message after it with
     ``Nats-Expected-Last-Subject-Sequence: <head's stream sequence>`` (0 for an empty
-    subject), and on JetStream's *wrong last sequence* error re-reads the head and retries.
-    JetStream applies the check and the append atomically, so across all nodes each ``seq``
-    is written exactly once and a room's stream order is its ``seq`` order. Publishes of one
-    node to one room are serialised locally, so a node only retries against other nodes.
-    A publish whose acknowledgement was lost is recognised on the retry by its publish id in
-    the head, so it is never written twice.
+    subject), and on JetStream's *wrong last sequence* error re-reads the head and retries,
+    renumbering its publications. JetStream applies the check and the append atomically, so
+    across all nodes each ``seq`` is written exactly once and a room's stream order is its
+    ``seq`` order. An append whose acknowledgement was lost is recognised on the retry by
+    its publish id in the head, so it is never written twice.
+
+Publishing (``publish_nowait``; ``publish`` awaits it, on the same path): a publication goes
+    into its room's queue on this node, in call order, and is answered by a future. Each
+    room with queued publications has one sender task, which appends one message at a time:
+    everything queued when it starts a message goes into it (up to ``publish_batch``
+    publications and 64 KiB of data), and what arrives while that message is unacknowledged
+    waits for the next one. So a room has at most one message in flight per node (the
+    expected-last-sequence of the next message is known only from the previous one's ack,
+    and predicting stream sequences fails whenever another room or node writes to the
+    stream), yet one room's rate is not bound by the round trip: the busier the room, the
+    more publications each message carries. Rooms are pipelined against each other: up to
+    ``publish_window`` messages (all rooms together) are unacknowledged at once, their acks
+    coming back to one inbox subscription of this connection, matched to futures; messages
+    started in one event-loop turn leave in one socket write (nats-py queues commands and
+    its flusher task writes all of them on the next turn). When the connection goes, the
+    messages in flight fail at once with ``maybe_applied`` and the publications not yet sent
+    fail as not applied; nothing is retried after the caller is told. Backpressure: the
+    caller (the hub) bounds what it keeps in flight; ``in_flight`` counts this node's
+    publications from the call until the answer, and past ``max_in_flight`` (65,536) a
+    publication is refused at once (not applied) instead of queued. A publication whose
+    future the caller cancelled before it was sent is dropped.
 
 Epoch: a room's messages carry its epoch; an empty room's epoch is derived from the stream's
     generation and the room name (``sha256(generation, room)``): every node computes the same
@@ -37,7 +67,11 @@ Epoch: a room's messages carry its epoch; an empty room's epoch is derived from 
 Fan-out: the stream *republishes* every stored message to ``P.r.<room>`` (JetStream
     RePublish): the server does it after storing, in stream order, so every subscribed node
     gets each room's publications in ``seq`` order even with many concurrent publishers, and
-    a publication that is stored is fanned out even if its publisher dies right after.
+    a publication that is stored is fanned out even if its publisher dies right after. A
+    message of several publications reaches a node as one and is handed to the hub in one
+    event-loop turn (so the hub writes them to its subscribers in one write each); messages
+    that arrive in one socket read are handed over in one turn too (nats-py's reader queues
+    them all for the room's subscription task, which delivers them without yielding).
     (A core publish from the publisher after its JetStream ack could overtake another
     node's and arrive out of order; an ordered consumer per room per node would cost a
     JetStream consumer per room.) Room events go to the same core subject with no history,
@@ -73,6 +107,7 @@ import base64
 import binascii
 import contextlib
 import functools
+import itertools
 import hashlib
 import json
 import random
@@ -80,6 +115,7 @@ import re
 import secrets
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -88,7 +124,7 @@ import nats
 import nats.errors
 
 from ..._log import get_logger
-from .base import BrokerError, ChainedPublish, BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
+from .base import BrokerError, BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
 
 log = get_logger("wirehub.hub.broker.nats")
 
@@ -98,6 +134,16 @@ _TRIM_EVERY = 32  # trim a room at least every this many publications
 _HEADS_CACHED = 10_000  # rooms whose head this node remembers from its own publishes
 _NODES_TTL = 3600.0  # the node-lease bucket's own max age: leases of long-dead nodes go away
 _RESYNC_BATCH = 256
+_BATCH_MAX = 1024  # publications in one history message at most
+_BATCH_BYTES = 65536  # publication bytes in one history message at most (one larger publication goes alone)
+_WINDOW = 256  # history messages this node keeps unacknowledged at once, all rooms together
+_MAX_IN_FLIGHT = 65536  # publications this node holds unanswered before it refuses more
+_CHAIN = 16  # a room's newest history messages whose place this node knows, for exact trimming
+
+# A room's head as this node knows it: its stream sequence, seq and epoch, and the chain of
+# (stream sequence, last seq) of the newest messages known to be consecutive on the subject,
+# oldest first, ending with the head.
+_HeadInfo = tuple[int, int, str, tuple[tuple[int, int], ...]]
 
 # JetStream API error codes
 _NO_MESSAGE = 10037
@@ -105,7 +151,22 @@ _STREAM_NOT_FOUND = 10059
 _WRONG_LAST_SEQUENCE = 10071
 _STREAM_EXISTS = 10058
 
-_Head = tuple[str, int, str, str, int, str]  # room, seq, epoch, sender, ts, publish id
+
+
+class _Head(msgspec.Struct, array_like=True, frozen=True):
+    """A history message's head: the room's top after it (``seq``, ``epoch``), the last
+    publication's ``sender`` and ``ts``, the message's publish id, and ``parts``
+    (``[sender, ts, size]`` of every publication, oldest first) when it holds more than one."""
+
+    room: str
+    seq: int
+    epoch: str
+    sender: str
+    ts: int
+    pid: str
+    parts: list[tuple[str, int, int]] | None = None
+
+
 _head_decoder = msgspec.json.Decoder(_Head)
 _str_decoder = msgspec.json.Decoder(str)
 _encode = msgspec.json.encode
@@ -162,10 +223,55 @@ def _untoken(token: str) -> str | None:
         return None
 
 
-def _decode_pub(body: bytes) -> tuple[Publication, str]:
-    head, _, data = body.partition(b"\n")
-    room, seq, epoch, sender, ts, pid = _head_decoder.decode(head)
-    return Publication(room=room, seq=seq, epoch=epoch, data=msgspec.Raw(data), sender=sender, ts=ts), pid
+def _decode_head(body: bytes) -> _Head:
+    return _head_decoder.decode(body.partition(b"\n")[0])
+
+
+def _decode_pubs(body: bytes) -> tuple[list[Publication], _Head]:
+    """The publications a history message holds, oldest first, and its head."""
+    raw_head, _, data = body.partition(b"\n")
+    h = _head_decoder.decode(raw_head)
+    if h.parts is None:
+        return [Publication(h.room, h.seq, h.epoch, msgspec.Raw(data), h.sender, h.ts)], h
+    if not h.parts or any(size < 0 for _, _, size in h.parts) or sum(size for _, _, size in h.parts) != len(data):
+        raise ValueError(f"a history message of {h.room!r} does not hold the publications its head lists")
+    seq = h.seq - len(h.parts)
+    offset = 0
+    pubs = []
+    for sender, ts, size in h.parts:
+        seq += 1
+        pubs.append(Publication(h.room, seq, h.epoch, msgspec.Raw(data[offset : offset + size]), sender, ts))
+        offset += size
+    return pubs, h
+
+
+class _Pending:
+    """One publication started on this node and not answered yet."""
+
+    __slots__ = ("raw", "size", "sender", "ts", "history", "future")
+
+    def __init__(self, raw: msgspec.Raw, sender: str, ts: int, history: HistoryPolicy, future: asyncio.Future[Publication]) -> None:
+        self.raw = raw
+        self.size = len(raw)
+        self.sender = sender
+        self.ts = ts
+        self.history = history
+        self.future = future
+
+
+class _Outbox:
+    """A room's publications started on this node and not yet sent, and the task that sends
+    them (one history message at a time, in order); gone when the queue runs empty."""
+
+    __slots__ = ("room", "subject", "queue", "batch", "sent", "task")
+
+    def __init__(self, room: str, subject: str) -> None:
+        self.room = room
+        self.subject = subject
+        self.queue: deque[_Pending] = deque()
+        self.batch: list[_Pending] = []  # taken from the queue, being appended
+        self.sent = False  # an attempt for ``batch`` went out (its outcome may be unknown)
+        self.task: asyncio.Task | None = None
 
 
 class _Locks:
@@ -202,7 +308,15 @@ class _RoomSub:
         self.seq = 0
 
 
-class NatsBroker(ChainedPublish):
+class _Lost(BrokerError):
+    """The connection went away while a request was out: it may have been carried out."""
+
+
+class _NotSent(BrokerError):
+    """A request that never left this node."""
+
+
+class NatsBroker:
     local = False
 
     def __init__(
@@ -219,6 +333,9 @@ class NatsBroker(ChainedPublish):
         ping_interval: float = 5.0,
         storage: str = "file",
         replicas: int = 1,
+        publish_window: int = _WINDOW,
+        publish_batch: int = _BATCH_MAX,
+        max_in_flight: int = _MAX_IN_FLIGHT,
     ) -> None:
         if not _PREFIX_RE.match(prefix):
             raise ValueError(f"NATS broker prefix {prefix!r}: use letters, digits, '_' and '-' only")
@@ -226,6 +343,8 @@ class NatsBroker(ChainedPublish):
             raise ValueError("lease_s and timeout must be positive")
         if storage not in ("file", "memory"):
             raise ValueError("storage must be 'file' or 'memory'")
+        if publish_window < 1 or publish_batch < 1 or max_in_flight < 1:
+            raise ValueError("publish_window, publish_batch and max_in_flight must be at least 1")
         self.url = url
         self.prefix = prefix
         self.node_id = node_id or uuid.uuid4().hex[:12]
@@ -237,6 +356,9 @@ class NatsBroker(ChainedPublish):
         self._ping_interval = ping_interval
         self._storage = storage
         self._replicas = replicas
+        self.publish_window = publish_window
+        self.publish_batch = publish_batch
+        self.max_in_flight = max_in_flight
 
         self._inc = secrets.token_hex(6)  # this instance's incarnation
         self._hist = f"{prefix}_HISTORY"
@@ -252,8 +374,14 @@ class NatsBroker(ChainedPublish):
         self._closing = False
         self._subs: dict[str, _RoomSub] = {}
         self._sub_locks = _Locks()
-        self._pub_locks = _Locks()
-        self._heads: dict[str, tuple[int, int, str]] = {}  # room -> (stream seq, seq, epoch)
+        self.in_flight = 0  # publications started and not answered (in outboxes, queued or being appended)
+        self._outboxes: dict[str, _Outbox] = {}
+        self._slots = asyncio.Semaphore(publish_window)  # history messages unacknowledged (made again per start)
+        self._trimming: set[str] = set()  # rooms with a trim under way
+        self._ack_prefix = ""  # this connection's inbox for JetStream acknowledgements
+        self._acks: dict[str, asyncio.Future[Any]] = {}
+        self._ack_ids = itertools.count()
+        self._heads: dict[str, _HeadInfo] = {}  # room -> its head as this node's last publish left it
         self._generation: str | None = None
         self._clients: set[str] = set()
         self._presence: dict[tuple[str, str], Member] = {}
@@ -290,6 +418,7 @@ class NatsBroker(ChainedPublish):
     async def start(self, handler: BrokerHandler) -> None:
         self._handler = handler
         self._closing = False
+        self._slots = asyncio.Semaphore(self.publish_window)  # bound to this loop
         nc = nats.NATS()
         try:
             await asyncio.wait_for(
@@ -320,6 +449,8 @@ class NatsBroker(ChainedPublish):
         try:
             await self._setup()
             await nc.subscribe(self._direct_subject, cb=self._on_direct)
+            self._ack_prefix = nc.new_inbox() + "."
+            await nc.subscribe(self._ack_prefix + "*", cb=self._on_ack)
             await self._flush()
         except BaseException:
             self._nc = None
@@ -332,6 +463,9 @@ class NatsBroker(ChainedPublish):
     async def close(self) -> None:
         if self._closing:
             return
+        senders = [box.task for box in self._outboxes.values() if box.task is not None]
+        if senders and self._connected():  # what was started before the close is finished first
+            await asyncio.wait(senders, timeout=self._timeout)
         self._closing = True
         self._handler = None
         self._up = False
@@ -383,7 +517,14 @@ class NatsBroker(ChainedPublish):
     async def _on_error(self, exc: Exception) -> None:
         log.debug("nats_error", url=self.url, error=repr(exc))
 
+    def _fail_acks(self) -> None:
+        acks, self._acks = self._acks, {}
+        for future in acks.values():
+            if not future.done():
+                future.set_exception(_Lost(f"the connection to NATS at {self.url} was lost before JetStream answered"))
+
     async def _on_disconnected(self) -> None:
+        self._fail_acks()
         if self._closing:
             return
         if self._recovery is not None:
@@ -394,6 +535,7 @@ class NatsBroker(ChainedPublish):
             self._notify(False)
 
     async def _on_closed(self) -> None:
+        self._fail_acks()
         if self._closing or self._nc is None:
             return
         if self._up:
@@ -485,6 +627,44 @@ class NatsBroker(ChainedPublish):
         if "error" in response:
             raise _ApiError(f"a publish to {subject}", response["error"])
         return response
+
+    async def _js_send(self, subject: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
+        """A JetStream publish whose acknowledgement comes to this connection's ack inbox
+        (any number may be out at once). Raises :class:`_NotSent` when it did not leave,
+        :class:`_Lost` (``maybe_applied``) when the connection went or no answer came."""
+        nc = self._conn()
+        token = str(next(self._ack_ids))
+        future = asyncio.get_running_loop().create_future()
+        self._acks[token] = future
+        try:
+            try:
+                await nc.publish(subject, body, reply=self._ack_prefix + token, headers=headers)
+            except nats.errors.MaxPayloadError as exc:
+                raise _NotSent(
+                    f"a publication of {len(body)} bytes is larger than NATS at {self.url} takes (max_payload {nc.max_payload})"
+                ) from exc
+            except (nats.errors.Error, OSError) as exc:
+                raise _NotSent(str(self._wrap("a JetStream publish", exc))) from exc
+            try:
+                msg = await asyncio.wait_for(future, self._timeout)
+            except TimeoutError as exc:
+                raise _Lost(f"NATS at {self.url} did not acknowledge a publish to {subject} within {self._timeout:g}s") from exc
+        finally:
+            self._acks.pop(token, None)
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            raise _NoStream(f"no JetStream stream takes {subject}")
+        try:
+            response = json.loads(msg.data)
+        except ValueError as exc:
+            raise _Lost(f"NATS answered a publish to {subject} with something that is not JSON") from exc
+        if "error" in response:
+            raise _ApiError(f"a publish to {subject}", response["error"])
+        return response
+
+    async def _on_ack(self, msg: Any) -> None:
+        future = self._acks.pop(msg.subject[len(self._ack_prefix) :], None)
+        if future is not None and not future.done():
+            future.set_result(msg)
 
     async def _flush(self) -> None:
         nc = self._conn()
@@ -706,11 +886,12 @@ class NatsBroker(ChainedPublish):
         body = msg.data
         try:
             if body[:1] == b"[":
-                pub, _ = _decode_pub(body)
-                if pub.room != rs.room:
+                pubs, head = _decode_pubs(body)
+                if head.room != rs.room:
                     return
                 async with rs.lock:
-                    await self._deliver(rs, pub)
+                    for pub in pubs:
+                        await self._deliver(rs, pub)
             else:
                 head, _, frame = body.partition(b"\n")
                 exclude = _str_decoder.decode(head)
@@ -745,9 +926,11 @@ class NatsBroker(ChainedPublish):
             log.warning("nats_gap_not_filled", room=rs.room, after=rs.seq, error=str(exc))
             return
         for msg in messages:
-            pub, _ = _decode_pub(msg.data)
-            if pub.room == rs.room and pub.epoch == rs.epoch and pub.seq > rs.seq and (upto is None or pub.seq < upto):
-                self._emit(rs, pub)
+            pubs, head = _decode_pubs(msg.data)
+            if head.room == rs.room and head.epoch == rs.epoch and head.seq > rs.seq:
+                for pub in pubs:
+                    if pub.seq > rs.seq and (upto is None or pub.seq < upto):
+                        self._emit(rs, pub)
 
     async def _catch_up(self) -> None:
         async def one(rs: _RoomSub) -> None:
@@ -761,65 +944,184 @@ class NatsBroker(ChainedPublish):
 
     # ------------------------------------------------------------------ rooms: publish
 
-    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
-        self._conn()
+    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> asyncio.Future[Publication]:
+        future: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
+        try:
+            self._conn()
+            if self.in_flight >= self.max_in_flight:
+                raise BrokerError(
+                    f"this node has {self.in_flight} publications waiting for NATS (max_in_flight); "
+                    "publish again when earlier ones are answered"
+                )
+        except BrokerError as exc:
+            future.set_exception(exc)
+            return future
         raw = data if isinstance(data, msgspec.Raw) else msgspec.Raw(data)
-        payload = bytes(raw)
-        subject = self._room_subject(room)
+        box = self._outboxes.get(room)
+        if box is None:
+            box = self._outboxes[room] = _Outbox(room, self._room_subject(room))
+            box.task = self._spawn(self._send_room(box), "publish")
+        box.queue.append(_Pending(raw, sender, ts, history, future))
+        self.in_flight += 1
+        return future
+
+    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
+        return await self.publish_nowait(room, data, sender=sender, ts=ts, history=history)
+
+    def _answer(self, item: _Pending, pub: Publication | None, exc: BaseException | None = None) -> None:
+        self.in_flight -= 1
+        if not item.future.done():
+            if exc is None:
+                item.future.set_result(pub)
+            else:
+                item.future.set_exception(exc)
+
+    def _take(self, box: _Outbox) -> list[_Pending]:
+        """The next history message's publications: as many queued ones as fit."""
+        batch: list[_Pending] = []
+        size = 0
+        budget = min(_BATCH_BYTES, self._nc.max_payload // 2 if self._nc is not None else _BATCH_BYTES)
+        queue = box.queue
+        while queue and len(batch) < self.publish_batch:
+            item = queue[0]
+            if item.future.done():  # the caller gave up on it before it was sent
+                queue.popleft()
+                self.in_flight -= 1
+                continue
+            if batch and size + item.size > budget:
+                break
+            queue.popleft()
+            batch.append(item)
+            size += item.size
+        return batch
+
+    async def _send_room(self, box: _Outbox) -> None:
+        """Append a room's queued publications in order, one history message at a time."""
+        try:
+            while box.queue:
+                async with self._slots:
+                    box.batch, box.sent = self._take(box), False
+                    if not box.batch:
+                        continue
+                    try:
+                        pubs = await self._append(box)
+                    except BrokerError as exc:
+                        for item in box.batch:
+                            self._answer(item, None, exc)
+                    else:
+                        for item, pub in zip(box.batch, pubs):
+                            self._answer(item, pub)
+                    box.batch = []
+        except BaseException as exc:
+            error = BrokerError(
+                "the NATS broker is closed" if self._closing else f"the NATS broker failed to publish: {exc!r}",
+                maybe_applied=box.sent,
+            )
+            for item in box.batch:
+                self._answer(item, None, error)
+            box.batch = []
+            raise
+        finally:
+            if self._outboxes.get(box.room) is box:
+                del self._outboxes[box.room]
+            while box.queue:
+                error = BrokerError("the NATS broker is closed" if self._closing else "the NATS broker failed to publish")
+                self._answer(box.queue.popleft(), None, error)
+
+    async def _append(self, box: _Outbox) -> list[Publication]:
+        """Store ``box.batch`` as one history message after the room's head: its
+        publications get the next ``seq`` values, in order. Retries on a concurrent write
+        (another node's), and on a lost answer only after the head shows it did not land."""
+        room, subject, batch = box.room, box.subject, box.batch
+        count = len(batch)
+        last = batch[-1]
+        parts = None if count == 1 else [(item.sender, item.ts, item.size) for item in batch]
         pid = secrets.token_hex(8)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
         conflicts = 0
-        async with self._pub_locks.hold(room):
-            head = self._heads.pop(room, None)
-            while True:
-                if loop.time() > deadline:
-                    raise BrokerError(f"could not append to {room!r} within {self._timeout:g}s ({conflicts} concurrent writes won first)")
-                try:
-                    if head is None:
-                        found = await self._last(self._hist, subject)
-                        if found is None:
-                            head = (0, 0, await self._empty_epoch(room))
-                        else:
-                            stored, stored_pid = _decode_pub(found[1])
-                            if stored_pid == pid:  # an earlier attempt did land
-                                self._remember(room, (found[0], stored.seq, stored.epoch))
-                                return Publication(room, stored.seq, stored.epoch, raw, sender, ts)
-                            head = (found[0], stored.seq, stored.epoch)
-                    stream_seq, seq, epoch = head
-                    body = _encode((room, seq + 1, epoch, sender, ts, pid)) + b"\n" + payload
-                    ack = await self._js_publish(subject, body, {"Nats-Expected-Last-Subject-Sequence": str(stream_seq)})
-                except _ApiError as exc:
-                    if exc.err_code != _WRONG_LAST_SEQUENCE:
-                        raise
-                    head = None
-                    conflicts += 1
-                    if conflicts > 2:
-                        await asyncio.sleep(random.uniform(0, 0.002 * min(conflicts, 10)))
-                    continue
-                except _NoStream:
-                    head = None
-                    await self._ensure_history()
-                    continue
-                except BrokerError as exc:
-                    if not self._connected():
-                        raise
-                    if loop.time() > deadline:
-                        raise BrokerError(f"publish to {room!r} not confirmed (it may or may not be stored): {exc}", maybe_applied=True) from exc
-                    head = None  # a lost answer: the head tells whether it landed
-                    continue
-                self._remember(room, (int(ack["seq"]), seq + 1, epoch))
-                break
-        pub = Publication(room=room, seq=seq + 1, epoch=epoch, data=raw, sender=sender, ts=ts)
-        every = max(history.size, _TRIM_EVERY)
-        if pub.seq % every == 0:
+        lost = False  # an attempt went out and its answer was lost: it may have landed
+        head = self._heads.pop(room, None)
+        while True:
+            box.sent = lost
+            if loop.time() > deadline:
+                raise BrokerError(
+                    f"could not append to {room!r} within {self._timeout:g}s ({conflicts} concurrent writes won first)"
+                    + (" (an attempt may have been stored)" if lost else ""),
+                    maybe_applied=lost,
+                )
             try:
-                await self._api(f"STREAM.PURGE.{self._hist}", {"filter": subject, "keep": max(history.size, 1)})
+                if head is None:
+                    found = await self._last(self._hist, subject)
+                    if found is None:
+                        head = (0, 0, await self._empty_epoch(room), ())
+                    else:
+                        stored = _decode_head(found[1])
+                        head = (found[0], stored.seq, stored.epoch, ((found[0], stored.seq),))
+                        if stored.pid == pid:  # an earlier attempt did land
+                            self._remember(room, head)
+                            return self._numbered(box, stored.seq - count, stored.epoch)
+                stream_seq, seq, epoch, chain = head
+                fields: tuple[Any, ...] = (room, seq + count, epoch, last.sender, last.ts, pid)
+                body = b"".join([_encode(fields if parts is None else (*fields, parts)), b"\n", *(item.raw for item in batch)])
+                box.sent = True
+                ack = await self._js_send(subject, body, {"Nats-Expected-Last-Subject-Sequence": str(stream_seq)})
+            except _ApiError as exc:  # a definite answer: this attempt was not stored
+                if exc.err_code != _WRONG_LAST_SEQUENCE:
+                    raise BrokerError(str(exc), maybe_applied=lost) from exc
+                head = None
+                conflicts += 1
+                if conflicts > 2:
+                    await asyncio.sleep(random.uniform(0, 0.002 * min(conflicts, 10)))
+                continue
+            except _NoStream:
+                head = None
+                try:
+                    await self._ensure_history()
+                except BrokerError as exc:
+                    raise BrokerError(str(exc), maybe_applied=lost) from exc
+                continue
             except BrokerError as exc:
-                log.warning("nats_trim_failed", room=room, error=str(exc))
-        return pub
+                lost = lost or isinstance(exc, _Lost)
+                if isinstance(exc, _NotSent) or not self._connected():
+                    if lost:
+                        what = f"publish to {room!r} not confirmed (it may or may not be stored): {exc}"
+                        raise BrokerError(what, maybe_applied=True) from exc
+                    raise BrokerError(str(exc)) from exc
+                head = None  # a lost answer: the head tells whether it landed
+                continue
+            top = seq + count
+            chain = (*chain[-(_CHAIN - 1) :], (int(ack["seq"]), top))
+            size = last.history.size
+            every = max(size, _TRIM_EVERY)
+            if top // every > seq // every and room not in self._trimming:
+                # purge below the oldest message still needed when the chain shows where it
+                # starts (every message before it ends at or below top - size), else keep the
+                # newest ``size`` messages (each holds one publication or more)
+                request: dict[str, Any] = {"filter": subject, "keep": max(size, 1)}
+                for i in range(len(chain) - 2, -1, -1):
+                    if chain[i][1] <= top - size:
+                        request = {"filter": subject, "seq": chain[i + 1][0]}
+                        chain = chain[i + 1 :]
+                        break
+                self._trimming.add(room)
+                self._spawn(self._trim(room, request), "trim")
+            self._remember(room, (chain[-1][0], top, epoch, chain))
+            return self._numbered(box, seq, epoch)
 
-    def _remember(self, room: str, head: tuple[int, int, str]) -> None:
+    @staticmethod
+    def _numbered(box: _Outbox, after: int, epoch: str) -> list[Publication]:
+        return [Publication(box.room, after + i, epoch, item.raw, item.sender, item.ts) for i, item in enumerate(box.batch, 1)]
+
+    async def _trim(self, room: str, request: dict[str, Any]) -> None:
+        try:
+            await self._api(f"STREAM.PURGE.{self._hist}", request)
+        except BrokerError as exc:
+            log.warning("nats_trim_failed", room=room, error=str(exc))
+        finally:
+            self._trimming.discard(room)
+
+    def _remember(self, room: str, head: _HeadInfo) -> None:
         self._heads[room] = head
         if len(self._heads) > _HEADS_CACHED:
             self._heads.pop(next(iter(self._heads)))
@@ -839,11 +1141,11 @@ class NatsBroker(ChainedPublish):
         except _NoStream:
             await self._ensure_history()
             return []
-        pubs = []
+        pubs: list[Publication] = []
         for msg in messages:
-            pub, _ = _decode_pub(msg.data)
-            if pub.room == room:
-                pubs.append(pub)
+            held, head = _decode_pubs(msg.data)
+            if head.room == room:
+                pubs += held
         return pubs
 
     async def history(self, room: str, *, since: int | None = None, limit: int | None = None, history: HistoryPolicy) -> HistoryResult:
@@ -876,8 +1178,8 @@ class NatsBroker(ChainedPublish):
             found = None
         if found is None:
             return Position(0, await self._empty_epoch(room))
-        pub, _ = _decode_pub(found[1])
-        return Position(pub.seq, pub.epoch)
+        head = _decode_head(found[1])
+        return Position(head.seq, head.epoch)
 
     # ------------------------------------------------------------------ KV helpers
 
@@ -1110,7 +1412,7 @@ class NatsBroker(ChainedPublish):
             if name is None:  # a hashed token: the name is in the message
                 found = await self._last(self._hist, subject)
                 if found is not None:
-                    name = _decode_pub(found[1])[0].room
+                    name = _decode_head(found[1]).room
             if name is not None:
                 names.add(name)
         names.update(e.room for e in await self._entries(f"$KV.{self._presence_bucket}.>"))
