@@ -46,6 +46,7 @@ BYE = {
 }
 
 ERROR_WINDOW_S = 60.0
+POLICY_CACHE = 10_000  # rooms whose resolved settings are remembered
 #: tracebacks of failed ops logged per minute by one process; the rest are counted and
 #: reported in one line (a client able to trigger a server bug cannot flood the log)
 TRACEBACK_BUDGET = 10
@@ -76,7 +77,6 @@ class LogBudget:
 
 
 _tracebacks = LogBudget(TRACEBACK_BUDGET, 60.0, "hub_op_failed")
-POLICY_CACHE = 10_000  # rooms whose resolved settings are remembered
 
 
 @dataclass(frozen=True, slots=True)
