@@ -131,8 +131,10 @@ def serve(**params: Any) -> None:
 @click.option("--publish", multiple=True, metavar="GLOB", help="Rooms the user may publish to (repeatable; default: those it may join).")
 @click.option("--ttl", default="1h", show_default=True, metavar="DURATION", help="Lifetime: seconds, or 30s, 15m, 1h, 7d...")
 @click.option("--name", default=None, help="Display name claim.")
+@click.option("--send/--no-send", "send", default=None,
+              help="Whether the user may send direct messages to other clients (the 'send' claim; default: only with no --rooms).")
 @click.option("--secret", envvar="WIREHUB_SECRET", help="The server's --secret (also $WIREHUB_SECRET).")
-def token(sub: str, rooms: tuple[str, ...], publish: tuple[str, ...], ttl: str, name: str | None, secret: str | None) -> None:
+def token(sub: str, rooms: tuple[str, ...], publish: tuple[str, ...], ttl: str, name: str | None, send: bool | None, secret: str | None) -> None:
     """Mint an HS256 token for `hello` and `refresh`, signed with the server's secret."""
     from .hub.auth import mint_token
 
@@ -142,7 +144,7 @@ def token(sub: str, rooms: tuple[str, ...], publish: tuple[str, ...], ttl: str, 
         seconds = _parse_ttl(ttl)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--ttl") from None
-    click.echo(mint_token(secret, sub, rooms=list(rooms) or None, publish=list(publish) or None, ttl=seconds, name=name))
+    click.echo(mint_token(secret, sub, rooms=list(rooms) or None, publish=list(publish) or None, ttl=seconds, name=name, send=send))
 
 
 def _parse_ttl(text: str) -> float:

@@ -507,7 +507,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("heartbeat", "duration", 25.0,
            "Heartbeat interval announced in welcome: clients send a ping at least this often.", group=_HUB),
     Option("hello_timeout", "duration", 60.0,
-           "Idle timeout of a connection that has not said hello or joined a room (idle_timeout applies after).",
+           "Idle timeout of a connection that has not said hello or joined a room (idle_timeout applies after); "
+           "with auth on, also the time from connecting by which hello must succeed.",
            group=_HUB),
     Option("history_size", "int", 100, "Messages each room's history keeps (0: none).", group=_HUB, minimum=0),
     Option("history_ttl", "duration", 3600.0, "How long a room's history keeps a message.", group=_HUB),
@@ -541,7 +542,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("keepalive", "bool", True, "Set SO_KEEPALIVE on TCP connections.", group=_SOCK),
     Option("handshake_timeout", "duration", 10.0,
            "Time allowed for the TLS/WebSocket/hello handshake.", group=_TIME),
-    Option("idle_timeout", "duration", 300.0, "Close connections idle for this long.", group=_TIME),
+    Option("idle_timeout", "duration", 300.0,
+           "Close connections that send no complete frame for this long (a partial frame is not activity).",
+           group=_TIME),
     Option("drain_timeout", "duration", 30.0,
            "On shutdown, time given to connections to finish before they are closed.", group=_TIME),
     Option("close_timeout", "duration", 5.0, "Time allowed for a graceful close.", group=_TIME),
@@ -563,7 +566,7 @@ OPTIONS: tuple[Option, ...] = (
            "What to do when a client exceeds --max-send-buffer.",
            choices=("disconnect", "drop_oldest"), group=_LIM),
     Option("allow", "cidrs", (), "Only accept clients from these networks (default: everyone).", group=_ACC),
-    Option("deny", "cidrs", (), "Refuse clients from these networks.", group=_ACC),
+    Option("deny", "cidrs", (), "Refuse clients from these networks (the admin API too).", group=_ACC),
     Option("proxy_protocol", "cidrs", (),
            "Load balancers that send a PROXY protocol v1/v2 header (HAProxy, nginx, AWS NLB); connections "
            "from them must start with one, and the client it names becomes the connection's peer. "

@@ -1,5 +1,9 @@
 """``wirehub status`` and ``wirehub top``: a running server's sockets and rooms, read from
-its admin API and printed as tables."""
+its admin API and printed as tables.
+
+The lists are paged by the server: the connections shown are the busiest of the first
+:data:`CONNECTIONS_PAGE`, the rooms the first ``limit`` by name; the totals come from the
+``X-Total-Count`` header."""
 
 from __future__ import annotations
 
@@ -10,22 +14,34 @@ import urllib.request
 from typing import Any
 
 
+#: connections read per snapshot (one page of /api/connections)
+CONNECTIONS_PAGE = 1024
+#: the most rows the admin API gives in one page (``wirehub.server.admin.PAGE_MAX``)
+PAGE_MAX = 10_000
+
+
 class StatusError(Exception):
     """The admin API could not be read; the message says what to check."""
 
 
 def fetch(base: str, path: str, token: str | None, timeout: float = 5.0) -> Any:
+    return fetch_page(base, path, token, timeout)[0]
+
+
+def fetch_page(base: str, path: str, token: str | None, timeout: float = 5.0) -> tuple[Any, int | None]:
+    """The JSON at ``path`` and the list's total (``X-Total-Count``; None when absent)."""
     request = urllib.request.Request(base.rstrip("/") + path)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+            total = response.headers.get("X-Total-Count")
+            return json.loads(response.read()), int(total) if total and total.isdigit() else None
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
             raise StatusError(f"{base} wants a token: pass --admin-token (or set WIREHUB_ADMIN_TOKEN)") from None
         if exc.code == 404:
-            return None
+            return None, None
         raise StatusError(f"{base}{path} answered HTTP {exc.code}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -52,11 +68,14 @@ def render(base: str, token: str | None, *, limit: int = 50) -> str:
         ready = fetch(base, "/readyz", token)
     except StatusError:
         ready = None  # 503 while draining: still show the rest
-    conns = fetch(base, "/api/connections", token) or []
-    rooms = fetch(base, "/api/rooms", token)
+    conns, conns_total = fetch_page(base, f"/api/connections?limit={CONNECTIONS_PAGE}", token)
+    conns = conns or []
+    rooms, rooms_total = fetch_page(base, f"/api/rooms?limit={min(max(0, limit), PAGE_MAX)}", token)
     now = time.time()
     conns.sort(key=lambda c: (-(c.get("msgs_in", 0) + c.get("msgs_out", 0)), c["id"]))
-    out = [f"{base}  ready={ready.get('ready') if isinstance(ready, dict) else '?'}  connections={len(conns)}" + (f"  rooms={len(rooms)}" if rooms is not None else "")]
+    n_conns = conns_total if conns_total is not None else len(conns)
+    n_rooms = rooms_total if rooms_total is not None else len(rooms or [])
+    out = [f"{base}  ready={ready.get('ready') if isinstance(ready, dict) else '?'}  connections={n_conns}" + (f"  rooms={n_rooms}" if rooms is not None else "")]
     rows = [
         [
             c["id"], c["transport"], c["peer"], str(c.get("user") or "-"), ",".join(c.get("rooms") or []) or "-",
@@ -67,9 +86,11 @@ def render(base: str, token: str | None, *, limit: int = 50) -> str:
     ]
     out.append("")
     out.append(_table(["ID", "TRANSPORT", "PEER", "USER", "ROOMS", "AGE", "IDLE", "IN", "OUT", "BYTES IN", "BYTES OUT", "BUFFER"], rows))
-    if len(conns) > limit:
-        out.append(f"... and {len(conns) - limit} more")
+    if n_conns > limit:
+        out.append(f"... and {n_conns - min(limit, len(conns))} more")
     if rooms is not None:
         out.append("")
         out.append(_table(["ROOM", "MEMBERS", "SEQ", "HISTORY", "EPOCH"], [[r["room"], str(r["members"]), str(r["seq"]), str(r["history_size"]), r["epoch"]] for r in rooms[:limit]]))
+        if n_rooms > len(rooms[:limit]):
+            out.append(f"... and {n_rooms - len(rooms[:limit])} more")
     return "\n".join(out)

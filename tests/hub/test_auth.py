@@ -621,3 +621,45 @@ def test_error_messages_never_contain_secret_or_token(rsa_keys):
     for message in messages:
         assert SECRET not in message
         assert SECRET[:16] not in message
+
+
+# --------------------------------------------------------------------------- the send claim
+
+
+def test_send_absent_follows_rooms():
+    # no rooms claim: any room, any direct message; a rooms claim limits the user to rooms
+    assert Claims(sub="u", exp=None, rooms=None, publish=None).may_send()
+    assert not Claims(sub="u", exp=None, rooms=("chat.*",), publish=None).may_send()
+    assert not Claims(sub="u", exp=None, rooms=(), publish=None).may_send()
+    # publish alone does not restrict direct messages
+    assert Claims(sub="u", exp=None, rooms=None, publish=("a",)).may_send()
+
+
+def test_send_claim_wins_over_the_default():
+    assert Claims(sub="u", exp=None, rooms=("chat.*",), publish=None, send=True).may_send()
+    assert not Claims(sub="u", exp=None, rooms=None, publish=None, send=False).may_send()
+
+
+def test_send_claim_is_read_from_the_token():
+    v = verifier()
+    assert v.verify(hs({"sub": "u", "exp": T0 + 60, "send": True})).send is True
+    assert v.verify(hs({"sub": "u", "exp": T0 + 60, "send": False})).send is False
+    assert v.verify(hs({"sub": "u", "exp": T0 + 60})).send is None
+
+
+@pytest.mark.parametrize("value", ["true", 1, 0, None, ["*"], {"to": "*"}])
+def test_send_claim_must_be_a_boolean(value):
+    err = refused(verifier(), hs({"sub": "u", "exp": T0 + 60, "send": value}))
+    assert "'send'" in err.message and "true or false" in err.message
+
+
+def test_mint_send_claim():
+    clock = Clock()
+    v = verifier(clock)
+    for send in (True, False):
+        token = mint_token(SECRET, "u", rooms=["a"], send=send, clock=clock)
+        assert v.verify(token).send is send
+    token = mint_token(SECRET, "u", clock=clock)
+    assert "send" not in jwt.decode(token, options={"verify_signature": False})
+    with pytest.raises(ValueError, match="send"):
+        mint_token(SECRET, "u", send="yes", clock=clock)  # type: ignore[arg-type]

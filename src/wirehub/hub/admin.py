@@ -1,14 +1,21 @@
-"""The hub's admin routes: rooms, and publishing from a backend."""
+"""The hub's admin routes: rooms, and publishing from a backend.
+
+``GET /api/rooms`` is paged like ``/api/connections`` (``offset``, ``limit``, total in
+``X-Total-Count``), by room name: one request summarizes at most ``limit`` rooms, and picks
+them without sorting every name. A publication obeys the limits a client's would:
+``max_frame`` and the room-name length."""
 
 from __future__ import annotations
 
+import heapq
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
 
-from ..server.admin import error_response, json_response
+from ..server.admin import error_response, json_response, page_of, paged
 from .broker import BrokerError
+from .protocol import MAX_ROOM_LENGTH
 
 if TYPE_CHECKING:
     from .app import HubApp
@@ -38,8 +45,14 @@ async def room_summary(hub: HubApp, room: str) -> dict[str, Any]:
 
 def add_routes(web_app: web.Application, hub: HubApp) -> None:
     async def list_rooms(request: web.Request) -> web.Response:
-        names = sorted(set(await hub.broker.rooms()) | set(hub.rooms))
-        return json_response([await room_summary(hub, name) for name in names])
+        page = page_of(request)
+        if isinstance(page, web.Response):
+            return page
+        offset, limit = page
+        names = set(await hub.broker.rooms())
+        names.update(hub.rooms)
+        chosen = heapq.nsmallest(offset + limit, names)[offset:] if limit else []
+        return paged([await room_summary(hub, name) for name in chosen], len(names))
 
     async def get_room(request: web.Request) -> web.Response:
         name = request.match_info["room"]
@@ -51,8 +64,19 @@ def add_routes(web_app: web.Application, hub: HubApp) -> None:
 
     async def publish(request: web.Request) -> web.Response:
         name = request.match_info["room"]
+        if not 0 < len(name) <= MAX_ROOM_LENGTH:
+            return error_response(400, "bad_request", f"a room name is 1 to {MAX_ROOM_LENGTH} characters (the limit clients have too), got {len(name)}")
+        max_frame = hub.config.max_frame
+        size = request.content_length
+        if size is None or size <= max_frame:
+            raw = await request.read()  # bounded by the admin app's client_max_size
+            size = len(raw)
+        if size > max_frame:
+            return error_response(
+                413, "too_large", f"the body is {size} bytes and max_frame is {max_frame}: a publication may be no larger than a client's frame (raise --max-frame)"
+            )
         try:
-            body = _publish_body.decode(await request.read())
+            body = _publish_body.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return error_response(400, "bad_request", f'send a JSON object {{"data": ANY}}: {exc}')
         try:

@@ -54,6 +54,36 @@ POLICY_CACHE = 10_000  # rooms whose resolved settings are remembered
 PUB_WINDOW = 64
 #: publications the whole node may have in flight; beyond it a connection waits for its own
 PUB_IN_FLIGHT = 8192
+#: tracebacks of failed ops logged per minute by one process; the rest are counted and
+#: reported in one line (a client able to trigger a server bug cannot flood the log)
+TRACEBACK_BUDGET = 10
+
+
+class LogBudget:
+    """At most ``limit`` records per ``window`` seconds; those refused are counted and logged
+    as one ``suppressed`` line when the next window opens."""
+
+    __slots__ = ("limit", "window", "event", "_since", "_used", "_suppressed")
+
+    def __init__(self, limit: int, window: float, event: str) -> None:
+        self.limit, self.window, self.event = limit, window, event
+        self._since = 0.0
+        self._used = self._suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now - self._since >= self.window:
+            if self._suppressed:
+                log.error(self.event + "_suppressed", count=self._suppressed, window_s=self.window)
+            self._since, self._used, self._suppressed = now, 0, 0
+        if self._used < self.limit:
+            self._used += 1
+            return True
+        self._suppressed += 1
+        return False
+
+
+_tracebacks = LogBudget(TRACEBACK_BUDGET, 60.0, "hub_op_failed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +269,9 @@ class HubApp(App):
     def _new_session(self, conn: Connection) -> Session:
         session = Session(conn)
         conn.idle_timeout = self.config.hello_timeout
+        if self.verifier is not None:
+            # auth on: hello within hello_timeout of connecting, whatever else comes meanwhile
+            conn.set_deadline(self.config.hello_timeout)
         self.sessions[session.client] = session
         return session
 
@@ -343,8 +376,13 @@ class HubApp(App):
         self._error(session, "internal", why, cmd.ref, counts=False)
 
     def _failed(self, session: Session, cmd: Any) -> None:
-        log.exception("hub_op_failed", conn=session.client, op=type(cmd).__name__.lower())
-        self._error(session, "internal", "the server failed to handle this frame; it has been logged", cmd.ref, counts=False)
+        """A server bug while handling a frame (bad client input is an error reply, never an
+        exception). Its traceback is logged within TRACEBACK_BUDGET; the error counts toward
+        max_errors, so a client that can trigger it is disconnected like any other."""
+        op = type(cmd).__name__.lower()
+        if _tracebacks.allow():
+            log.exception("hub_op_failed", conn=session.client, op=op)
+        self._error(session, "internal", "the server failed to handle this frame; it has been logged", cmd.ref)
 
     def _admit(self, session: Session, ref: Any) -> bool:
         """Auth gate and rate limit, before any op but hello."""
@@ -403,6 +441,8 @@ class HubApp(App):
             s.name = cmd.name
         s.greeted = True
         s.conn.idle_timeout = self.config.idle_timeout
+        if self.verifier is not None:
+            s.conn.set_deadline(None)
         s.conn.send(
             wire.with_ref(
                 {"op": "welcome", "client": s.client, "user": s.user, "heartbeat": self._heartbeat, "server": f"wirehub/{__version__}"},
@@ -602,12 +642,17 @@ class HubApp(App):
                 s.conn.send(wire.ok(cmd.ref, future.result().seq))
         elif isinstance(exc, BrokerError):
             self._broker_failed(s, cmd, exc)
-        else:
-            log.error("hub_op_failed", conn=s.client, op="pub", error=repr(exc))
-            self._error(s, "internal", "the server failed to handle this frame; it has been logged", cmd.ref, counts=False)
+        else:  # a broker bug: logged within the same budget as _failed's
+            if _tracebacks.allow():
+                log.error("hub_op_failed", conn=s.client, op="pub", error=repr(exc))
+            self._error(s, "internal", "the server failed to handle this frame; it has been logged", cmd.ref)
 
     async def _send(self, s: Session, cmd: Send) -> None:
         if self._needs_hello(s, cmd.ref):
+            return
+        if s.claims is not None and not s.claims.may_send():
+            why = "does not allow direct messages" if s.claims.send is False else "limits you to rooms and does not grant direct messages"
+            self._error(s, "forbidden", f'your token {why}; ask for one with "send": true', cmd.ref)
             return
         data = wire.data_bytes(cmd.data)
         if type(data) is str:

@@ -21,6 +21,8 @@ Claims::
     iat      optional number (type-checked only)
     rooms    optional list of globs the user may join     (absent = any room)
     publish  optional list of globs the user may publish to (absent = the rooms globs)
+    send     optional boolean: may the user send direct messages to other clients
+             (absent = true for a token without 'rooms', false for one with 'rooms')
     name     optional string, a display name
 
 Other claims are ignored, except ``aud``: a token restricted to an audience is
@@ -109,7 +111,8 @@ class Claims:
 
     ``rooms`` / ``publish`` are ``None`` when the claim is absent: no ``rooms`` claim means
     any room may be joined; no ``publish`` claim means publishing follows ``rooms``.  An
-    empty tuple grants nothing.
+    empty tuple grants nothing.  ``send`` is ``None`` when absent: direct messages are then
+    allowed only to a token without ``rooms`` (:meth:`may_send`).
     """
 
     sub: str
@@ -117,6 +120,20 @@ class Claims:
     rooms: tuple[str, ...] | None
     publish: tuple[str, ...] | None
     name: str | None = None
+    send: bool | None = None
+
+    def may_send(self) -> bool:
+        """Whether the user may ``send`` direct messages to other clients.
+
+        The ``send`` claim when present; without it, only a token that does not restrict
+        rooms may: a token limited to some rooms is limited to them, and a direct message
+        reaches any client whose id the sender learnt (from presence or a ``msg``), in rooms
+        or not.  There are no per-target globs: a node cannot see the user of a client on
+        another node without asking the broker for each message.
+        """
+        if self.send is None:
+            return self.rooms is None
+        return self.send
 
     def may_join(self, room: str) -> bool:
         """Whether the user may join ``room`` (one of the ``rooms`` globs matches, or no ``rooms`` claim)."""
@@ -231,7 +248,11 @@ def _claims_from_payload(
     if "name" in payload and not isinstance(name, str):
         raise AuthError(f"token claim 'name' must be a string, got {_type_name(name)}")
 
-    return Claims(sub=sub, exp=exp, rooms=rooms, publish=publish, name=name)
+    send = payload.get("send")
+    if "send" in payload and not isinstance(send, bool):
+        raise AuthError(f"token claim 'send' must be true or false, got {_type_name(send)}")
+
+    return Claims(sub=sub, exp=exp, rooms=rooms, publish=publish, name=name, send=send)
 
 
 # --------------------------------------------------------------------------- verifier
@@ -512,12 +533,14 @@ def mint_token(
     publish: Sequence[str] | None = None,
     ttl: float | None = 3600,
     name: str | None = None,
+    send: bool | None = None,
     clock: Callable[[], float] = time.time,
 ) -> str:
     """An HS256 token for ``sub`` signed with ``secret`` (what ``wirehub token`` prints).
 
     ``rooms`` / ``publish`` of ``None`` leave the claim out (any room / follow ``rooms``);
-    an empty sequence grants nothing.  ``ttl`` of ``None`` mints a token without ``exp``
+    an empty sequence grants nothing.  ``send`` of ``None`` leaves its claim out (direct
+    messages allowed only without ``rooms``).  ``ttl`` of ``None`` mints a token without ``exp``
     (only accepted by a verifier with ``require_exp=False``).  ``iat`` and ``exp`` are whole
     seconds (``exp`` rounded up, so the token lives at least ``ttl``).
     Raises :class:`ValueError` for bad arguments.
@@ -528,6 +551,8 @@ def mint_token(
         raise ValueError("sub must be a non-empty string (the user id)")
     if name is not None and not isinstance(name, str):
         raise ValueError(f"name must be a string, got {type(name).__name__}")
+    if send is not None and not isinstance(send, bool):
+        raise ValueError(f"send must be True, False or None, got {type(send).__name__}")
 
     now = clock()
     payload: dict[str, Any] = {"sub": sub, "iat": int(now)}
@@ -549,6 +574,8 @@ def mint_token(
         payload[claim] = items
     if name is not None:
         payload["name"] = name
+    if send is not None:
+        payload["send"] = send
 
     try:
         return jwt.encode(payload, secret, algorithm="HS256")

@@ -107,7 +107,12 @@ def data_bytes(raw: msgspec.Raw | bytes) -> bytes | str:
         except UnicodeDecodeError:
             return "'data' is not valid UTF-8"
     if 10 in data:  # b"\n"
-        data = _encoder.encode(_generic.decode(data))
+        try:
+            data = _encoder.encode(_generic.decode(data))
+        except (msgspec.DecodeError, RecursionError) as exc:
+            # JSON a client may send but that does not decode to a value (a number out of
+            # range, like 1e999): the client's fault, a bad_frame, never the server's.
+            return f"'data' cannot be relayed: {str(exc).replace('`$', '`data')}"
     return data
 
 

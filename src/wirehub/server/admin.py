@@ -3,12 +3,15 @@
 Framework routes: health, readiness, the connection list, disconnecting one connection, and
 Prometheus metrics. An app adds its own routes (the hub adds rooms and the dashboard) with
 its ``admin`` hook. With ``admin_token`` set, every route but the health probes requires
-``Authorization: Bearer TOKEN``.
+``Authorization: Bearer TOKEN``. A client in a ``deny`` network gets 403 on every route.
+Lists are paged (``offset``, ``limit``; :func:`page_of`), the total in ``X-Total-Count``.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import itertools
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -29,6 +32,11 @@ log = get_logger("wirehub.admin")
 _json = msgspec.json.Encoder()
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 SERVER_KEY = web.AppKey("wirehub_server", object)
+#: rows a list route returns without ``limit``, and the most it returns at all: one request
+#: describes at most this many connections or rooms
+PAGE_DEFAULT = 1024
+PAGE_MAX = 10_000
+TOTAL_HEADER = "X-Total-Count"
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -37,6 +45,32 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 def error_response(status: int, code: str, message: str) -> web.Response:
     return json_response({"error": code, "message": message}, status)
+
+
+def page_of(request: web.Request) -> tuple[int, int] | web.Response:
+    """``(offset, limit)`` from the query (defaults 0 and :data:`PAGE_DEFAULT`), or the 400
+    response that says which value is wrong."""
+    values = []
+    for key, default, top in (("offset", 0, None), ("limit", PAGE_DEFAULT, PAGE_MAX)):
+        raw = request.query.get(key)
+        if raw is None:
+            values.append(default)
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            value = -1
+        if value < 0 or (top is not None and value > top):
+            bound = f"0 to {top}" if top is not None else "0 or more"
+            return error_response(400, "bad_request", f"{key} must be a whole number from {bound}, got {raw!r}")
+        values.append(value)
+    return values[0], values[1]
+
+
+def paged(rows: list[Any], total: int) -> web.Response:
+    response = json_response(rows)
+    response.headers[TOTAL_HEADER] = str(total)
+    return response
 
 
 def describe_connection(conn: Any, now: float) -> dict[str, Any]:
@@ -130,7 +164,9 @@ class AdminServer:
     def __init__(self, server: Server) -> None:
         self.server = server
         self.token = server.config.admin_token
-        self.web = web.Application(middlewares=[self._auth])
+        self._deny = tuple(server.config.deny)
+        # a request body is read whole: the hub's publish takes up to max_frame
+        self.web = web.Application(middlewares=[self._denied, self._auth], client_max_size=max(1 << 20, server.config.max_frame + 4096))
         self.web[SERVER_KEY] = server
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(_Collector(server))  # type: ignore[arg-type]
@@ -143,6 +179,25 @@ class AdminServer:
         if hook is not None:
             hook(self.web, server)
         self._runner: web.AppRunner | None = None
+
+    @web.middleware
+    async def _denied(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """The deny list holds here too (the allow list does not: it names the clients of
+        the listeners, and would lock out an operator on loopback)."""
+        if self._deny:
+            peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+            ip = peer[0] if isinstance(peer, tuple) else None
+            try:
+                addr = ipaddress.ip_address(ip) if ip else None
+            except ValueError:
+                addr = None
+            if addr is not None and any(addr in net for net in self._deny):
+                log.info("refused", reason="denied", peer=ip, listener="admin")
+                self.server.refused["denied"] = self.server.refused.get("denied", 0) + 1
+                response = error_response(403, "denied", "this address is in the server's deny list")
+                response.force_close()
+                return response
+        return await handler(request)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -177,15 +232,21 @@ class AdminServer:
         return web.Response(body=generate_latest(self.metrics), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def list_connections(self, request: web.Request) -> web.Response:
+        """Open connections, oldest first, one page (``offset``, ``limit``)."""
+        page = page_of(request)
+        if isinstance(page, web.Response):
+            return page
+        offset, limit = page
         now = self.server.loop.time() if self.server.loop else time.monotonic()
         describe = getattr(self.server.app, "describe", None)
+        registry = self.server.registry
         out = []
-        for conn in self.server.connections():
+        for conn in itertools.islice(registry, offset, offset + limit):
             row = describe_connection(conn, now)
             if describe is not None:
                 row.update(describe(conn))
             out.append(row)
-        return json_response(out)
+        return paged(out, len(registry))
 
     async def delete_connection(self, request: web.Request) -> web.Response:
         conn_id = request.match_info["id"]

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from .. import _log
 from .._version import __version__
 from .. import _accelerator
-from ..transport.connection import _renew_process_tag
 from .listeners import BindError, Endpoint
 from .server import Server, bind_all
 
@@ -261,5 +260,4 @@ def _worker_main(index: int, app: App, config: Config, endpoints: list[Endpoint]
         for ep in other:
             if id(ep.sock) not in mine:
                 ep.sock.close()
-    _renew_process_tag()
     sys.exit(run_single(app, config, endpoints, worker=index))

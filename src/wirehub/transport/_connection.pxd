@@ -27,7 +27,7 @@ cdef class Connection:
     cdef public Py_ssize_t _pending_size
     cdef public bint _write_paused, _closed, _greeted, _reading_paused, _eof, _last_word, _in_read
     cdef public object _close_reason, _idle_timeout
-    cdef public double _handshake_deadline
+    cdef public double _handshake_deadline, _app_deadline
     cdef public object _timer, _queue, _pump, _drain_waiter
     cdef public long long _deadline
     cdef public object _decoder

@@ -21,11 +21,11 @@ compiled copy its C types; keep the two in step.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import heapq
 import inspect
-import itertools
-import secrets
+import os
 import time
 import dataclasses
 from dataclasses import dataclass
@@ -57,20 +57,16 @@ HANDLER_ERROR = "handler_error"  # the app's handler raised
 #: frames queued for an ``async`` frame handler before reading pauses
 MAX_QUEUED_FRAMES = 64
 
-_PROCESS_TAG = secrets.token_hex(4)
-_ids = itertools.count(1)
+_b32 = base64.b32encode
+_urandom = os.urandom
 
 
 def new_connection_id() -> str:
-    """A short id unique across processes and restarts: a random process tag and a counter."""
-    return f"{_PROCESS_TAG}.{next(_ids):x}"
-
-
-def _renew_process_tag() -> None:
-    """Called in a freshly forked worker so that ids stay unique."""
-    global _PROCESS_TAG, _ids
-    _PROCESS_TAG = secrets.token_hex(4)
-    _ids = itertools.count(1)
+    """A short id nobody can guess: 80 random bits from the kernel as 16 characters of
+    lowercase base32 (``a-z``, ``2-7``). Client ids are addresses (a hub ``send`` goes to
+    one), so they must not be sequential; unique across processes, restarts and forks
+    (two ids out of a million collide with odds of about 1 in 10^12)."""
+    return _b32(_urandom(10)).decode().lower()
 
 
 @dataclass(slots=True)
@@ -326,6 +322,7 @@ class Connection:
         "_eof",
         "_last_word",
         "_handshake_deadline",
+        "_app_deadline",
         "_decoder",
         "_in_read",
         "__weakref__",
@@ -367,6 +364,7 @@ class Connection:
         self._eof = False
         self._last_word = False  # True while the closing handler may still send
         self._handshake_deadline = 0.0  # loop time by which the first frame must arrive (0: none)
+        self._app_deadline = 0.0  # loop time set by the app's set_deadline (0: none)
         self._decoder: Any = None  # a byte stream's frame decoder (stream connections)
         #: True while the frames of one read are handled: what they send is written once at
         #: the end of the read, not left to the per-turn flush
@@ -415,6 +413,17 @@ class Connection:
         if self._closed or self._close_reason is not None:
             return
         if self._greeted or self._deadline:  # before the first frame, the nearer deadline wins
+            self._arm_deadline()
+
+    def set_deadline(self, seconds: float | None) -> None:
+        """Close the connection with reason ``handshake_timeout`` ``seconds`` from now, whatever
+        it sends meanwhile, unless this is called again first (``None`` cancels). For an app
+        whose own handshake is a frame: the hub's ``hello`` when auth is on. Unlike the idle
+        timeout, activity does not move it."""
+        self._app_deadline = self._ctx.now() + seconds if seconds else 0.0
+        if self._closed or self._close_reason is not None:
+            return
+        if self._app_deadline:
             self._arm_deadline()
 
     # send and send_wire share their body rather than call a helper: they run once per frame
@@ -623,11 +632,14 @@ class Connection:
 
     def _next_deadline(self) -> float:
         """Loop time of the next deadline (0: none)."""
-        idle = self.last_activity + self._idle_timeout if self._idle_timeout else 0.0
-        if self._greeted:
-            return idle
-        hs = self._handshake_deadline
-        return min(hs, idle) if hs and idle else hs or idle
+        when = self.last_activity + self._idle_timeout if self._idle_timeout else 0.0
+        if not self._greeted:
+            hs = self._handshake_deadline
+            when = min(hs, when) if hs and when else hs or when
+        app = self._app_deadline
+        if app:
+            when = min(app, when) if when else app
+        return when
 
     def _arm_deadline(self) -> None:
         if self._close_reason is not None or self._closed:
@@ -652,6 +664,9 @@ class Connection:
         now = self._ctx.now() + Deadlines.EARLY
         if not self._greeted and self._handshake_deadline and now >= self._handshake_deadline:
             log.info("handshake_timeout", conn=self.id, peer=self.peer)
+            self.close(HANDSHAKE_TIMEOUT)
+        elif self._app_deadline and now >= self._app_deadline:
+            log.info("handshake_timeout", conn=self.id, peer=self.peer, by="app")
             self.close(HANDSHAKE_TIMEOUT)
         elif self._idle_timeout and now >= self.last_activity + self._idle_timeout:
             log.info("idle_timeout", conn=self.id, peer=self.peer, idle_s=round(self.idle_s, 3))
@@ -680,9 +695,12 @@ class Connection:
         self.bytes_in += len(data)
         if self._close_reason is not None:
             return  # closing: what the peer still sends is read and discarded
-        self.last_activity = self._ctx.now()
         items = self._decoder.feed(data)
         if items:
+            # Only a whole frame (or a framing error) is activity: a peer that trickles a
+            # partial frame a byte at a time does not hold its connection open past the idle
+            # timeout (a partial frame is bounded by max_frame, its wait by the timeout).
+            self.last_activity = self._ctx.now()
             # the replies to one read go out in one write when the read is handled, as a bare
             # echo server's would: no round through the per-turn flush
             self._in_read = True

@@ -26,7 +26,6 @@ PROTOCOL = _impl.PROTOCOL
 HANDLER_ERROR = _impl.HANDLER_ERROR
 MAX_QUEUED_FRAMES = _impl.MAX_QUEUED_FRAMES
 new_connection_id = _impl.new_connection_id
-_renew_process_tag = _impl._renew_process_tag
 Handlers = _impl.Handlers
 Settings = _impl.Settings
 Flusher = _impl.Flusher
