@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 
 from wirehub.hub.broker.base import HistoryPolicy, Member, Position
-from wirehub.hub.broker.memory import MemoryBroker
+from wirehub.hub.broker import memory as memory_module
+from wirehub.hub.broker.memory import PUB_OVERHEAD, ROOM_OVERHEAD, SWEEP_BATCH, MemoryBroker
 
 from .broker_conformance import BrokerConformance, FakeClock, RecordingHandler, now_ms
 
@@ -120,9 +123,6 @@ class TestMemoryBroker(BrokerConformance):
 
 
 # -- the total history budget, the sweep --------------------------------------------------------
-
-from wirehub.hub.broker import memory as memory_module  # noqa: E402
-from wirehub.hub.broker.memory import PUB_OVERHEAD, ROOM_OVERHEAD, SWEEP_BATCH  # noqa: E402
 
 BIG = HistoryPolicy(size=100, ttl=3600.0)
 
@@ -248,8 +248,6 @@ class TestSweep:
             for i in range(50):
                 await broker.publish(f"r{i}", b"1", sender="", ts=clock.ms(), history=policy)
             clock.advance(2)
-            import asyncio
-
             deadline = asyncio.get_running_loop().time() + 5
             while broker.rooms_held and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.01)
