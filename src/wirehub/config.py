@@ -515,6 +515,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("presence", "bool", True, "Track room members and send join/leave events.", group=_HUB),
     Option("max_room_members", "int", 0, "Members a room may have (0 = unlimited); more get room_full.",
            group=_HUB, minimum=0),
+    Option("max_rooms_per_connection", "int", 128,
+           "Rooms one connection may be in at once; a join beyond it gets error limit.", group=_HUB, minimum=1),
+    Option("max_rooms", "int", 100000,
+           "Rooms this node holds in total: rooms with members here, plus (memory broker) rooms that hold "
+           "history; a join or publish that would add one beyond it gets error limit.", group=_HUB, minimum=1),
+    Option("history_max_bytes", "size", "256MiB",
+           "Memory broker: bytes of history kept over all rooms; past it the least recently used rooms "
+           "lose their history (clients recovering from before get recovered:false).", group=_HUB, minimum=0),
+    Option("history_reply_bytes", "size", "256KiB",
+           "Largest history reply: it holds the newest messages that fit (at least one) and says "
+           "\"more\":true when older ones were left out.", group=_HUB, minimum=1024),
     Option("rooms", "rooms", (),
            "Settings for rooms whose name matches a glob, overriding history_size, history_ttl, presence "
            "and max_room_members; the first matching pattern wins. TOML: [rooms.\"chat.*\"] tables.",
@@ -620,6 +631,10 @@ class Config:
     history_ttl: float = _DEFAULTS["history_ttl"]
     presence: bool = _DEFAULTS["presence"]
     max_room_members: int = _DEFAULTS["max_room_members"]
+    max_rooms_per_connection: int = _DEFAULTS["max_rooms_per_connection"]
+    max_rooms: int = _DEFAULTS["max_rooms"]
+    history_max_bytes: int = _DEFAULTS["history_max_bytes"]
+    history_reply_bytes: int = _DEFAULTS["history_reply_bytes"]
     rooms: RoomRules = _DEFAULTS["rooms"]
     max_errors: int = _DEFAULTS["max_errors"]
     rate_limit: int = _DEFAULTS["rate_limit"]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 
-from wirehub.hub.broker.base import HistoryPolicy, Member
-from wirehub.hub.broker.memory import MemoryBroker
+from wirehub.hub.broker.base import HistoryPolicy, Member, Position
+from wirehub.hub.broker import memory as memory_module
+from wirehub.hub.broker.memory import PUB_OVERHEAD, ROOM_OVERHEAD, SWEEP_BATCH, MemoryBroker
 
-from .broker_conformance import BrokerConformance, FakeClock, RecordingHandler
+from .broker_conformance import BrokerConformance, FakeClock, RecordingHandler, now_ms
 
 
 class TestMemoryBroker(BrokerConformance):
@@ -117,3 +120,154 @@ class TestMemoryBroker(BrokerConformance):
         data = msgspec.Raw(b'{"a":[1,2]}')
         pub = await broker.publish("r", data, sender="", ts=0, history=HistoryPolicy())
         assert msgspec.json.encode(pub) == b'{"room":"r","seq":1,"epoch":"%s","data":{"a":[1,2]},"sender":"","ts":0}' % pub.epoch.encode()
+
+
+# -- the total history budget, the sweep --------------------------------------------------------
+
+BIG = HistoryPolicy(size=100, ttl=3600.0)
+
+
+def cost(n_rooms: int, n_pubs: int, data_len: int) -> int:
+    return n_rooms * ROOM_OVERHEAD + n_pubs * (data_len + PUB_OVERHEAD)
+
+
+class TestHistoryBudget:
+    async def test_bytes_count_what_is_held_and_return_to_zero(self):
+        clock = FakeClock()
+        broker = MemoryBroker(clock=clock)
+        for room in ("a", "b"):
+            for _ in range(3):
+                await broker.publish(room, b"12345", sender="", ts=clock.ms(), history=HistoryPolicy(size=2, ttl=10))
+        assert broker.bytes == cost(2, 4, 5)  # size 2: the third of each room trimmed its first
+        clock.advance(11)
+        broker.sweep()
+        assert broker.bytes == 0 and broker.rooms_held == {}
+
+    async def test_least_recently_used_room_loses_its_history_first(self):
+        broker = MemoryBroker(max_bytes=cost(3, 3, 10))
+        for room in ("a", "b", "c"):
+            await broker.publish(room, b"0123456789", sender="", ts=now_ms(), history=BIG)
+        assert broker.evictions == 0
+        await broker.history("a", history=BIG)  # a read is a use: "b" is now the oldest
+        await broker.publish("d", b"0123456789", sender="", ts=now_ms(), history=BIG)
+        assert broker.evictions == 1
+        assert broker.bytes <= broker.max_bytes
+        held = {r: len((await broker.history(r, history=BIG)).publications) for r in "abcd"}
+        assert held == {"a": 1, "b": 0, "c": 1, "d": 1}
+
+    async def test_budget_holds_under_a_flood_of_big_messages(self):
+        budget = 200_000
+        broker = MemoryBroker(max_bytes=budget)
+        data = b"x" * 60_000
+        for i in range(300):
+            await broker.publish(f"r{i % 37}", data, sender="", ts=now_ms(), history=BIG)
+            assert broker.bytes <= budget
+        assert broker.evictions > 0
+        assert sum(len(s.items) for s in broker._streams.values()) * len(data) <= budget
+
+    async def test_one_room_over_the_budget_keeps_its_newest(self):
+        broker = MemoryBroker(max_bytes=cost(1, 3, 100))
+        for i in range(10):
+            await broker.publish("r", b"%03d" % i + b"x" * 97, sender="", ts=now_ms(), history=BIG)
+        result = await broker.history("r", since=0, history=BIG)
+        assert [p.seq for p in result.publications] == [8, 9, 10]
+        assert result.complete is False and result.position.seq == 10
+
+    async def test_evicted_room_with_members_keeps_seq_and_epoch_and_reports_the_gap(self):
+        broker = MemoryBroker(max_bytes=cost(1, 2, 1))
+        await broker.start(RecordingHandler())
+        await broker.subscribe("joined")
+        first = await broker.publish("joined", b"1", sender="", ts=now_ms(), history=BIG)
+        await broker.publish("other", b"1", sender="", ts=now_ms(), history=BIG)
+        await broker.publish("other", b"2", sender="", ts=now_ms(), history=BIG)  # evicts "joined"
+        assert broker.evictions == 1
+        result = await broker.history("joined", since=0, history=BIG)
+        assert result.publications == [] and result.complete is False  # recovered:false, not a gap
+        assert result.position == Position(1, first.epoch)
+        again = await broker.publish("joined", b"2", sender="", ts=now_ms(), history=BIG)
+        assert (again.seq, again.epoch) == (2, first.epoch)
+        await broker.close()
+
+    async def test_evicted_room_without_members_is_forgotten_and_comes_back_under_a_new_epoch(self):
+        broker = MemoryBroker(max_bytes=cost(1, 1, 1))
+        old = [await broker.publish("gone", b"1", sender="", ts=now_ms(), history=BIG) for _ in range(1)][-1]
+        await broker.publish("other", b"1", sender="", ts=now_ms(), history=BIG)  # evicts "gone"
+        assert "gone" not in broker.rooms_held
+        new = await broker.publish("gone", b"1", sender="", ts=now_ms(), history=BIG)
+        assert new.seq == 1 and new.epoch != old.epoch
+        # a client that saw seq 1 of the old stream cannot mistake the new one for it
+        result = await broker.history("gone", since=old.seq, history=BIG)
+        assert result.position.epoch != old.epoch
+
+    async def test_budget_zero_keeps_no_history_but_seq_rises(self):
+        broker = MemoryBroker(max_bytes=0)
+        await broker.subscribe("r")
+        pubs = [await broker.publish("r", b"1", sender="", ts=now_ms(), history=BIG) for _ in range(3)]
+        assert [p.seq for p in pubs] == [1, 2, 3] and broker.bytes == 0
+
+
+class TestSweep:
+    async def test_expired_history_of_untouched_rooms_is_freed_by_the_sweep(self):
+        clock = FakeClock()
+        broker = MemoryBroker(clock=clock)
+        policy = HistoryPolicy(size=100, ttl=5.0)
+        for i in range(2500):
+            await broker.publish(f"r{i}", b"1", sender="", ts=clock.ms(), history=policy)
+        await broker.subscribe("r0")  # has a member: its stream stays, its history goes
+        assert len(broker.rooms_held) == 2500
+        clock.advance(6)
+        visited = []
+        while True:
+            visited.append(broker.sweep())
+            if sum(visited) >= 2500:
+                break
+        assert max(visited) <= SWEEP_BATCH  # bounded work per tick
+        assert broker.bytes == 0
+        assert list(broker.rooms_held) == ["r0"]
+        assert (await broker.history("r0", since=0, history=policy)).complete is False
+
+    async def test_sweep_keeps_what_has_not_expired(self):
+        clock = FakeClock()
+        broker = MemoryBroker(clock=clock)
+        policy = HistoryPolicy(size=100, ttl=5.0)
+        await broker.publish("old", b"1", sender="", ts=clock.ms(), history=policy)
+        clock.advance(3)
+        await broker.publish("new", b"1", sender="", ts=clock.ms(), history=policy)
+        clock.advance(3)
+        broker.sweep()
+        assert set(broker.rooms_held) == {"new"}
+        assert [p.seq for p in (await broker.history("new", history=policy)).publications] == [1]
+
+    async def test_sweep_runs_by_itself(self, monkeypatch):
+        monkeypatch.setattr(memory_module, "SWEEP_INTERVAL", 0.01)
+        clock = FakeClock()
+        broker = MemoryBroker(clock=clock)
+        await broker.start(RecordingHandler())
+        try:
+            policy = HistoryPolicy(size=100, ttl=1.0)
+            for i in range(50):
+                await broker.publish(f"r{i}", b"1", sender="", ts=clock.ms(), history=policy)
+            clock.advance(2)
+            deadline = asyncio.get_running_loop().time() + 5
+            while broker.rooms_held and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            assert broker.rooms_held == {} and broker.bytes == 0
+        finally:
+            await broker.close()
+        assert broker._sweeper is None
+
+    async def test_empty_stream_without_subscriber_is_forgotten(self):
+        broker = MemoryBroker()
+        off = HistoryPolicy(size=0)
+        await broker.publish("r", b"1", sender="", ts=now_ms(), history=off)
+        assert "r" in broker.rooms_held  # seq 1 is kept until the sweep passes
+        first = await broker.position("r")
+        broker.sweep()
+        assert "r" not in broker.rooms_held
+        assert (await broker.position("r")).epoch != first.epoch
+
+    async def test_reading_an_unknown_room_creates_nothing(self):
+        broker = MemoryBroker()
+        await broker.history("ghost", since=3, history=BIG)
+        await broker.position("ghost")
+        assert broker.rooms_held == {}

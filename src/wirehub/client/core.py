@@ -204,12 +204,24 @@ class Client:
         return reply.get("members", [])
 
     async def history(self, room: str, limit: int | None = None) -> list[dict[str, Any]]:
-        """The room's retained messages, oldest first (the last ``limit`` of them)."""
+        """The room's retained messages, oldest first (the last ``limit`` of them). The hub
+        bounds each reply in bytes (``"more":true`` when older messages were left out):
+        this asks for the pages before until it has them all."""
         frame: dict[str, Any] = {"op": "history", "room": room}
         if limit is not None:
             frame["limit"] = limit
         reply = await self._request(frame)
-        return reply.get("messages", [])
+        messages: list[dict[str, Any]] = reply.get("messages", [])
+        while reply.get("more") and messages and (limit is None or len(messages) < limit):
+            page: dict[str, Any] = {"op": "history", "room": room, "before": messages[0]["seq"]}
+            if limit is not None:
+                page["limit"] = limit - len(messages)
+            reply = await self._request(page)
+            older = reply.get("messages", [])
+            if not older:
+                break
+            messages = older + messages
+        return messages
 
     async def refresh(self, token: str) -> int | None:
         """Give the hub a fresh token before the current one expires; returns its ``exp``.

@@ -84,6 +84,7 @@ class LogBudget:
 
 
 _tracebacks = LogBudget(TRACEBACK_BUDGET, 60.0, "hub_op_failed")
+HELD_OVERHEAD = 160  # bytes a held publication costs beyond its data
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +149,30 @@ class Session:
         return held
 
 
+class _Held(list):
+    """What a member gets once its join is done: live publications and presence events that
+    came while the join reply and the replay were being sent. Bounded like a send buffer:
+    past ``limit`` bytes the connection is closed as a slow consumer (``bye`` with
+    ``reconnect:true``; it recovers from where it got to)."""
+
+    __slots__ = ("conn", "size", "limit")
+
+    def __init__(self, conn: Connection, limit: int) -> None:
+        super().__init__()
+        self.conn = conn
+        self.size = 0
+        self.limit = limit
+
+    def append(self, item: Publication | bytes) -> None:  # type: ignore[override]
+        if self.size > self.limit:
+            return  # closing already
+        self.size += len(item) if type(item) is bytes else len(item.data) + HELD_OVERHEAD  # type: ignore[union-attr]
+        super().append(item)
+        if self.size > self.limit:
+            log.info("slow_consumer", conn=self.conn.id, peer=self.conn.peer, held=self.size, during="join")
+            self.conn.close("slow_consumer")
+
+
 class Room:
     """This node's members of one room."""
 
@@ -194,7 +219,14 @@ class HubApp(App):
     def __init__(self, config: Config, broker: Broker | None = None) -> None:
         super().__init__(framing="line", name="hub")
         self.config = config
-        self.broker: Broker = broker if broker is not None else create_broker(config.broker)
+        self.broker: Broker = broker if broker is not None else create_broker(config.broker, history_max_bytes=config.history_max_bytes)
+        #: a broker that keeps rooms in this process (memory) shows them here: they count
+        #: toward max_rooms with the joined ones, and a publish may create one
+        self._room_table: Any = getattr(self.broker, "rooms_held", None)
+        #: join replays still being paced by the client's reading
+        self._replays: set[asyncio.Task[None]] = set()
+        #: bytes of replay a join puts into the send buffer before waiting for it to drain
+        self._replay_window = max(1, config.max_send_buffer // 2)
         self.default_policy = RoomPolicy(HistoryPolicy(size=config.history_size, ttl=config.history_ttl), config.presence, config.max_room_members)
         self._policies: dict[str, RoomPolicy] = {}
         self.verifier: TokenVerifier | None = None
@@ -262,6 +294,8 @@ class HubApp(App):
                 await asyncio.wait_for(self._all_gone.wait(), server.config.close_timeout)
             except asyncio.TimeoutError:
                 log.warning("shutdown_with_sessions", sessions=len(self.sessions))
+        for task in list(self._replays):
+            task.cancel()
         await self.broker.close()
 
     _all_gone: asyncio.Event | None = None
@@ -499,6 +533,8 @@ class HubApp(App):
         if s.claims is not None and not s.claims.may_join(name):
             self._error(s, "forbidden", f"your token does not allow joining {name!r}", cmd.ref)
             return
+        if name not in s.rooms and self._room_refused(s, name, cmd.ref, joining=True):
+            return
         room = self.rooms.get(name)
         if room is None:
             room = self.rooms[name] = Room(name)
@@ -512,7 +548,8 @@ class HubApp(App):
         rejoin = s.client in room.members
         room.members[s.client] = s
         s.rooms.add(name)
-        s.joining[name] = []  # live publications wait until the join reply and history are out
+        # live publications wait until the join reply and history are out
+        s.joining[name] = held = _Held(s.conn, self.config.max_send_buffer)
         room.changed()
         try:
             if first_here:
@@ -540,22 +577,100 @@ class HubApp(App):
             wire.with_ref({"op": "joined", "room": name, "seq": position.seq, "epoch": position.epoch, "recovered": recovered}, cmd.ref)
         )
         last = position.seq
-        for pub in backlog:
-            conn.send(self._msg(room, pub))
-        if backlog:
-            last = backlog[-1].seq
-        waited = s.end_join(name)
+        sent = self._replay(s, room, backlog) if backlog else 0
+        if sent:
+            last = backlog[sent - 1].seq
+        if sent < len(backlog):
+            # More than the send buffer should take at once: the rest goes out as the client
+            # reads, read again from history each time (nothing is pinned here meanwhile).
+            task = asyncio.ensure_future(self._replay_rest(s, room, policy.history, last, position.epoch, held))
+            self._replays.add(task)
+            task.add_done_callback(self._replays.discard)
+        else:
+            self._end_join(s, room, last)
+        backlog = []
+        conn.idle_timeout = self.config.idle_timeout
+        if policy.presence and not rejoin:
+            member = s.member()
+            await self.broker.presence_add(name, member)
+            await self.broker.room_event(name, self._presence_event("join", name, member), exclude=s.client)
+
+    def _room_refused(self, s: Session, name: str, ref: Any, *, joining: bool) -> bool:
+        """True, after telling the client, when ``name`` would be one room too many: for this
+        connection (a join beyond max_rooms_per_connection) or for this node (a new room
+        beyond max_rooms: rooms with members here, and rooms the memory broker holds)."""
+        if joining and len(s.rooms) >= self.config.max_rooms_per_connection:
+            self._error(s, "limit", f"max_rooms_per_connection: this connection is in {len(s.rooms)} rooms, the most "
+                        "it may be in; leave one before joining another", ref)
+            return True
+        table = self._room_table
+        if name in self.rooms or (table is not None and name in table):
+            return False
+        if table is None and not joining:
+            return False  # the broker holds history elsewhere: a publish adds nothing here
+        held = len(table) if table is not None else len(self.rooms)
+        if held >= self.config.max_rooms:
+            self._error(s, "limit", f"max_rooms: this server holds its maximum of {self.config.max_rooms} rooms; "
+                        "use an existing room, or try again once rooms have emptied", ref)
+            return True
+        return False
+
+    def _replay(self, s: Session, room: Room, pubs: list[Publication]) -> int:
+        """Send the first of ``pubs`` (at least one) until the send buffer holds the replay
+        window; how many went."""
+        conn = s.conn
+        window = self._replay_window
+        n = 0
+        for pub in pubs:
+            if n and conn.send_buffer >= window:
+                break
+            if not conn.send(self._msg(room, pub)):
+                break
+            n += 1
+        return n
+
+    async def _replay_rest(self, s: Session, room: Room, history: HistoryPolicy, last: int, epoch: str, held: _Held) -> None:
+        """The rest of a join's replay, a window at a time as the client drains its send
+        buffer, read from history again each time. If history no longer holds what comes
+        next (the client read slower than the room moved on), the connection is closed as a
+        slow consumer: its reconnect then gets recovered:false, never a silent gap."""
+        conn = s.conn
+        name = room.name
+        try:
+            while True:
+                await conn.drain()
+                if not conn.open or s.joining.get(name) is not held:
+                    return  # closed, left, or joined again
+                result = await self.broker.history(name, since=last, history=history)
+                if not conn.open or s.joining.get(name) is not held:
+                    return
+                if not result.complete or result.position.epoch != epoch:
+                    log.info("slow_consumer", conn=s.client, peer=conn.peer, room=name, during="replay", since=last)
+                    conn.close("slow_consumer")
+                    return
+                pubs = result.publications
+                sent = self._replay(s, room, pubs) if pubs else 0
+                if sent:
+                    last = pubs[sent - 1].seq
+                if sent == len(pubs):
+                    break
+                if not conn.open:
+                    return
+            self._end_join(s, room, last)
+        except BrokerError as exc:
+            log.warning("broker_error", op="replay", conn=s.client, error=str(exc))
+            conn.close("slow_consumer")  # the replay cannot go on: reconnecting recovers what it can
+
+    def _end_join(self, s: Session, room: Room, last: int) -> None:
+        """The join reply and replay are out: send what was held meanwhile, then go live."""
+        conn = s.conn
+        waited = s.end_join(room.name)
         room.changed()
         for item in waited:
             if type(item) is bytes:
                 conn.send(item)  # a presence event that came during the join
             elif item.seq > last:  # no duplicate of what history already gave
                 conn.send(self._msg(room, item))
-        conn.idle_timeout = self.config.idle_timeout
-        if policy.presence and not rejoin:
-            member = s.member()
-            await self.broker.presence_add(name, member)
-            await self.broker.room_event(name, self._presence_event("join", name, member), exclude=s.client)
 
     async def _leave(self, s: Session, cmd: Leave) -> None:
         if self._needs_hello(s, cmd.ref):
@@ -591,6 +706,8 @@ class HubApp(App):
             return None
         if s.claims is not None and not s.claims.may_publish(cmd.room):
             self._error(s, "forbidden", f"your token does not allow publishing to {cmd.room!r}", cmd.ref)
+            return None
+        if self._room_table is not None and cmd.room not in self._room_table and self._room_refused(s, cmd.room, cmd.ref, joining=False):
             return None
         data = wire.data_bytes(cmd.data)
         if type(data) is str:
@@ -686,11 +803,34 @@ class HubApp(App):
             self._error(s, "not_member", f"join {cmd.room!r} to read its history", cmd.ref)
             return
         limit = cmd.limit if cmd.limit is not None and cmd.limit >= 0 else None
-        result = await self.broker.history(cmd.room, limit=limit, history=self.policy(cmd.room).history)
-        room = self.rooms[cmd.room]
+        history = self.policy(cmd.room).history
+        if cmd.before is None:
+            result = await self.broker.history(cmd.room, limit=limit, history=history)
+            pubs = result.publications
+        else:
+            result = await self.broker.history(cmd.room, history=history)
+            pubs = [p for p in result.publications if p.seq < cmd.before]
+            if limit is not None:
+                pubs = pubs[-limit:] if limit else []
+        room = self.rooms.get(cmd.room)
+        if room is None:  # left while the broker answered
+            return
+        # The newest messages that fit in history_reply_bytes (at least one): a reply never
+        # puts more than that into the send buffer at once. "more":true says older ones were
+        # left out; {"op":"history","before":FIRST_SEQ} asks for them.
+        budget = self.config.history_reply_bytes
+        frames: list[bytes] = []
+        size = 0
+        for pub in reversed(pubs):
+            frame = self._msg(room, pub)
+            size += len(frame) + 1
+            if size > budget and frames:
+                break
+            frames.append(frame)
+        frames.reverse()
         head = wire.with_ref({"op": "history", "room": cmd.room, "epoch": result.position.epoch}, cmd.ref)[:-1]
-        body = b",".join(self._msg(room, p) for p in result.publications)
-        s.conn.send(head + b',"messages":[' + body + b"]}")
+        tail = b'],"more":true}' if len(frames) < len(pubs) else b"]}"
+        s.conn.send(head + b',"messages":[' + b",".join(frames) + tail)
 
     # ------------------------------------------------------------------ broker callbacks
 

@@ -56,6 +56,7 @@ class Presence(_Frame, tag="presence"):
 class History(_Frame, tag="history"):
     room: str
     limit: int | None = None
+    before: int | None = None  # only messages with a lower seq: the next page of a reply with "more"
 
 
 class Refresh(_Frame, tag="refresh"):
