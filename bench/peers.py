@@ -92,12 +92,15 @@ class ServerSpec:
     argv: list[str]
     ports: tuple[str, ...] = ("tcp",)
     needs: str = ""  # an executable that must exist (redis-server, nats-server, node)
+    #: a broker started first, on port ``{broker}``, and measured as part of the server
+    #: (``"redis"`` or ``"nats"``, the latter with JetStream)
+    broker: str = ""
 
     def command(self, ports: dict[str, int]) -> list[str]:
         return [a.format(**ports) for a in self.argv]
 
     def shown(self) -> str:
-        names = {"tcp": "$P", "ws": "$P_WS", "admin": "$P_ADMIN"}
+        names = {"tcp": "$P", "ws": "$P_WS", "admin": "$P_ADMIN", "broker": "$P_BROKER"}
         argv = self.argv[len(WIREHUB) - 1 :] if self.argv[: len(WIREHUB)] == WIREHUB else self.argv  # wirehub ...
         return " ".join(_show_arg(a.format(**names)) for a in argv)
 
@@ -121,6 +124,18 @@ SERVERS: dict[str, ServerSpec] = {
                    "--admin", "off", "--log-level", "warning"]),
     "wirehub-hub": ServerSpec(
         "wirehub serve (the hub, default settings, memory broker)", WIREHUB + HUB_ARGS, ("tcp", "ws", "admin")),
+    "wirehub-hub-redis": ServerSpec(
+        "wirehub serve --broker redis:// (one node, its own redis-server)",
+        WIREHUB + HUB_ARGS + ["--broker", "redis://" + HOST + ":{broker}/0"], ("tcp", "ws", "admin"), "redis-server",
+        broker="redis"),
+    "wirehub-hub-redis-w2": ServerSpec(
+        "wirehub serve --broker redis:// --workers 2 (its own redis-server)",
+        WIREHUB + HUB_ARGS + ["--broker", "redis://" + HOST + ":{broker}/0", "--workers", "2"], ("tcp", "ws", "admin"),
+        "redis-server", broker="redis"),
+    "wirehub-hub-nats": ServerSpec(
+        "wirehub serve --broker nats:// (one node, its own nats-server with JetStream)",
+        WIREHUB + HUB_ARGS + ["--broker", "nats://" + HOST + ":{broker}"], ("tcp", "ws", "admin"), "nats-server",
+        broker="nats"),
     "wirehub-hub-nopresence": ServerSpec(
         f"wirehub serve --rooms '{IDLE_ROOM}:presence=false'",
         WIREHUB + HUB_ARGS + ["--rooms", f"{IDLE_ROOM}:presence=false"], ("tcp", "ws", "admin")),
@@ -210,6 +225,16 @@ SIDES = {s.key: s for s in [
     Side("wh-fanout", "wirehub-hub", "fanout", TCP, _fanout("hub"), "wirehub hub fan-out (TCP)"),
     Side("redis-fanout", "redis", "fanout", "redis://" + HOST + ":{tcp}", _fanout("redis"), "redis-server pub/sub"),
     Side("nats-fanout", "nats", "fanout", "nats://" + HOST + ":{tcp}", _fanout("nats"), "nats-server pub/sub"),
+    Side("wh-fanout-redis", "wirehub-hub-redis", "fanout", TCP, _fanout("hub"), "wirehub hub fan-out on redis:// (TCP)"),
+    Side("wh-fanout-nats", "wirehub-hub-nats", "fanout", TCP, _fanout("hub"), "wirehub hub fan-out on nats:// (TCP)"),
+    Side("wh-ping-ref-p16", "wirehub-hub", "echo", TCP, _echo("hub-ref", 16), "wirehub hub ping with a ref, TCP p16"),
+    Side("wh-pub-p16", "wirehub-hub", "echo", TCP, _echo("hub-pub", 16), "wirehub hub pub with a ref, memory://, p16"),
+    Side("wh-pub-redis-p16", "wirehub-hub-redis", "echo", TCP, _echo("hub-pub", 16),
+         "wirehub hub pub with a ref, redis://, p16"),
+    Side("wh-pub-redis-w2-p16", "wirehub-hub-redis-w2", "echo", TCP, _echo("hub-pub", 16),
+         "wirehub hub pub with a ref, redis://, --workers 2, p16"),
+    Side("redis-xadd-p16", "redis", "echo", "redis://" + HOST + ":{tcp}", _echo("resp-xadd", 16),
+         "redis-server XADD MAXLEN ~ 100 p16"),
     Side("wh-conns", "wirehub-hub", "conns", TCP, _conns(True), "wirehub hub, joined, default settings"),
     Side("wh-conns-nopresence", "wirehub-hub-nopresence", "conns", TCP, _conns(True),
          "wirehub hub, joined, presence off for the room"),
@@ -259,6 +284,20 @@ ROWS = [
         "(p99 ≤ 100 ms, no loss) — vs redis-server pub/sub", "wh-fanout", "redis-fanout", "deliveries/s", (">=", 1.0)),
     Row("fanout-nats", "fanout", "hub fan-out 1 → {subs} subscribers — vs nats-server (context)",
         "wh-fanout", "nats-fanout", "deliveries/s"),
+    Row("fanout-redis", "fanout", "hub on redis:// (one node, its own redis-server on the server's core) fan-out 1 → "
+        "{subs} subscribers, 64 B — vs redis-server pub/sub", "wh-fanout-redis", "redis-fanout", "deliveries/s",
+        (">=", 1.0)),
+    Row("fanout-nats-broker", "fanout", "hub on nats:// (one node, its own nats-server with JetStream on the server's "
+        "core) fan-out 1 → {subs} subscribers, 64 B — vs nats-server core pub/sub", "wh-fanout-nats", "nats-fanout",
+        "deliveries/s", (">=", 1.0)),
+    Row("ping-ref", "hub-tcp-p16", "hub ping with a ref (the general frame path) over TCP, pipeline 16 — vs "
+        "redis-server ECHO 64 B", "wh-ping-ref-p16", "redis-echo-p16", "msgs/s", (">=", 1.0)),
+    Row("pub-memory", "pub", "hub pub with a ref, 64 B, 100 rooms, pipeline 16, memory:// — vs redis-server XADD "
+        "MAXLEN ~ 100", "wh-pub-p16", "redis-xadd-p16", "msgs/s", (">=", 1.0)),
+    Row("pub-redis", "pub", "hub pub with a ref, 64 B, 100 rooms, pipeline 16, on redis:// (its redis-server on the "
+        "server's core) — vs the same on memory://", "wh-pub-redis-p16", "wh-pub-p16", "msgs/s", (">=", 0.5)),
+    Row("pub-redis-workers", "pub", "hub pub with a ref on redis://, --workers 2 — vs --workers 1 (context: two "
+        "workers and redis share the server's one core)", "wh-pub-redis-w2-p16", "wh-pub-redis-p16", "msgs/s"),
     Row("conns-nopresence", "conns", "idle hub connections joined to a room, RSS per connection at {conns} "
         "(presence off for the room)", "wh-conns-nopresence", None, "B/conn", ("<=KB", 4.0)),
     Row("conns", "conns", "idle hub connections joined to a room, RSS per connection at {conns} (default settings: "
@@ -309,19 +348,41 @@ def child_env() -> dict[str, str]:
     return env
 
 
+BROKERS = {  # the broker a hub side runs on: its own process, on the server's core
+    "redis": ["redis-server", "--port", "{broker}", "--bind", HOST, "--save", "", "--appendonly", "no", "--daemonize", "no"],
+    "nats": ["nats-server", "-a", HOST, "-p", "{broker}", "-js", "-sd", "{store}"],
+}
+
+
 class Server:
-    """A server process started for one run, stopped by its process id."""
+    """A server process started for one run (after its broker, if it has one), stopped by
+    its process id."""
 
     def __init__(self, spec: ServerSpec, pin: bool, log_dir: str) -> None:
         self.spec = spec
         self.ports = {"tcp": free_port(udp_too=True)}
         for name in spec.ports[1:]:
             self.ports[name] = free_port()
+        self.broker: Server | None = None
+        if spec.broker:
+            self.ports["broker"] = free_port()
+            store = tempfile.mkdtemp(prefix="peers-js-", dir=log_dir)
+            argv = [a.format(broker=self.ports["broker"], store=store) for a in BROKERS[spec.broker]]
+            self.broker = Server(ServerSpec(spec.broker + "-server (the hub's broker)", argv), pin, log_dir)
+            self.broker.ports = {"tcp": self.ports["broker"]}
+            self.broker.argv = pinned(argv, 0, pin)
         self.argv = pinned(spec.command(self.ports), 0, pin)
         self.log_path = os.path.join(log_dir, f"server-{time.monotonic_ns()}.log")
         self.proc: subprocess.Popen | None = None
 
+    @property
+    def pids(self) -> list[int]:
+        """The processes whose CPU is the server's: the hub and its broker."""
+        return [self.pid] + ([self.broker.pid] if self.broker is not None else [])
+
     def start(self, timeout: float = 30.0) -> None:
+        if self.broker is not None:
+            self.broker.start(timeout)
         with open(self.log_path, "wb") as log:
             # its own session: a Ctrl-C in the terminal reaches the script, which stops it
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -353,16 +414,17 @@ class Server:
 
     def stop(self) -> None:
         proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        except ProcessLookupError:
-            pass
+        if proc is not None and proc.poll() is None:
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+            except ProcessLookupError:
+                pass
+        if self.broker is not None:
+            self.broker.stop()
 
 
 def core_times() -> dict[str, tuple[int, int]]:
@@ -397,7 +459,8 @@ def run_bench(side: Side, server: Server, s: Settings, pin: bool, out_path: str)
     """``wirehub bench`` against a running server; the JSON document and the error text."""
     if os.path.exists(out_path):  # a previous session's, in a reused --results directory
         os.remove(out_path)
-    args = side.load_args(s, server.ports) + ["--server-pid", str(server.pid), "--json", out_path, "--quiet"]
+    pids = [a for pid in server.pids for a in ("--server-pid", str(pid))]
+    args = side.load_args(s, server.ports) + pids + ["--json", out_path, "--quiet"]
     cmd = pinned(WIREHUB + ["bench"] + args, 1, pin)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             cwd=ROOT, env=child_env(), preexec_fn=raise_open_file_limit, text=True)
@@ -1060,10 +1123,15 @@ def reproduce(rows: list[Row], s: Settings, pin: bool) -> list[str]:
             side = SIDES[key]
             spec = SERVERS[side.server]
             server = " ".join(pinned([], 0, pin) + [spec.shown()])
-            load = " ".join(pinned([], 1, pin) + ["wirehub", "bench"] + [_show_arg(a) for a in side.load_args(s)]
-                            + ["--server-pid", "$SERVER_PID"])
+            pids = ["--server-pid", "$SERVER_PID"]
+            broker = []
+            if spec.broker:
+                argv = [a.format(broker="$P_BROKER", store="$JS_DIR") for a in BROKERS[spec.broker]]
+                broker = [" ".join(pinned([], 0, pin) + argv) + " &"]
+                pids += ["--server-pid", "$BROKER_PID"]
+            load = " ".join(pinned([], 1, pin) + ["wirehub", "bench"] + [_show_arg(a) for a in side.load_args(s)] + pids)
             out += [f"{side.label} (rows: {', '.join(r.id for r in rows if key in r.sides)}):", "", "```sh",
-                    server + " &", load, "```", ""]
+                    *broker, server + " &", load, "```", ""]
     return out[:-1] if out else out
 
 

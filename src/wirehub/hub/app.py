@@ -136,7 +136,7 @@ class Session:
         self.expiry: Any = None
         #: this connection's publications in flight at a remote broker, oldest first (None
         #: when there are none): its other frames wait for them, so replies keep their order
-        self.publishing: collections.deque[asyncio.Future[Publication]] | None = None
+        self.publishing: collections.deque[tuple[asyncio.Future[Publication], Pub]] | None = None
 
     def member(self) -> Member:
         return Member(client=self.client, user=self.user, name=self.name)
@@ -387,7 +387,7 @@ class HubApp(App):
                 await self._pub_pipelined(session, cmd)
             return
         if session.publishing:  # replies go out in the order of the frames they answer
-            await asyncio.wait(tuple(session.publishing))
+            await asyncio.wait(tuple(f for f, _ in session.publishing))
         if type(cmd) is ProtocolError:
             self._error(session, cmd.code, cmd.message, cmd.ref)
         elif type(cmd) is Ping:
@@ -727,42 +727,42 @@ class HubApp(App):
     async def _pub_pipelined(self, s: Session, cmd: Pub) -> None:
         """``pub`` on a remote broker: started without waiting for the broker's answer, so a
         connection's publications travel together (one pipeline per event-loop turn) instead
-        of one round trip each. The broker applies them in call order; the acks follow in
-        that order. A connection keeps at most PUB_WINDOW in flight (and the node
-        PUB_IN_FLIGHT): beyond that its frames wait, and its reads pause."""
+        of one round trip each. The broker applies them in call order; the acks go out in
+        that order too, even when the broker answers rooms out of order. A connection keeps
+        at most PUB_WINDOW in flight (and the node PUB_IN_FLIGHT): beyond that its frames
+        wait, and its reads pause."""
         data = self._pub_data(s, cmd)
         if data is None:
             return
         broker = self.broker
         while (window := s.publishing) and (len(window) >= PUB_WINDOW or broker.in_flight >= PUB_IN_FLIGHT):
-            await asyncio.wait((window[0],))  # its answer takes it out of the window
+            await asyncio.wait((window[0][0],))  # its answer takes it out of the window
         if window is None:
             window = s.publishing = collections.deque()
         future = broker.publish_nowait(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy(cmd.room).history)
-        window.append(future)
-        future.add_done_callback(functools.partial(self._published, s, cmd))
+        window.append((future, cmd))
+        future.add_done_callback(functools.partial(self._published, s))
 
-    def _published(self, s: Session, cmd: Pub, future: asyncio.Future[Publication]) -> None:
+    def _published(self, s: Session, _: asyncio.Future[Publication]) -> None:
+        """A publication of ``s`` was answered: answer the client for every one answered at
+        the front of its window, in the order they were sent."""
         window = s.publishing
-        if window:
-            if window[0] is future:
-                window.popleft()
-            else:
-                window.remove(future)
-            if not window:
-                s.publishing = None
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if exc is None:
-            if cmd.ref is not None:
-                s.conn.send(wire.ok(cmd.ref, future.result().seq))
-        elif isinstance(exc, BrokerError):
-            self._broker_failed(s, cmd, exc)
-        else:  # a broker bug: logged within the same budget as _failed's
-            if _tracebacks.allow():
-                log.error("hub_op_failed", conn=s.client, op="pub", error=repr(exc))
-            self._error(s, "internal", "the server failed to handle this frame; it has been logged", cmd.ref)
+        while window and window[0][0].done():
+            future, cmd = window.popleft()
+            if future.cancelled():
+                continue
+            exc = future.exception()
+            if exc is None:
+                if cmd.ref is not None:
+                    s.conn.send(wire.ok(cmd.ref, future.result().seq))
+            elif isinstance(exc, BrokerError):
+                self._broker_failed(s, cmd, exc)
+            else:  # a broker bug: logged within the same budget as _failed's
+                if _tracebacks.allow():
+                    log.error("hub_op_failed", conn=s.client, op="pub", error=repr(exc))
+                self._error(s, "internal", "the server failed to handle this frame; it has been logged", cmd.ref)
+        if window is not None and not window:
+            s.publishing = None
 
     async def _send(self, s: Session, cmd: Send) -> None:
         if self._needs_hello(s, cmd.ref):
