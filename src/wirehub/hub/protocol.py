@@ -10,7 +10,7 @@ the raw JSON the client sent (``msgspec.Raw``), so a publication is never re-enc
 from __future__ import annotations
 
 import re
-from typing import Union
+from typing import Annotated, Union
 
 import msgspec
 
@@ -18,6 +18,10 @@ Ref = Union[int, str, None]
 
 MAX_ROOM_LENGTH = 200
 MAX_NAME_LENGTH = 64
+
+#: checked by the decoder itself (in C), with the messages ``_explain`` gives
+RoomName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ROOM_LENGTH)]
+ClientId = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class _Frame(msgspec.Struct, tag_field="op", kw_only=True):
@@ -30,31 +34,31 @@ class Hello(_Frame, tag="hello"):
 
 
 class Join(_Frame, tag="join"):
-    room: str
+    room: RoomName
     since: int | None = None
     epoch: str | None = None
 
 
 class Leave(_Frame, tag="leave"):
-    room: str
+    room: RoomName
 
 
 class Pub(_Frame, tag="pub"):
-    room: str
+    room: RoomName
     data: msgspec.Raw
 
 
 class Send(_Frame, tag="send"):
-    to: str
+    to: ClientId
     data: msgspec.Raw
 
 
 class Presence(_Frame, tag="presence"):
-    room: str
+    room: RoomName
 
 
 class History(_Frame, tag="history"):
-    room: str
+    room: RoomName
     limit: int | None = None
     before: int | None = None  # only messages with a lower seq: the next page of a reply with "more"
 
@@ -84,15 +88,9 @@ _encoder = msgspec.json.Encoder()
 def decode(frame: bytes) -> Command | ProtocolError:
     """One client frame to a command, or the error to send back."""
     try:
-        cmd = _decoder.decode(frame)
+        return _decoder.decode(frame)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
         return _explain(frame, exc)
-    room = getattr(cmd, "room", None)
-    if room is not None and not 0 < len(room) <= MAX_ROOM_LENGTH:
-        return ProtocolError("bad_frame", f"'room' must be 1 to {MAX_ROOM_LENGTH} characters", cmd.ref)
-    if type(cmd) is Send and not cmd.to:
-        return ProtocolError("bad_frame", "'to' must be a client id", cmd.ref)
-    return cmd
 
 
 def data_bytes(raw: msgspec.Raw | bytes) -> bytes | str:
@@ -135,7 +133,12 @@ def _explain(frame: bytes, exc: Exception) -> ProtocolError:
         return ProtocolError("bad_frame", "frame needs an 'op' string field", ref)
     if op not in OPS:
         return ProtocolError("unknown_op", f"unknown op {op!r}; known: {', '.join(sorted(OPS))}", ref)
-    detail = str(exc).replace("`$.", "`")
+    detail = str(exc)
+    if detail.endswith("- at `$.room`") and "length" in detail:
+        return ProtocolError("bad_frame", f"'room' must be 1 to {MAX_ROOM_LENGTH} characters", ref)
+    if detail.endswith("- at `$.to`") and "length" in detail:
+        return ProtocolError("bad_frame", "'to' must be a client id", ref)
+    detail = detail.replace("`$.", "`")
     return ProtocolError("bad_frame", f"bad '{op}' frame: {detail}", ref)
 
 
@@ -156,17 +159,17 @@ PING = b'{"op":"ping"}'  # a ping as clients send it, byte for byte
 PONG = b'{"op":"pong"}'
 
 
-def _ref_json(ref: int | str) -> bytes:
-    return b"%d" % ref if type(ref) is int else _encoder.encode(ref)
-
-
 def pong(ref: Ref) -> bytes:
-    return PONG if ref is None else b'{"op":"pong","ref":' + _ref_json(ref) + b"}"
+    if type(ref) is int:
+        return b'{"op":"pong","ref":%d}' % ref
+    return PONG if ref is None else b'{"op":"pong","ref":%b}' % _encoder.encode(ref)
 
 
 def ok(ref: int | str, seq: int) -> bytes:
     """``{"op":"ok","ref":REF,"seq":SEQ}``, a publication's ack, built without a dict."""
-    return b'{"op":"ok","ref":%b,"seq":%d}' % (_ref_json(ref), seq)
+    if type(ref) is int:
+        return b'{"op":"ok","ref":%d,"seq":%d}' % (ref, seq)
+    return b'{"op":"ok","ref":%b,"seq":%d}' % (_encoder.encode(ref), seq)
 
 
 def error(code: str, message: str, ref: Ref = None) -> bytes:

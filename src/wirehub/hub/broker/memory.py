@@ -225,22 +225,31 @@ class MemoryBroker:
 
     def publish_now(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
         """:meth:`publish` without a coroutine (a local broker's; the hub's hot path)."""
-        stream = self._stream(room)
-        stream.seq += 1
-        raw = data if isinstance(data, msgspec.Raw) else msgspec.Raw(data)
-        pub = Publication(room=room, seq=stream.seq, epoch=stream.epoch, data=raw, sender=sender, ts=ts)
-        if history.size > 0:
+        stream = self._streams.get(room)
+        if stream is None:
+            stream = self._stream(room)
+        seq = stream.seq = stream.seq + 1
+        raw = data if type(data) is msgspec.Raw else msgspec.Raw(data)
+        pub = Publication(room=room, seq=seq, epoch=stream.epoch, data=raw, sender=sender, ts=ts)
+        size = history.size
+        ttl_ms = stream.ttl_ms = int(history.ttl * 1000)
+        items = stream.items
+        if size > 0:
             cost = len(raw) + PUB_OVERHEAD
-            if not stream.items:
+            if items:
+                self._lru.move_to_end(room)
+            else:
                 cost += ROOM_OVERHEAD
                 self._lru[room] = stream
-            else:
-                self._lru.move_to_end(room)
-            stream.items.append(pub)
+            items.append(pub)
+            if len(items) > size:  # a full room: its oldest goes (the common case, inline)
+                cost -= len(items.popleft().data) + PUB_OVERHEAD
             stream.bytes += cost
             self.bytes += cost
-        stream.ttl_ms = ttl_ms = int(history.ttl * 1000)
-        self._trim(room, stream, history.size, ttl_ms, ts)
+            if len(items) > size or items[0].ts < ts - ttl_ms:
+                self._trim(room, stream, size, ttl_ms, ts)
+        elif items:
+            self._trim(room, stream, size, ttl_ms, ts)
         if self.bytes > self.max_bytes:
             self._evict(room)
         if room in self._subscribed and self._handler is not None:
