@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -103,6 +104,10 @@ class ServerProcess:
             if time.monotonic() > deadline:
                 raise AssertionError(f"server did not log {text!r} within {timeout}s:\n{self.log}")
             time.sleep(0.02)
+
+    def worker_pids(self) -> list[int]:
+        """The pids of the worker processes (``--workers N``) it logged as started."""
+        return [int(m) for m in re.findall(r"worker_started\b.*?\bpid=(\d+)", self.log)]
 
     def wait_port(self, port: int, timeout: float = WAIT) -> None:
         deadline = time.monotonic() + timeout

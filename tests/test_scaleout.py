@@ -3,6 +3,7 @@ messages and recovery work across nodes, and `--workers N` shares state the same
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -17,6 +18,29 @@ BROKERS = [
 
 
 pytestmark = pytest.mark.one_loop
+
+
+def owners(pids: list[int], client_ports: list[int]) -> dict[int, int]:
+    """Which process holds the server end of each client connection (by the client's port):
+    the sockets in /proc/PID/fd, their ports from /proc/net/tcp."""
+    inode_pid = {}
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inode_pid[target[8:-1]] = pid
+    found = {}
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            remote_port, inode = int(fields[2].split(":")[1], 16), fields[9]
+            if remote_port in client_ports and inode in inode_pid:
+                found[remote_port] = inode_pid[inode]
+    assert set(found) == set(client_ports), f"no worker holds the connections from ports {set(client_ports) - set(found)}"
+    return found
 
 
 def start_nodes(tmp_path, broker: str, *extra: str, count: int = 1) -> list[tuple[ServerProcess, int]]:
@@ -79,7 +103,7 @@ async def test_workers_share_state_through_the_broker(tmp_path, broker):
         for c in clients:
             ids.append((await c.request({"op": "hello"}, "welcome"))["client"])
             await c.request({"op": "join", "room": room}, "joined")
-        assert len({i.split(".")[0] for i in ids}) == 2, "all clients landed on one worker"
+        assert len(set(owners(node.worker_pids(), [c.local[1] for c in clients]).values())) == 2, "all clients landed on one worker"
         await clients[0].request({"op": "pub", "room": room, "data": "to everyone"}, "ok")
         for c in clients[1:]:
             assert (await c.until("msg", room=room))["data"] == "to everyone"
