@@ -73,8 +73,8 @@ def holds(predicate):
 
 
 @contextlib.asynccontextmanager
-async def started(url: str, prefix: str, node_id: str, **kwargs) -> AsyncIterator[Node]:
-    handler = RecordingHandler()
+async def started(url: str, prefix: str, node_id: str, handler: RecordingHandler | None = None, **kwargs) -> AsyncIterator[Node]:
+    handler = handler or RecordingHandler()
     broker = NatsBroker(url, prefix=prefix, node_id=node_id, **kwargs)
     await broker.start(handler)
     try:
@@ -522,15 +522,8 @@ class TurnCountingHandler(RecordingHandler):
         self._in_turn = False
 
 
-@contextlib.asynccontextmanager
-async def counting(url: str, prefix: str, node_id: str, **kwargs) -> AsyncIterator[Node]:
-    handler = TurnCountingHandler()
-    broker = NatsBroker(url, prefix=prefix, node_id=node_id, **kwargs)
-    await broker.start(handler)
-    try:
-        yield Node(broker, handler)
-    finally:
-        await broker.close()
+def counting(url: str, prefix: str, node_id: str, **kwargs):
+    return started(url, prefix, node_id, TurnCountingHandler(), **kwargs)
 
 
 async def test_pipelined_publications_to_one_room_from_one_node(prefix):
