@@ -56,7 +56,8 @@ def add_routes(web_app: web.Application, hub: HubApp) -> None:
 
     async def get_room(request: web.Request) -> web.Response:
         name = request.match_info["room"]
-        if name not in hub.rooms and name not in await hub.broker.rooms():
+        held = getattr(hub.broker, "rooms_held", None)  # a local broker's: no listing needed
+        if name not in hub.rooms and (name not in held if held is not None else name not in await hub.broker.rooms()):
             return error_response(404, "no_such_room", f"no room {name!r} has members or messages")
         summary = await room_summary(hub, name)
         summary["member_list"] = await hub.broker.presence(name) if hub.policy(name).presence else []

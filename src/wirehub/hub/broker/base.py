@@ -147,7 +147,8 @@ class Broker(Protocol):
     async def presence(self, room: str) -> list[Member]: ...
 
     async def rooms(self) -> list[str]:
-        """Rooms with a stream or members, as far as this broker knows."""
+        """Rooms with a stream or members, as far as this broker knows, each once, in no
+        particular order."""
 
 
 class ChainedPublish:

@@ -326,4 +326,6 @@ class MemoryBroker:
         return list(self._presence.get(room, {}).values())
 
     async def rooms(self) -> list[str]:
-        return sorted({r for r, s in self._streams.items() if s.seq} | set(self._presence))
+        rooms = [r for r, s in self._streams.items() if s.seq]
+        rooms.extend(r for r in self._presence if r not in self._streams or not self._streams[r].seq)
+        return rooms
