@@ -275,3 +275,49 @@ async def test_protocol_error_is_logged_with_its_code_and_reason(caplog):
     line = TextFormatter().format(record)
     assert record.fields["code"] == 1009 and "4097" in record.fields["error"], line
     assert "object>" not in line and "code=1009" in line
+
+
+async def test_a_flood_of_small_frames_does_not_grow_the_read_buffer():
+    """picows doubles its read buffer whenever a read fills most of it and never shrinks it:
+    reads that always fill it (a peer flooding small frames faster than they are handled)
+    grew one connection's buffer to 14 MiB in 14 reads. Reads are capped at WS_READ_SIZE."""
+    import tracemalloc
+
+    from wirehub import Server
+    from wirehub.transport.websocket import WS_READ_SIZE, websocket_factory
+
+    from ..fuzz.test_fuzz_websocket import Echo, RecordingTransport
+    from ..helpers import make_config
+
+    server = Server(Echo(), make_config(max_frame="1KiB"))
+    await server.start()
+    proto = websocket_factory(server.ctx, "ws")()
+    transport = RecordingTransport()
+    proto.connection_made(transport)
+    tracemalloc.start()
+    try:
+        stream = client_frame(0x2, b"x" * 10) * (1 << 20)  # 16 MiB of 16-byte frames
+        frame_size = 16
+        for chunk in (UPGRADE,):
+            buf = proto.get_buffer(-1)
+            buf[: len(chunk)] = chunk
+            proto.buffer_updated(len(chunk))
+        start, _ = tracemalloc.get_traced_memory()
+        pos = 0
+        for _ in range(14):  # each read fills what picows offers, with whole frames
+            buf = proto.get_buffer(-1)
+            n = min(len(buf), len(stream) - pos)
+            n -= n % frame_size
+            buf[:n] = stream[pos : pos + n]
+            pos += n
+            proto.buffer_updated(n)
+            transport.data.clear()
+            await asyncio.sleep(0)
+        grown = tracemalloc.get_traced_memory()[0] - start
+        assert pos > 5 * WS_READ_SIZE  # the reads were full ones
+        assert grown < 4 * WS_READ_SIZE, grown
+    finally:
+        tracemalloc.stop()
+        proto.connection_lost(None)
+        transport._sock.close()
+        await server.shutdown()

@@ -44,6 +44,13 @@ log = get_logger("wirehub.websocket")
 #: a frame beyond it closes the connection with 1009
 WS_HARD_LIMIT = 4
 
+#: the most bytes one read takes from the socket. picows doubles its read buffer whenever a
+#: read fills most of it, and never shrinks it: without this cap a peer that floods small
+#: frames grows its connection's buffer to whatever the kernel has queued (14 MiB after 14
+#: full reads). With it, the buffer stays near twice a read plus the frame being received,
+#: at most ``2 * (WS_HARD_LIMIT * max_frame + WS_READ_SIZE)``.
+WS_READ_SIZE = 65536
+
 _TEXT = WSMsgType.TEXT
 _BINARY = WSMsgType.BINARY
 _CONT = WSMsgType.CONTINUATION
@@ -367,6 +374,9 @@ class _PicowsTransport:
         return self.raw.is_closing()
 
 
+_get_buffer = WSProtocol.get_buffer
+
+
 class _Protocol(WSProtocol):
     """picows's protocol, plus what the server needs before the upgrade: the peer, the
     handshake bookkeeping, and giving the accept slot back if the upgrade never happens."""
@@ -387,6 +397,10 @@ class _Protocol(WSProtocol):
         self.peer = self.peer_ip = ""
         self.proxied_by: str | None = None
         self.upgraded = False
+
+    def get_buffer(self, size_hint: int) -> Any:
+        buf = _get_buffer(self, size_hint)
+        return buf if len(buf) <= WS_READ_SIZE else buf[:WS_READ_SIZE]
 
     def connection_made(self, transport: Any) -> None:
         if self.proxied_by is None:
