@@ -39,18 +39,19 @@ def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: in
 def server_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
     """Parse unmasked server frames: ``[(opcode, payload)]`` and what is left over."""
     frames = []
-    while len(data) >= 2:
-        opcode, n = data[0] & 0x0F, data[1] & 0x7F
-        at = 2
+    pos = 0
+    while len(data) - pos >= 2:
+        opcode, n = data[pos] & 0x0F, data[pos + 1] & 0x7F
+        at = pos + 2
         if n == 126:
-            n, at = int.from_bytes(data[2:4], "big"), 4
+            n, at = int.from_bytes(data[pos + 2 : pos + 4], "big"), pos + 4
         elif n == 127:
-            n, at = int.from_bytes(data[2:10], "big"), 10
+            n, at = int.from_bytes(data[pos + 2 : pos + 10], "big"), pos + 10
         if len(data) < at + n:
             break
         frames.append((opcode, data[at : at + n]))
-        data = data[at + n :]
-    return frames, data
+        pos = at + n
+    return frames, data[pos:]
 
 
 async def upgraded(server):
@@ -321,3 +322,67 @@ async def test_a_flood_of_small_frames_does_not_grow_the_read_buffer():
         proto.connection_lost(None)
         transport._sock.close()
         await server.shutdown()
+
+
+async def test_hub_on_its_defaults_ends_a_ping_flood_with_bye_slow_consumer():
+    """The finding as it was made: ``wirehub serve``'s hub on its defaults (max_send_buffer
+    1 MiB), a WebSocket client that pings and never reads. It now ends as a slow consumer:
+    bye slow_consumer, then the close frame, nothing after, and the send buffer stayed within
+    the limit plus one pong."""
+    from ..hub.hubclient import hub_server
+
+    async with hub_server("ws") as h:
+        limit = h.server.config.max_send_buffer
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, addr(h.server, "ws"))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=16 * 1024 * 1024)
+        writer.write(UPGRADE)
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        await wait_for(lambda: len(h.server.connections()) == 1, what="upgraded")
+        (conn,) = h.server.connections()
+        pings = client_frame(0x9, b"p" * 125) * 256
+        peak = sent = 0
+        while conn.open and sent < 256 * 1024 * 1024:
+            writer.write(pings)
+            sent += len(pings)
+            try:
+                await asyncio.wait_for(writer.drain(), 0.05)
+            except (asyncio.TimeoutError, ConnectionError):
+                pass
+            peak = max(peak, conn.send_buffer)
+        assert conn.close_reason == "slow_consumer" and peak <= limit + 127, (conn.close_reason, peak)
+        # now read all that was written: pongs, then the bye, then the close frame, nothing after
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)  # a fast reader now
+        frames = await closing_frames(reader)
+        assert {op for op, _ in frames[:-2]} == {0xA}
+        assert frames[-2] == (0x1, b'{"op":"bye","reason":"slow_consumer","reconnect":true}')
+        assert close_code(frames[-1]) == 1000 and frames[-1][1][2:] == b"slow_consumer"
+        writer.close()
+
+
+@pytest.mark.parametrize("cause", ["violation", "kick"])
+async def test_close_frame_reaches_a_peer_that_is_still_sending(cause):
+    """The server closes while the peer is still sending: closing a socket with unread input
+    makes the kernel send RST, and a peer that gets RST may drop what it has not read yet
+    (the bye and the close frame). So after the close frame the server half-closes and
+    reads and discards until the peer closes, as on TCP."""
+    app = WsRecorder()
+    async with serving(app, ws="127.0.0.1:0", max_frame="64KiB") as server:
+        reader, writer = await upgraded(server)
+        filler = client_frame(0x2, b"f" * 60000) * 40  # 2.4 MB the server will not handle
+        if cause == "violation":
+            writer.write(client_frame(0x1, b"x", rsv=0x40) + filler)
+        else:
+            writer.write(client_frame(0x1, b"x"))
+            await app.wait(lambda log: ("frame", app.conns[0].id, b"x") in log)
+            server.disconnect(app.conns[0].id)
+            writer.write(filler)
+        frames = await closing_frames(reader)
+        reason = "protocol" if cause == "violation" else "kicked"
+        assert frames[-2] == (0x1, b"bye " + reason.encode())
+        assert close_code(frames[-1]) == (1002 if cause == "violation" else 1000)
+        writer.close()
+        (event,) = await app.disconnected()
+        assert event[2] == reason

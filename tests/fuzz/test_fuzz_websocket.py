@@ -58,20 +58,22 @@ def client_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0,
 def server_frames(data: bytes) -> tuple[list[tuple[int, bool, bytes]], bytes]:
     """Parse what a server sends: ``[(opcode, fin, payload)]`` and the unparsed rest."""
     frames = []
-    while len(data) >= 2:
-        assert data[0] & 0x70 == 0, f"server frame with reserved bits: {data[:2]!r}"
-        assert data[1] & 0x80 == 0, "masked server frame"
-        opcode, fin, n = data[0] & 0x0F, bool(data[0] & 0x80), data[1] & 0x7F
-        at = 2
+    pos = 0
+    while len(data) - pos >= 2:
+        first, second = data[pos], data[pos + 1]
+        assert first & 0x70 == 0, f"server frame with reserved bits: {data[pos : pos + 2]!r}"
+        assert second & 0x80 == 0, "masked server frame"
+        opcode, fin, n = first & 0x0F, bool(first & 0x80), second & 0x7F
+        at = pos + 2
         if n == 126:
-            n, at = int.from_bytes(data[2:4], "big"), 4
+            n, at = int.from_bytes(data[pos + 2 : pos + 4], "big"), pos + 4
         elif n == 127:
-            n, at = int.from_bytes(data[2:10], "big"), 10
+            n, at = int.from_bytes(data[pos + 2 : pos + 10], "big"), pos + 10
         if len(data) < at + n:
             break
         frames.append((opcode, fin, data[at : at + n]))
-        data = data[at + n :]
-    return frames, data
+        pos = at + n
+    return frames, data[pos:]
 
 
 # ------------------------------------------------------------------ a real server, in a thread

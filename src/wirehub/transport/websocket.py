@@ -143,8 +143,10 @@ class WebSocketConnection(Connection):
 
     def _frame(self, transport: Any, frame: Any) -> None:
         self.bytes_in += frame.payload_size + 2
-        if self._close_reason is not None:
-            return  # closing: what the peer still sends is read and discarded
+        if self._close_reason is not None:  # closing: what the peer still sends is read and discarded
+            if self._close_sent and frame.msg_type is _CLOSE and self._raw is not None:
+                self._raw.close()  # the peer's answer: the closing handshake is done
+            return
         self.last_activity = self._ctx.now()
         kind = frame.msg_type
         if frame.rsv1 or frame.rsv2 or frame.rsv3:  # RFC 6455 5.2: no extension is negotiated
@@ -187,6 +189,8 @@ class WebSocketConnection(Connection):
             self._cancel_timer()
             self._close_reason = "closed"
             self._send_close(code, b"")
+            if not self._closed:  # the peer closes its side once it has our close frame
+                self._timer = self._ctx.loop.call_later(self._ctx.settings.close_timeout, self.abort)
             return
         else:
             return  # pongs need nothing
@@ -220,8 +224,11 @@ class WebSocketConnection(Connection):
         self._pending_size += size
 
     def _send_close(self, code: int, reason: bytes) -> None:
-        """Write what is queued, then the close frame, the last bytes this peer gets, and
-        close the socket once they are written."""
+        """Write what is queued, then the close frame, the last bytes this peer gets; then
+        the lingering close (docs/backpressure.md) as on TCP: FIN once they are written, and
+        what the peer still sends is read and discarded until it closes its side (a socket
+        closed with unread input sends RST, and the peer may then drop the close frame
+        unread). ``close_timeout`` bounds the wait. TLS cannot half-close: it closes."""
         if self._close_sent or self._closed:
             return
         self._close_sent = True
@@ -229,8 +236,14 @@ class WebSocketConnection(Connection):
         self._pending.append(data)
         self._pending_size += len(data)
         self._flush(force=True)
-        if self._raw is not None:
-            self._raw.close()  # graceful: after the buffer is written
+        raw = self._raw
+        if raw is None or raw.is_closing():
+            return
+        if raw.can_write_eof():
+            raw.write_eof()
+            raw.resume_reading()  # paused after a parser error or behind async handlers
+        else:
+            raw.close()  # after the buffer is written
 
     def _picows_wrote(self, data: bytes) -> None:
         """picows wrote to its transport after the upgrade: a close frame when its parser
@@ -363,8 +376,11 @@ class _PicowsTransport:
 
     def close(self) -> None:
         conn = self.conn
-        if conn is not None and conn._close_code is not None and conn._close_reason is None:
-            conn._picows_failed()  # picows's own delayed disconnect after its close frame
+        if conn is not None:
+            if conn._close_code is not None and conn._close_reason is None:
+                conn._picows_failed()  # picows's own delayed disconnect after its close frame
+            if conn._close_sent:
+                return  # the connection's lingering close ends it (close_timeout bounds it)
         self.raw.close()
 
     def abort(self) -> None:
