@@ -147,8 +147,7 @@ class WebSocketConnection(Connection):
             if self._close_sent and frame.msg_type is _CLOSE and self._raw is not None:
                 self._raw.close()  # the peer's answer: the closing handshake is done
             return
-        self.last_activity = self._ctx.now()
-        kind = frame.msg_type
+        kind = frame.msg_type  # (last_activity is set once per read, in _Protocol.get_buffer)
         if frame.rsv1 or frame.rsv2 or frame.rsv3:  # RFC 6455 5.2: no extension is negotiated
             return self._fail(_PROTOCOL_ERROR, "reserved bit set without a negotiated extension")
         if kind is _TEXT or kind is _BINARY:
@@ -409,12 +408,19 @@ class _Protocol(WSProtocol):
             2048,  # the smallest read buffer picows takes: idle connections stay small
         )
         self.ctx = ctx
+        self.now = ctx.now
+        self.conn: WebSocketConnection | None = None  # once the upgrade is accepted
         self.kind = transport_name
         self.peer = self.peer_ip = ""
         self.proxied_by: str | None = None
         self.upgraded = False
 
     def get_buffer(self, size_hint: int) -> Any:
+        """Where the next read goes: called just before each read, so it also marks the
+        connection active (once per read, not per frame: idle means no bytes received)."""
+        conn = self.conn
+        if conn is not None:
+            conn.last_activity = self.now()
         buf = _get_buffer(self, size_hint)
         return buf if len(buf) <= WS_READ_SIZE else buf[:WS_READ_SIZE]
 
@@ -435,7 +441,8 @@ class _Protocol(WSProtocol):
     def _listener_for(self, request: Any) -> Any:
         if self.ctx.registry.closing:  # the server is draining: no new sessions
             return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(503, b"server is shutting down\n"), None)
-        return _Listener(WebSocketConnection(self.ctx, self.kind, self))
+        conn = self.conn = WebSocketConnection(self.ctx, self.kind, self)
+        return _Listener(conn)
 
     def abort(self) -> None:
         """Drop a connection whose upgrade has not finished (the server is draining)."""
