@@ -104,7 +104,8 @@ def test_the_core_suites_pass_on_the_pure_python_code():
         pytest.skip("the whole suite already runs on the pure-Python code here")
     env = {**os.environ, "WIREHUB_PURE_PYTHON": "1"}
     env.pop("EXPECT_WIREHUB_COMPILED", None)
-    suites = ["tests/transport", "tests/server", "tests/protocol", "tests/hub/test_hub_protocol.py", "tests/test_examples.py"]
+    suites = ["tests/transport", "tests/server", "tests/protocol", "tests/abuse", "tests/hub/test_hub_protocol.py",
+              "tests/test_examples.py"]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *suites],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=850,
