@@ -594,7 +594,7 @@ async def test_a_refused_connection_says_why():
         async with client_of(hub, "tcp", None):
             with pytest.raises(ConnectError) as info:
                 await wc.connect(url_for(hub, "tcp"), **FAST)
-            assert "the hub refused: rate_limited" in str(info.value) and "max_connections_per_ip" in str(info.value)
+            assert "the hub refused: limit" in str(info.value) and "max_connections_per_ip" in str(info.value)
 
 
 @pytest.mark.parametrize("kind", ("tcp", "ws", "udp"))

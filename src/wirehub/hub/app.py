@@ -331,7 +331,7 @@ class HubApp(App):
         self._error(session, error.code, error.message)
 
     def refusal(self, reason: str) -> bytes:
-        return wire.error("rate_limited", f"connection refused: {reason} reached; try again later")
+        return wire.error("limit", f"{reason}: connection refused, the limit is reached; try again later")
 
     # UDP address validation: a source address gets no session (no history, no room
     # traffic) until it echoed the cookie of a {"op":"challenge"} in a frame. See docs/hub.md.
