@@ -38,6 +38,7 @@ SORTS: dict[str, tuple[_Key | None, _Key, bool]] = {
     "bytes_out": (lambda c: c.bytes_out, lambda r: r["bytes_out"], True),
     "msgs_in": (lambda c: c.frames_in, lambda r: r["msgs_in"], True),
     "msgs_out": (lambda c: c.frames_out, lambda r: r["msgs_out"], True),
+    "msgs": (lambda c: c.frames_in + c.frames_out, lambda r: r["msgs_in"] + r["msgs_out"], True),  # in and out: the busiest
     "msgs_dropped": (lambda c: c.frames_dropped, lambda r: r["msgs_dropped"], True),
     "send_buffer": (lambda c: c.send_buffer, lambda r: r.get("send_buffer", 0), True),
     # closed connections only
