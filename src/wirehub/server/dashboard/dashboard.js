@@ -190,7 +190,7 @@ function tick(msg) {
   $("bytes-rate").textContent = bin == null ? "–" : `${bytes(bin)} · ${bytes(bout)}`;
   $("bytes-total").textContent = `total ${bytes(tot.bytes_in)} in · ${bytes(tot.bytes_out)} out`;
   $("dropped-rate").textContent = drops == null ? "–" : rate(drops);
-  $("slow-total").textContent = `${num(tot.frames_dropped)} dropped · ${num(tot.slow_consumer)} slow-consumer disconnects`;
+  $("slow-total").textContent = `${num(tot.frames_dropped)} in all · ${num(tot.slow_consumer)} slow consumers cut`;
   $("lag").textContent = (tot.loop_lag * 1000).toFixed(1) + " ms";
   $("send-buffer").textContent = `${bytes(tot.send_buffer)} queued to peers`;
   $("draining").hidden = !msg.node.draining;
