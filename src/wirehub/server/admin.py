@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from .._log import get_logger
 from .._version import __version__
 from .live import LiveFeed
-from .query import PAGE_DEFAULT, PAGE_MAX, QueryError, describe_connection, parse_query, run_query
+from .query import PAGE_DEFAULT, PAGE_MAX, QueryError, describe_connection, parse_query, run_query  # noqa: F401 (describe_connection: re-exported)
 
 if TYPE_CHECKING:
     from .listeners import Endpoint

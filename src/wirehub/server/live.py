@@ -184,8 +184,13 @@ class LiveFeed:
         return ws
 
     async def _refuse(self, ws: web.WebSocketResponse, code: str, message: str, close: int) -> None:
-        await ws.send_str(_json.encode({"type": "error", "error": code, "message": message}).decode())
-        await ws.close(code=close, message=code.encode())
+        if ws.closed:
+            return
+        try:
+            await ws.send_str(_json.encode({"type": "error", "error": code, "message": message}).decode())
+            await ws.close(code=close, message=code.encode())
+        except (ConnectionError, RuntimeError):
+            pass  # the page went away first
 
     async def _send(self, viewer: _Viewer) -> None:
         ws = viewer.ws
