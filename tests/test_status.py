@@ -6,6 +6,9 @@ import json
 import socket
 import subprocess
 import sys
+import time
+
+from wirehub.status import fetch_page
 
 from .helpers import WAIT, ServerProcess, free_port
 
@@ -33,6 +36,22 @@ def test_status_and_top_show_connections_and_rooms(tmp_path):
             assert any(line.split()[:3] == ["ops", "1", "1"] for line in out.splitlines())  # room, members, seq
             top = cli("top", "--admin", f"http://127.0.0.1:{admin}", "--iterations", "2", "--interval", "0.05")
             assert top.returncode == 0 and top.stdout.count("connections=1") == 2
+            # the server filters: a room nobody is in, a network nobody comes from
+            for args in (("--room", "nowhere"), ("--peer", "10.0.0.0/8"), ("--transport", "ws")):
+                out = cli("status", "--admin", f"127.0.0.1:{admin}", *args).stdout
+                assert "connections=0 (filtered)" in out and client not in out, args
+            out = cli("status", "--admin", f"127.0.0.1:{admin}", "--room", "ops", "--sort", "idle_s", "--order", "asc").stdout
+            assert "connections=1 (filtered)" in out and client in out
+            bad = cli("status", "--admin", f"127.0.0.1:{admin}", "--peer", "not-a-network")
+            assert bad.returncode == 1 and "peer must be an address or a network in CIDR form" in bad.stderr
+        # once it has closed, --closed shows it with its reason
+        deadline = time.monotonic() + WAIT
+        while fetch_page(f"http://127.0.0.1:{admin}", "/api/connections?state=closed", None)[1] != 1:
+            assert time.monotonic() < deadline, "the closed connection never showed"
+        closed = cli("status", "--admin", f"127.0.0.1:{admin}", "--closed")
+        assert closed.returncode == 0 and "closed=1" in closed.stdout
+        row = next(line for line in closed.stdout.splitlines() if line.startswith(client))
+        assert "closed" in row.split() and "ops" in row
     finally:
         assert server.stop() == 0
 

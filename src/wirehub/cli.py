@@ -182,16 +182,37 @@ _admin_option = click.option("--admin", default="127.0.0.1:7480", show_default=T
 _token_option = click.option("--admin-token", envvar="WIREHUB_ADMIN_TOKEN", default=None, help="Bearer token (also $WIREHUB_ADMIN_TOKEN).")
 
 
+def _query_options(f):
+    """The connection query of /api/connections, for status and top."""
+    for option in reversed((
+        click.option("--sort", default=None, metavar="KEY", help="Sort connections by: msgs (the default: busiest), msgs_in, msgs_out, "
+                     "bytes_in, bytes_out, send_buffer, idle_s, connected_at, msgs_dropped, id, peer, transport; closed_at, reason with --closed."),
+        click.option("--order", type=click.Choice(["asc", "desc"]), default=None, help="Sort order (counters default to desc)."),
+        click.option("--transport", default=None, help="Only connections of this transport (tcp, tls, unix, ws, wss, udp)."),
+        click.option("--user", default=None, help="Only connections of this user."),
+        click.option("--room", default=None, help="Only connections in this room."),
+        click.option("--peer", default=None, metavar="CIDR", help="Only connections from this address or network."),
+        click.option("--closed", is_flag=True, help="Recently closed connections instead, with their close reason."),
+    )):
+        f = option(f)
+    return f
+
+
+def _query(sort, order, transport, user, room, peer, closed) -> dict[str, str | None]:
+    return {"sort": sort, "order": order, "transport": transport, "user": user, "room": room, "peer": peer, "state": "closed" if closed else None}
+
+
 @main.command()
 @_admin_option
 @_token_option
 @click.option("--limit", default=50, show_default=True, help="Rows per table.")
-def status(admin: str, admin_token: str | None, limit: int) -> None:
+@_query_options
+def status(admin: str, admin_token: str | None, limit: int, **query: Any) -> None:
     """Print a running server's connections and rooms (from its admin API)."""
     from .status import StatusError, render
 
     try:
-        click.echo(render(_admin_base(admin), admin_token, limit=limit))
+        click.echo(render(_admin_base(admin), admin_token, limit=limit, query=_query(**query)))
     except StatusError as exc:
         click.echo(f"wirehub: {exc}", err=True)
         sys.exit(1)
@@ -203,7 +224,8 @@ def status(admin: str, admin_token: str | None, limit: int) -> None:
 @click.option("--limit", default=30, show_default=True, help="Rows per table.")
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes.")
 @click.option("--iterations", default=0, help="Stop after N refreshes (0: until Ctrl-C).")
-def top(admin: str, admin_token: str | None, limit: int, interval: float, iterations: int) -> None:
+@_query_options
+def top(admin: str, admin_token: str | None, limit: int, interval: float, iterations: int, **query: Any) -> None:
     """Like status, refreshed every --interval seconds until Ctrl-C."""
     import time
 
@@ -213,7 +235,7 @@ def top(admin: str, admin_token: str | None, limit: int, interval: float, iterat
     try:
         while True:
             try:
-                screen = render(_admin_base(admin), admin_token, limit=limit)
+                screen = render(_admin_base(admin), admin_token, limit=limit, query=_query(**query))
             except StatusError as exc:
                 screen = f"wirehub: {exc}"
             click.echo("\x1b[H\x1b[2J" + screen if sys.stdout.isatty() else screen)

@@ -542,6 +542,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("admin_token", "str", None,
            "Bearer token the admin API requires (Authorization: Bearer ...); mandatory when --admin "
            "binds a non-loopback address.", group=_ACC),
+    Option("closed_connections", "int", 1024,
+           "Recently closed connections the admin API remembers, with their close reason "
+           "(GET /api/connections?state=closed); the oldest is forgotten first; 0 keeps none.",
+           group=_ACC, minimum=0),
     Option("broker", "url", "memory://",
            "Message broker for multi-process/multi-host fan-out: memory://, redis://, rediss://, nats://, tls://.",
            choices=("memory", "redis", "rediss", "nats", "tls"), group=_HUB),
@@ -641,6 +645,7 @@ class Config:
     token_algorithm: str = _DEFAULTS["token_algorithm"]
     public_key: str | None = _DEFAULTS["public_key"]
     admin_token: str | None = _DEFAULTS["admin_token"]
+    closed_connections: int = _DEFAULTS["closed_connections"]
     broker: str = _DEFAULTS["broker"]
     workers: int = _DEFAULTS["workers"]
     reuse_port: bool = _DEFAULTS["reuse_port"]

@@ -1,5 +1,8 @@
 """The hub's admin routes: rooms, and publishing from a backend.
 
+``GET /api/rooms/{room}/history`` reads the newest messages history holds (``limit``,
+default :data:`HISTORY_DEFAULT`, at most :data:`HISTORY_MAX`).
+
 ``GET /api/rooms`` is paged like ``/api/connections`` (``offset``, ``limit``, total in
 ``X-Total-Count``), by room name: one request summarizes at most ``limit`` rooms, and picks
 them without sorting every name. A publication obeys the limits a client's would:
@@ -26,6 +29,9 @@ class _PublishBody(msgspec.Struct):
 
 
 _publish_body = msgspec.json.Decoder(_PublishBody)
+#: messages ``GET /api/rooms/{room}/history`` returns without ``limit``, and at most
+HISTORY_DEFAULT = 50
+HISTORY_MAX = 1000
 
 
 async def room_summary(hub: HubApp, room: str) -> dict[str, Any]:
@@ -88,6 +94,26 @@ def add_routes(web_app: web.Application, hub: HubApp) -> None:
             return error_response(503, "broker_unavailable", f"nothing was published: {exc}")
         return json_response({"room": name, "seq": pub.seq, "epoch": pub.epoch})
 
+    async def room_history(request: web.Request) -> web.Response:
+        name = request.match_info["room"]
+        raw = request.query.get("limit", str(HISTORY_DEFAULT))
+        try:
+            limit = int(raw)
+        except ValueError:
+            limit = -1
+        if not 0 <= limit <= HISTORY_MAX:
+            return error_response(400, "bad_request", f"limit must be a whole number from 0 to {HISTORY_MAX}, got {raw!r}")
+        try:
+            result = await hub.broker.history(name, limit=limit, history=hub.policy(name).history)
+        except BrokerError as exc:
+            return error_response(503, "broker_unavailable", f"history cannot be read now: {exc}")
+        messages = [
+            {"seq": p.seq, "ts": p.ts, "from": p.sender, "data": msgspec.Raw(bytes(p.data))}
+            for p in result.publications
+        ]
+        return json_response({"room": name, "epoch": result.position.epoch, "seq": result.position.seq, "messages": messages})
+
     web_app.router.add_get("/api/rooms", list_rooms)
+    web_app.router.add_get("/api/rooms/{room}/history", room_history)
     web_app.router.add_get("/api/rooms/{room}", get_room)
     web_app.router.add_post("/api/rooms/{room}/publish", publish)

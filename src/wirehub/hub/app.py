@@ -26,6 +26,7 @@ from .._version import __version__
 from . import protocol as wire
 from .auth import AuthError, Claims, TokenVerifier, glob_match
 from .broker import Broker, BrokerError, HistoryPolicy, Member, Publication, create_broker
+from .metrics import HEARTBEAT_PREFIX, NODES_ROOM, HubStats, Telemetry
 from .protocol import Hello, History, Join, Leave, Ping, Presence, ProtocolError, Pub, Refresh, Send
 
 if TYPE_CHECKING:
@@ -238,6 +239,9 @@ class HubApp(App):
         self.rooms: dict[str, Room] = {}
         self.sessions: dict[str, Session] = {}
         self.server: Server | None = None
+        #: counters for /metrics and the dashboard (plain integers; hub/metrics.py)
+        self.stats = HubStats()
+        self.telemetry = Telemetry(self)
         if self.verifier is None and not config.rate_limit:
             # no auth and no rate limit: a bare ping needs no session, the server answers it
             self.replies[wire.PING] = wire.PONG
@@ -285,6 +289,7 @@ class HubApp(App):
     async def startup(self, server: Server) -> None:
         self.server = server
         await self.broker.start(self)
+        self.telemetry.start(server)
 
     async def shutdown(self, server: Server) -> None:
         # Connections that just closed may still be leaving their rooms through the broker.
@@ -296,6 +301,7 @@ class HubApp(App):
                 log.warning("shutdown_with_sessions", sessions=len(self.sessions))
         for task in list(self._replays):
             task.cancel()
+        await self.telemetry.stop()
         await self.broker.close()
 
     _all_gone: asyncio.Event | None = None
@@ -350,10 +356,27 @@ class HubApp(App):
             return {"user": None, "rooms": []}
         return {"user": session.user, "name": session.name, "rooms": sorted(session.rooms)}
 
+    def connection_ids(self, *, user: str | None = None, room: str | None = None) -> set[str]:
+        """The ids of this node's connections of ``user`` and in ``room`` (admin queries)."""
+        ids: set[str] | None = None
+        if room is not None:
+            found = self.rooms.get(room)
+            ids = set(found.members) if found is not None else set()
+        if user is not None:
+            pool = (self.sessions[i] for i in ids if i in self.sessions) if ids is not None else self.sessions.values()
+            ids = {s.client for s in pool if s.user == user}
+        return ids if ids is not None else set(self.sessions)
+
     def admin(self, web_app: Any, server: Server) -> None:
         from .admin import add_routes
 
         add_routes(web_app, self)
+
+    def collect_metrics(self) -> Any:
+        return self.telemetry.collect()
+
+    async def live(self, server: Server) -> dict[str, Any]:
+        return await self.telemetry.live(server)
 
     # ------------------------------------------------------------------ frames
 
@@ -440,6 +463,8 @@ class HubApp(App):
     def _error(self, session: Session, code: str, message: str, ref: Any = None, *, counts: bool = True) -> None:
         conn = session.conn
         conn.send(wire.error(code, message, ref))
+        errors = self.stats.errors
+        errors[code] = errors.get(code, 0) + 1
         if not counts:
             return
         now = time.monotonic()
@@ -462,6 +487,7 @@ class HubApp(App):
             return
         if self.verifier is not None:
             if not cmd.token:
+                self.stats.auth_failures["missing"] += 1
                 self._error(s, "unauthorized", "authentication is on: hello needs a 'token'", cmd.ref)
                 return
             claims = self._verify(s, cmd.token, cmd.ref)
@@ -494,6 +520,7 @@ class HubApp(App):
         if claims is None:
             return
         if s.claims is not None and claims.sub != s.claims.sub:
+            self.stats.auth_failures["wrong_user"] += 1
             self._error(s, "unauthorized", f"the new token is for {claims.sub!r}, this connection is {s.claims.sub!r}", cmd.ref)
             return
         s.claims = claims
@@ -509,6 +536,8 @@ class HubApp(App):
         try:
             return self.verifier.verify(token)
         except AuthError as exc:
+            failures = self.stats.auth_failures
+            failures[exc.reason] = failures.get(exc.reason, 0) + 1
             self._error(s, "unauthorized", exc.message, ref)
             return None
 
@@ -562,6 +591,8 @@ class HubApp(App):
                 recovered = result.complete and (cmd.epoch is None or cmd.epoch == position.epoch)
                 if recovered:
                     backlog = result.publications
+                outcome = "recovered" if recovered else "epoch_changed" if result.complete else "not_in_history"
+                self.stats.recoveries[outcome] += 1
             else:
                 position = await self.broker.position(name)
         except BaseException:
@@ -573,6 +604,7 @@ class HubApp(App):
                 self._drop_room_if_empty(room)
             raise
         conn = s.conn
+        self.stats.joins += 1
         conn.send(
             wire.with_ref({"op": "joined", "room": name, "seq": position.seq, "epoch": position.epoch, "recovered": recovered}, cmd.ref)
         )
@@ -687,6 +719,7 @@ class HubApp(App):
         room = self.rooms.get(name)
         if room is None or room.members.pop(s.client, None) is None:
             return
+        self.stats.leaves += 1
         room.changed()
         if self.policy(name).presence:
             member = s.member()
@@ -724,11 +757,14 @@ class HubApp(App):
             data = wire.data_bytes(cmd.data)
             if type(data) is str:
                 self._error(s, "bad_frame", data, cmd.ref)
+                self.stats.pub_refused += 1
                 return
         else:
             data = self._pub_data(s, cmd)
             if data is None:
+                self.stats.pub_refused += 1
                 return
+        self.stats.published += 1
         policy = self._policies.get(room) or self.policy(room)
         pub = self.broker.publish_now(room, data, sender=s.client, ts=time.time_ns() // 1_000_000, history=policy.history)  # type: ignore[attr-defined]
         if cmd.ref is not None:
@@ -743,6 +779,7 @@ class HubApp(App):
         wait, and its reads pause."""
         data = self._pub_data(s, cmd)
         if data is None:
+            self.stats.pub_refused += 1
             return
         broker = self.broker
         while (window := s.publishing) and (len(window) >= PUB_WINDOW or broker.in_flight >= PUB_IN_FLIGHT):
@@ -763,11 +800,14 @@ class HubApp(App):
                 continue
             exc = future.exception()
             if exc is None:
+                self.stats.published += 1
                 if cmd.ref is not None:
                     s.conn.send(wire.ok(cmd.ref, future.result().seq))
             elif isinstance(exc, BrokerError):
+                self.stats.pub_failed += 1
                 self._broker_failed(s, cmd, exc)
             else:  # a broker bug: logged within the same budget as _failed's
+                self.stats.pub_failed += 1
                 if _tracebacks.allow():
                     log.error("hub_op_failed", conn=s.client, op="pub", error=repr(exc))
                 self._error(s, "internal", "the server failed to handle this frame; it has been logged", cmd.ref)
@@ -855,6 +895,9 @@ class HubApp(App):
             self._broadcast(room, self._msg(room, pub), pub=pub)
 
     def on_room_event(self, room_name: str, frame: bytes, exclude: str = "") -> None:
+        if room_name == NODES_ROOM and frame.startswith(HEARTBEAT_PREFIX):
+            self.telemetry.heard(frame)  # another node's heartbeat (or ours): not for clients
+            return
         room = self.rooms.get(room_name)
         if room is not None:
             self._broadcast(room, frame, exclude=exclude)
@@ -918,4 +961,10 @@ class HubApp(App):
         if type(checked) is str:
             raise ValueError(checked)
         data = checked
-        return await self.broker.publish(room, data, sender=sender, ts=int(time.time() * 1000), history=self.policy(room).history)
+        try:
+            pub = await self.broker.publish(room, data, sender=sender, ts=int(time.time() * 1000), history=self.policy(room).history)
+        except BrokerError:
+            self.stats.pub_failed += 1
+            raise
+        self.stats.published += 1
+        return pub

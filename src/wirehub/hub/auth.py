@@ -71,12 +71,15 @@ class AuthError(Exception):
     The message says what is wrong and what to do; it never contains the token or the secret.
     """
 
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "reason")
 
-    def __init__(self, message: str, code: str = "unauthorized") -> None:
+    #: ``reason`` is one of a fixed set, for metrics: missing, malformed, algorithm,
+    #: signature, expired, not_yet_valid, claims (a claim missing or of the wrong type)
+    def __init__(self, message: str, code: str = "unauthorized", *, reason: str = "claims") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason
 
     def __repr__(self) -> str:
         return f"AuthError({self.message!r}, code={self.code!r})"
@@ -231,13 +234,14 @@ def _claims_from_payload(
     if exp is None and require_exp:
         raise AuthError("token has no 'exp' claim; this server only accepts tokens that expire")
     if exp is not None and exp <= now - leeway:
-        raise AuthError(f"token expired at {_iso(exp)}; {_REFRESH_HINT}")
+        raise AuthError(f"token expired at {_iso(exp)}; {_REFRESH_HINT}", reason="expired")
 
     nbf = _number(payload, "nbf")
     if nbf is not None and nbf > now + leeway:
         raise AuthError(
             f"token is not valid before {_iso(nbf)} ('nbf'); check the clocks of the token "
-            "issuer and the server, or use a token without 'nbf'"
+            "issuer and the server, or use a token without 'nbf'",
+            reason="not_yet_valid",
         )
     _number(payload, "iat")  # type check only: issuer clocks drift, 'exp' is what counts
 
@@ -436,27 +440,29 @@ class TokenVerifier:
         if token is None or token == "":
             raise AuthError(
                 'missing token; send {"op":"hello","token":T} with a token from your auth '
-                "service (or `wirehub token`)"
+                "service (or `wirehub token`)",
+                reason="missing",
             )
         if not isinstance(token, str):
-            raise AuthError(f"token must be a string (a JWT), got {_type_name(token)}")
+            raise AuthError(f"token must be a string (a JWT), got {_type_name(token)}", reason="malformed")
 
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise AuthError(_NOT_A_JWT) from None
+            raise AuthError(_NOT_A_JWT, reason="malformed") from None
         except (ValueError, TypeError, UnicodeError):
-            raise AuthError(_NOT_A_JWT) from None
+            raise AuthError(_NOT_A_JWT, reason="malformed") from None
 
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._keys:
             if alg is None:
-                raise AuthError("token header has no 'alg'; it is not a signed JWT")
+                raise AuthError("token header has no 'alg'; it is not a signed JWT", reason="algorithm")
             known = isinstance(alg, str) and (alg in _KNOWN_JWA or alg.lower() == "none")
             shown = f"{alg!r} " if known else ""
             raise AuthError(
                 f"token algorithm {shown}is not accepted; this server accepts "
-                f"{', '.join(self._algorithms)}"
+                f"{', '.join(self._algorithms)}",
+                reason="algorithm",
             )
 
         try:
@@ -470,13 +476,15 @@ class TokenVerifier:
             what = "secret" if alg in _HMAC else "public key"
             raise AuthError(
                 f"token signature does not match the server's {what}; get a token signed by "
-                "this server's issuer"
+                "this server's issuer",
+                reason="signature",
             ) from None
         except jwt.ExpiredSignatureError:  # not raised with our options; kept as a safety net
-            raise AuthError(f"token expired; {_REFRESH_HINT}") from None
+            raise AuthError(f"token expired; {_REFRESH_HINT}", reason="expired") from None
         except jwt.InvalidAlgorithmError:
             raise AuthError(
-                f"token algorithm is not accepted; this server accepts {', '.join(self._algorithms)}"
+                f"token algorithm is not accepted; this server accepts {', '.join(self._algorithms)}",
+                reason="algorithm",
             ) from None
         except jwt.InvalidAudienceError:
             raise AuthError(
@@ -484,19 +492,20 @@ class TokenVerifier:
                 "mint hub tokens without 'aud'"
             ) from None
         except jwt.DecodeError:
-            raise AuthError(_NOT_A_JWT) from None
+            raise AuthError(_NOT_A_JWT, reason="malformed") from None
         except jwt.InvalidKeyError:
             raise AuthError(
                 f"token could not be checked with the server's {alg} key; get a token signed "
-                "by this server's issuer"
+                "by this server's issuer",
+                reason="signature",
             ) from None
         except jwt.PyJWTError as exc:
-            raise AuthError(f"token is invalid: {type(exc).__name__}") from None
+            raise AuthError(f"token is invalid: {type(exc).__name__}", reason="invalid") from None
         except (ValueError, TypeError, UnicodeError, OverflowError):
-            raise AuthError(_NOT_A_JWT) from None
+            raise AuthError(_NOT_A_JWT, reason="malformed") from None
 
         if not isinstance(payload, dict):  # pragma: no cover - PyJWT guarantees an object
-            raise AuthError(_NOT_A_JWT)
+            raise AuthError(_NOT_A_JWT, reason="malformed")
         return _claims_from_payload(
             payload, now=self._clock(), leeway=self._leeway, require_exp=self._require_exp
         )

@@ -1,9 +1,12 @@
 """The admin HTTP API (aiohttp, in the server's own event loop).
 
-Framework routes: health, readiness, the connection list, disconnecting one connection, and
-Prometheus metrics. An app adds its own routes (the hub adds rooms and the dashboard) with
-its ``admin`` hook. With ``admin_token`` set, every route but the health probes requires
-``Authorization: Bearer TOKEN``. A client in a ``deny`` network gets 403 on every route.
+Framework routes: the dashboard (``GET /`` and its assets, and its live stream
+``/api/live``), health, readiness, the connection list and its queries (:mod:`.query`),
+disconnecting one connection, draining the node, and Prometheus metrics. An app adds its own
+routes (the hub adds rooms) with its ``admin`` hook, and its own metrics with
+``collect_metrics()``. With ``admin_token`` set, every route but the health probes and the
+page's static files requires ``Authorization: Bearer TOKEN``; the live stream takes the
+token as its first message instead. A client in a ``deny`` network gets 403 on every route.
 Lists are paged (``offset``, ``limit``; :func:`page_of`), the total in ``X-Total-Count``.
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import itertools
+import os
 import time
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -22,6 +25,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from .._log import get_logger
 from .._version import __version__
+from .live import LiveFeed
+from .query import PAGE_DEFAULT, PAGE_MAX, QueryError, describe_connection, parse_query, run_query  # noqa: F401 (describe_connection: re-exported)
 
 if TYPE_CHECKING:
     from .listeners import Endpoint
@@ -30,13 +35,21 @@ if TYPE_CHECKING:
 log = get_logger("wirehub.admin")
 
 _json = msgspec.json.Encoder()
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+#: routes open without the token: the probes, the page and its assets (they hold no data;
+#: the page asks for the token), and the live stream (it checks the token itself)
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/", "/api/live"})
+ASSET_PREFIX = "/dashboard/"
 SERVER_KEY = web.AppKey("wirehub_server", object)
-#: rows a list route returns without ``limit``, and the most it returns at all: one request
-#: describes at most this many connections or rooms
-PAGE_DEFAULT = 1024
-PAGE_MAX = 10_000
 TOTAL_HEADER = "X-Total-Count"
+DASHBOARD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard")
+_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".txt": "text/plain"}
+#: the page loads nothing from elsewhere and runs no inline script
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -71,23 +84,6 @@ def paged(rows: list[Any], total: int) -> web.Response:
     response = json_response(rows)
     response.headers[TOTAL_HEADER] = str(total)
     return response
-
-
-def describe_connection(conn: Any, now: float) -> dict[str, Any]:
-    """The framework's view of one connection, as ``/api/connections`` lists it."""
-    return {
-        "id": conn.id,
-        "transport": conn.transport,
-        "peer": conn.peer,
-        "connected_at": round(conn.connected_at, 3),
-        "idle_s": round(max(0.0, now - conn.last_activity), 3),
-        "bytes_in": conn.bytes_in,
-        "bytes_out": conn.bytes_out,
-        "msgs_in": conn.frames_in,
-        "msgs_out": conn.frames_out,
-        "msgs_dropped": conn.frames_dropped,
-        "send_buffer": conn.send_buffer,
-    }
 
 
 class _Collector:
@@ -138,6 +134,9 @@ class _Collector:
         h.add_metric([], buckets=list(zip(edges, lag.cumulative())), sum_value=lag.total)
         yield h
         yield GaugeMetricFamily("wirehub_draining", "1 while the server drains.", value=1 if server.draining else 0)
+        app_metrics = getattr(server.app, "collect_metrics", None)
+        if app_metrics is not None:
+            yield from app_metrics()
         if server.datagram_endpoints:
             udp = CounterMetricFamily(
                 "wirehub_udp_unvalidated_datagrams",
@@ -170,6 +169,12 @@ class AdminServer:
         self.web[SERVER_KEY] = server
         self.metrics = CollectorRegistry(auto_describe=False)
         self.metrics.register(_Collector(server))  # type: ignore[arg-type]
+        self.live = LiveFeed(server, self.token)
+        self._assets = self._load_assets()
+        self.web.router.add_get("/", self.dashboard)
+        self.web.router.add_get(ASSET_PREFIX + "{name}", self.asset)
+        self.web.router.add_get("/api/live", self.live.handle)
+        self.web.router.add_post("/api/drain", self.drain)
         self.web.router.add_get("/healthz", self.healthz)
         self.web.router.add_get("/readyz", self.readyz)
         self.web.router.add_get("/metrics", self.prometheus)
@@ -201,7 +206,7 @@ class AdminServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if self.token and request.path not in PUBLIC_PATHS:
+        if self.token and request.path not in PUBLIC_PATHS and not request.path.startswith(ASSET_PREFIX):
             header = request.headers.get("Authorization", "")
             given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
             if not hmac.compare_digest(given.encode(), self.token.encode()):
@@ -215,6 +220,7 @@ class AdminServer:
             await web.SockSite(self._runner, ep.sock).start()
 
     async def close(self) -> None:
+        await self.live.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -231,22 +237,49 @@ class AdminServer:
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
+    @staticmethod
+    def _load_assets() -> dict[str, tuple[bytes, str]]:
+        """The page's files, read once (they ship in the package; nothing comes from a CDN)."""
+        assets: dict[str, tuple[bytes, str]] = {}
+        if os.path.isdir(DASHBOARD_DIR):
+            for name in os.listdir(DASHBOARD_DIR):
+                kind = _TYPES.get(os.path.splitext(name)[1])
+                if kind is not None:
+                    with open(os.path.join(DASHBOARD_DIR, name), "rb") as f:
+                        assets[name] = (f.read(), kind)
+        return assets
+
+    def _asset_response(self, name: str) -> web.Response:
+        found = self._assets.get(name)
+        if found is None:
+            return error_response(404, "not_found", f"the dashboard has no file {name!r}")
+        body, kind = found
+        return web.Response(body=body, content_type=kind, charset="utf-8", headers=PAGE_HEADERS)
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        return self._asset_response("index.html")
+
+    async def asset(self, request: web.Request) -> web.Response:
+        return self._asset_response(request.match_info["name"])
+
+    async def drain(self, request: web.Request) -> web.Response:
+        """Drain this node as SIGTERM would: stop accepting, bye shutdown to everyone, exit."""
+        already = self.server.draining
+        log.warning("drain_requested", via="admin", peer=request.remote, connections=len(self.server.registry))
+        self.server.request_stop()
+        return json_response({"draining": True, "already": already, "connections": len(self.server.registry)}, 202)
+
     async def list_connections(self, request: web.Request) -> web.Response:
-        """Open connections, oldest first, one page (``offset``, ``limit``)."""
-        page = page_of(request)
-        if isinstance(page, web.Response):
-            return page
-        offset, limit = page
+        """Connections, one page: open ones oldest first unless ``sort``/``order`` say
+        otherwise, filtered by ``transport``, ``user``, ``room``, ``peer``; ``state=closed``
+        for those that closed recently (:mod:`wirehub.server.query`)."""
+        try:
+            query = parse_query(request.query)
+        except QueryError as exc:
+            return error_response(400, "bad_request", str(exc))
         now = self.server.loop.time() if self.server.loop else time.monotonic()
-        describe = getattr(self.server.app, "describe", None)
-        registry = self.server.registry
-        out = []
-        for conn in itertools.islice(registry, offset, offset + limit):
-            row = describe_connection(conn, now)
-            if describe is not None:
-                row.update(describe(conn))
-            out.append(row)
-        return paged(out, len(registry))
+        rows, total = run_query(self.server, query, now)
+        return paged(rows, total)
 
     async def delete_connection(self, request: web.Request) -> web.Response:
         conn_id = request.match_info["id"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Iterator
+import collections
+import time
+from typing import Any, Callable, Iterator
 
 MAX_CONNECTIONS = "max_connections"
 MAX_CONNECTIONS_PER_IP = "max_connections_per_ip"
@@ -95,9 +97,12 @@ class ConnectionRegistry:
     """Every open connection of this process, by id. Reading it is cheap; the admin API and
     the dashboard iterate it."""
 
-    __slots__ = ("_conns", "_gate", "_udp_gate", "_empty", "accepted_total", "closed_totals", "closed_reasons", "handshaking", "closing")
+    __slots__ = (
+        "_conns", "_gate", "_udp_gate", "_empty", "accepted_total", "closed_totals", "closed_reasons", "handshaking", "closing",
+        "closed", "describe",
+    )
 
-    def __init__(self, gate: AcceptGate, udp_gate: AcceptGate | None = None) -> None:
+    def __init__(self, gate: AcceptGate, udp_gate: AcceptGate | None = None, closed_connections: int = 0) -> None:
         self._conns: dict[str, object] = {}
         self._gate = gate
         #: UDP sessions' own slots (``max_udp_sessions``), apart from the stream listeners'
@@ -111,6 +116,11 @@ class ConnectionRegistry:
         self.handshaking: set = set()
         #: True once the server drains: handshakes still running must not complete
         self.closing = False
+        #: the last ``closed_connections`` connections that closed, oldest first, as
+        #: ``/api/connections?state=closed`` lists them (a row each, never the connection)
+        self.closed: collections.deque[dict[str, Any]] = collections.deque(maxlen=closed_connections)
+        #: the app's ``describe(conn)`` (user, rooms), called once as a connection closes
+        self.describe: Callable[[Any], dict[str, Any]] | None = None
 
     def add(self, conn) -> None:
         self._conns[conn.id] = conn
@@ -127,8 +137,32 @@ class ConnectionRegistry:
             totals["frames_dropped"] += conn.frames_dropped
             reason = conn.close_reason or "closed"
             self.closed_reasons[reason] = self.closed_reasons.get(reason, 0) + 1
+            if self.closed.maxlen:
+                self.closed.append(self._closed_row(conn, reason))
             if not self._conns and self._empty is not None:
                 self._empty.set()
+
+    def _closed_row(self, conn, reason: str) -> dict[str, Any]:
+        row = {
+            "id": conn.id,
+            "transport": conn.transport,
+            "peer": conn.peer,
+            "peer_ip": conn.peer_ip,
+            "connected_at": round(conn.connected_at, 3),
+            "closed_at": round(time.time(), 3),
+            "reason": reason,
+            "bytes_in": conn.bytes_in,
+            "bytes_out": conn.bytes_out,
+            "msgs_in": conn.frames_in,
+            "msgs_out": conn.frames_out,
+            "msgs_dropped": conn.frames_dropped,
+        }
+        if self.describe is not None:
+            try:
+                row.update(self.describe(conn))
+            except Exception:  # a closed row without the app's fields beats a failed close
+                pass
+        return row
 
     def handshake_ended(self, conn, registered: bool) -> None:
         """A connection left the handshaking set: it is either registered now, or gone

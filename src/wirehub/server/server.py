@@ -105,7 +105,8 @@ class Server:
         self.gate = AcceptGate(config.max_connections, config.max_connections_per_ip, self._pause_accepting, self._resume_accepting)
         #: UDP sessions' own slots: they never count against (or pause) the stream listeners
         self.udp_gate = AcceptGate(config.max_udp_sessions, config.max_connections_per_ip, _nothing, _nothing, MAX_UDP_SESSIONS)
-        self.registry = ConnectionRegistry(self.gate, self.udp_gate)
+        self.registry = ConnectionRegistry(self.gate, self.udp_gate, config.closed_connections)
+        self.registry.describe = getattr(app, "describe", None)
         #: the secret of this process's UDP address-validation cookies (shared by its UDP sockets)
         self.udp_cookies = CookieJar()
         self._allow = tuple(config.allow)
@@ -472,15 +473,23 @@ class LoopLag:
         self.counts = [0] * (len(self.bounds) + 1)
         self.total = 0.0
         self.last = 0.0
+        self.peak = 0.0  # the largest sample since take_peak() last ran
 
     def record(self, lag: float) -> None:
         self.last = lag
+        if lag > self.peak:
+            self.peak = lag
         self.total += lag
         for i, bound in enumerate(self.bounds):
             if lag <= bound:
                 self.counts[i] += 1
                 return
         self.counts[-1] += 1
+
+    def take_peak(self) -> float:
+        """The largest sample since the last call (the dashboard's once-a-second point)."""
+        peak, self.peak = self.peak, self.last
+        return peak
 
     def cumulative(self) -> list[int]:
         out, running = [], 0
