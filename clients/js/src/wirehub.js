@@ -124,27 +124,30 @@ export class Hub extends Emitter {
    * (options.offline "queue") or is refused at once ("refuse"); when disconnected it is refused.
    */
   request(frame, timeout = this.options.timeout) {
-    return this.#call(frame, timeout);
+    return new Promise((resolve, reject) => this.#call(frame, timeout, (e, f) => (e ? reject(e) : resolve(f))));
   }
 
-  #call(frame, timeout, now) {
-    return new Promise((resolve, reject) => {
-      const o = this.options;
-      const ref = ++this.#ref;
-      const req = { frame: { ...frame, ref }, resolve, reject, sent: false };
-      if (now || this.state == "connected") this.#write(req);
-      else if (this.state == "disconnected" || o.offline != "queue")
-        return reject(new HubError("disconnected", this.state == "disconnected" ? "not connected: call connect() first" : "not connected, and options.offline is refuse"));
-      else if (this.#queue.length >= o.maxQueue)
-        return reject(new HubError("limit", `${o.maxQueue} frames already wait for the connection (options.maxQueue)`));
-      else this.#queue.push(req);
-      this.#pending.set(ref, req);
-      req.timer = later(() => {
-        this.#pending.delete(ref);
-        this.#queue = this.#queue.filter((r) => r != req);
-        reject(new HubError("timeout", `no reply to ${frame.op} within ${timeout} ms` + (req.sent ? "; the hub may still apply it" : "; it was never sent")));
-      }, timeout);
-    });
+  /** request() with a callback, called synchronously with the reply (for the room's joined). */
+  _call(frame, done) {
+    this.#call(frame, this.options.timeout, done);
+  }
+
+  #call(frame, timeout, done, now) {
+    const o = this.options;
+    const ref = ++this.#ref;
+    const req = { frame: { ...frame, ref }, done, sent: false };
+    if (now || this.state == "connected") this.#write(req);
+    else if (this.state == "disconnected" || o.offline != "queue")
+      return done(new HubError("disconnected", this.state == "disconnected" ? "not connected: call connect() first" : "not connected, and options.offline is refuse"));
+    else if (this.#queue.length >= o.maxQueue)
+      return done(new HubError("limit", `${o.maxQueue} frames already wait for the connection (options.maxQueue)`));
+    else this.#queue.push(req);
+    this.#pending.set(ref, req);
+    req.timer = later(() => {
+      this.#pending.delete(ref);
+      this.#queue = this.#queue.filter((r) => r != req);
+      done(new HubError("timeout", `no reply to ${frame.op} within ${timeout} ms` + (req.sent ? "; the hub may still apply it" : "; it was never sent")));
+    }, timeout);
   }
 
   #write(req) {
@@ -180,15 +183,13 @@ export class Hub extends Emitter {
       ws.onclose = (e) => this.#drop("closed", true, e.code);
       ws.onmessage = (e) => this.#frame(e.data);
       ws.onopen = () =>
-        this.#call({ op: "hello", token: this.#token || undefined, name: o.name }, o.timeout, true).then(
-          (w) => this.#welcome(w),
-          (e) => {
-            if (this.#ws != ws) return;
-            const stale = (e.code == "unauthorized" || e.code == "forbidden") && o.getToken && !this.#fresh;
-            if (stale) this.#token = null; // the next attempt asks getToken for a new one
-            this.#drop(e.code, !!stale, e);
-          },
-        );
+        this.#call({ op: "hello", token: this.#token || undefined, name: o.name }, o.timeout, (e, w) => {
+          if (this.#ws != ws) return;
+          if (!e) return this.#welcome(w);
+          const stale = (e.code == "unauthorized" || e.code == "forbidden") && o.getToken && !this.#fresh;
+          if (stale) this.#token = null; // the next attempt asks getToken for a new one
+          this.#drop(e.code, !!stale, e);
+        }, true);
       this.#timer = later(() => this.#drop("timeout", true, new HubError("timeout", `no welcome within ${o.timeout} ms`)), o.timeout);
     } catch (e) {
       if (this.#ws != mine) return;
@@ -250,7 +251,7 @@ export class Hub extends Emitter {
     if (req) {
       this.#pending.delete(f.ref);
       clearTimeout(req.timer);
-      return f.op == "error" ? req.reject(new HubError(f.code, f.message, f)) : req.resolve(f);
+      return f.op == "error" ? req.done(new HubError(f.code, f.message, f)) : req.done(null, f);
     }
     const room = f.room != null && this.rooms.get(f.room);
     if (f.op == "bye") this.#drop(f.reason, f.reconnect !== false, f);
@@ -279,11 +280,12 @@ export class Hub extends Emitter {
       if (req.sent || !reconnect) {
         this.#pending.delete(ref);
         clearTimeout(req.timer);
-        req.reject(lost);
+        req.done(lost);
       }
     for (const room of this.rooms.values()) reconnect ? room._lost() : room._closed(lost);
     const o = this.options;
-    const delay = reason == "shutdown" ? Math.random() * o.minReconnectDelay : Math.random() * Math.min(o.maxReconnectDelay, o.minReconnectDelay * 2 ** this.#attempt++);
+    // full jitter: a random wait up to a cap that doubles per attempt (0.25 s after a drain's bye shutdown)
+    const delay = Math.random() * (reason == "shutdown" ? 250 : Math.min(o.maxReconnectDelay, o.minReconnectDelay * 2 ** this.#attempt++));
     if (reconnect) {
       this.#set("connecting");
       this.#ws = Symbol(); // waiting
@@ -353,29 +355,27 @@ export class Room extends Emitter {
     const epoch = this.epoch;
     const frame = { op: "join", room: this.name };
     if (since != null) Object.assign(frame, { since, epoch });
-    this.hub.request(frame).then(
-      (f) => {
-        if (n != this.#try) return;
-        const wasRecovering = since != null;
-        const recovered = (this.recovered = wasRecovering && !!f.recovered);
-        const epochChanged = wasRecovering && f.epoch != epoch;
-        if (!recovered) this.seq = f.seq;
-        this.epoch = f.epoch;
-        this.#set("joined");
-        this._emit("joined", { seq: f.seq, epoch: f.epoch, recovered, wasRecovering });
-        if (wasRecovering && !recovered && (epochChanged || f.seq > since))
-          this._emit("gap", { from: since + 1, to: epochChanged ? null : f.seq, epochChanged });
-        this.#settle(0, this);
-      },
-      (e) => {
+    this.hub._call(frame, (e, f) => {
+      if (e) {
         if (n != this.#try || e.code == "disconnected") return; // the reconnect re-joins
         this.#try++;
         this.#set("left");
         if (e.code == "timeout") this.hub.request({ op: "leave", room: this.name }).catch(noop); // in case it arrives late
         this._emit("error", e);
-        this.#settle(1, e);
-      },
-    );
+        return this.#settle(1, e);
+      }
+      if (n != this.#try) return;
+      const wasRecovering = since != null;
+      const recovered = (this.recovered = wasRecovering && !!f.recovered);
+      const epochChanged = wasRecovering && f.epoch != epoch;
+      if (!recovered) this.seq = f.seq;
+      this.epoch = f.epoch;
+      this.#set("joined");
+      this._emit("joined", { seq: f.seq, epoch: f.epoch, recovered, wasRecovering });
+      if (wasRecovering && !recovered && (epochChanged || f.seq > since))
+        this._emit("gap", { from: since + 1, to: epochChanged ? null : f.seq, epochChanged });
+      this.#settle(0, this);
+    });
   }
 
   _frame(f) {
