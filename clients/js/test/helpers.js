@@ -3,7 +3,7 @@
 import { spawn, execFile } from "node:child_process";
 import { after } from "node:test";
 
-export const PYTHON = process.env.WIREHUB_PYTHON || "python3";
+export const PYTHON = process.env.JS_TEST_PYTHON || "python3";
 export const WAIT = 15000;
 const running = new Set();
 after(() => { for (const p of running) p.kill("SIGKILL"); });
@@ -47,7 +47,7 @@ export function startHub(args = [], ports = {}) {
     };
     proc.stdout.on("data", read);
     proc.stderr.on("data", read);
-    exited.then((code) => reject(new Error(`wirehub serve exited (${code}):\n${log}`)));
+    exited.then((code) => { clearTimeout(timer); reject(new Error(`wirehub serve exited (${code}):\n${log}`)); });
   });
 }
 

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { Hub } from "../src/wirehub.js";
 import { startHub, next, record, admin, unique } from "./helpers.js";
 
-const REDIS = process.env.WIREHUB_TEST_REDIS || "redis://127.0.0.1:6379/11";
+const REDIS = process.env.JS_TEST_REDIS || "redis://127.0.0.1:6379/11";
 const fast = { minReconnectDelay: 50, maxReconnectDelay: 300 };
 const cleanup = [];
 after(async () => { for (const f of cleanup.reverse()) await f(); });
