@@ -188,7 +188,7 @@ export class Hub extends Emitter {
           if (!e) return this.#welcome(w);
           const stale = (e.code == "unauthorized" || e.code == "forbidden") && o.getToken && !this.#fresh;
           if (stale) this.#token = null; // the next attempt asks getToken for a new one
-          this.#drop(e.code, !!stale, e);
+          this.#drop(e.code, !!stale || e.code == "timeout", e); // any other refusal stops the client
         }, true);
       this.#timer = later(() => this.#drop("timeout", true, new HubError("timeout", `no welcome within ${o.timeout} ms`)), o.timeout);
     } catch (e) {
