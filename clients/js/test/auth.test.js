@@ -74,3 +74,18 @@ test("without getToken an expired token stops the client with unauthorized", asy
   assert.equal(why.detail.code, "unauthorized");
   assert.deepEqual(states, ["connecting", "disconnected"]);
 });
+
+test("a join the token does not allow is refused: the room is left, with the SPEC code", async () => {
+  const hub = new Hub(server.ws, { token: await mintToken(SECRET, "dora", "1h", "--rooms", "ok.*") });
+  hubs.push(hub);
+  hub.connect();
+  const allowed = hub.room(unique("ok.room").replace(/^js-/, "ok."));
+  await allowed.join();
+  const room = hub.room(unique("secret"));
+  const states = record(room, "state");
+  const refused = next(room, "error");
+  await assert.rejects(room.join(), (e) => e.code == "forbidden" && e.frame.op == "error");
+  assert.equal((await refused).code, "forbidden");
+  assert.deepEqual(states, ["joining", "left"]);
+  assert.equal(allowed.state, "joined");
+});

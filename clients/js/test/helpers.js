@@ -83,9 +83,9 @@ export async function admin(hub, method, path, body) {
 }
 
 /** A token from `wirehub token`. */
-export function mintToken(secret, sub, ttl = "1h") {
+export function mintToken(secret, sub, ttl = "1h", ...more) {
   return new Promise((resolve, reject) =>
-    execFile(PYTHON, ["-m", "wirehub", "token", "--sub", sub, "--ttl", ttl, "--secret", secret], { timeout: WAIT }, (err, out) =>
+    execFile(PYTHON, ["-m", "wirehub", "token", "--sub", sub, "--ttl", ttl, "--secret", secret, ...more], { timeout: WAIT }, (err, out) =>
       err ? reject(err) : resolve(out.trim())));
 }
 

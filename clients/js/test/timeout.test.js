@@ -103,3 +103,22 @@ test("a bye with reconnect:false stops, whatever its reason; bye shutdown reconn
   assert.ok(reconnecting[0].delay <= 250);
   assert.equal(wss.sockets.length, 2);
 });
+
+test("a live message that skips seqs is a reported gap; a repeated one is dropped", async () => {
+  const wss = await fake((f, socket) => {
+    const send = (frame) => socket.send(JSON.stringify(frame));
+    if (f.op == "hello") welcome(socket, f);
+    if (f.op != "join") return;
+    send({ op: "joined", room: f.room, seq: 0, epoch: "e1", recovered: false, ref: f.ref });
+    for (const seq of [1, 3, 3, 2, 4]) send({ op: "msg", room: f.room, seq, from: "x", data: seq, ts: 1 });
+  });
+  const hub = client(wss.url);
+  const room = hub.room("r");
+  const msgs = record(room, "msg");
+  const gaps = record(room, "gap");
+  hub.connect();
+  await room.join();
+  if (msgs.length < 3) await next(room, "msg", (m) => m.seq == 4);
+  assert.deepEqual(msgs.map((m) => m.data), [1, 3, 4]);
+  assert.deepEqual(gaps, [{ from: 2, to: 2, epochChanged: false }]);
+});
