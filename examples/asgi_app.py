@@ -37,13 +37,16 @@ def create_app(**hub_options) -> tuple[Starlette, Hub]:
             return RedirectResponse("/?ws=/ws/")
         return FileResponse(os.path.join(HERE, "web", "chat.html"))
 
+    async def script(request):  # the page's client library (clients/js/src/wirehub.js)
+        return FileResponse(os.path.join(HERE, "web", "wirehub.js"), media_type="text/javascript")
+
     async def announce(request):
         body = await request.json()
         pub = await hub.publish(body.get("room", "lobby"), {"text": body["text"]})
         return JSONResponse({"seq": pub.seq})
 
     app = Starlette(
-        routes=[Route("/", page), Route("/announce", announce, methods=["POST"]), Mount("/ws", hub.asgi)],
+        routes=[Route("/", page), Route("/wirehub.js", script), Route("/announce", announce, methods=["POST"]), Mount("/ws", hub.asgi)],
         lifespan=lifespan,
     )
     return app, hub

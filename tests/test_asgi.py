@@ -92,7 +92,11 @@ async def test_page_is_served_and_points_at_the_mounted_hub(web):
         async with http.get(f"http://{address}/") as r:
             assert r.status == 200 and str(r.url).endswith("/?ws=/ws/")
             page = await r.text()
+        async with http.get(f"http://{address}/wirehub.js") as r:  # the page's client library
+            assert r.status == 200 and r.content_type == "text/javascript"
+            script = await r.text()
     assert "<title>wirehub chat</title>" in page and "cdn" not in page.lower()
+    assert 'import { Hub } from "./wirehub.js"' in page and "export class Hub" in script
 
 
 async def test_kicking_a_web_client_closes_its_websocket(web):

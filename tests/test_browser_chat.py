@@ -1,5 +1,6 @@
-"""The example chat page in a real headless Chromium, talking to the hub's WebSocket listener,
-with a TCP client in the same room."""
+"""The example chat page in a real headless Chromium, talking to the hub's WebSocket listener
+through the JavaScript client (clients/js, which examples/web/wirehub.js links to), with a TCP
+client in the same room; then the hub restarts and the page reconnects and re-joins by itself."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ pytestmark = pytest.mark.skipif(not browser.available(), reason="chromium is not
 
 async def test_chat_page_in_a_real_browser(tmp_path):
     static = web.Application()
-    static.router.add_static("/", os.path.join(ROOT, "examples", "web"))
+    # wirehub.js is a link to clients/js/src/wirehub.js, outside the folder
+    static.router.add_static("/", os.path.join(ROOT, "examples", "web"), follow_symlinks=True)
     runner = web.AppRunner(static, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -55,9 +57,21 @@ async def test_chat_page_in_a_real_browser(tmp_path):
             assert [f["data"] for f in frames] == [{"text": "hello carol"}, {"text": "hi dave"}]
             assert frames[1]["room"] == "lobby" and frames[1]["from"] != frames[0]["from"]
             await page.wait_until("document.getElementById('log').innerText.includes('hi dave')", "carol's own message")
+            # the library's state, read from the page
+            assert await page.eval("[hub.state, hub.rooms.get('lobby').state, hub.rooms.get('lobby').seq]") == ["connected", "joined", 2]
+            writer.close()
+            first_client = await page.eval("hub.client")
+
+        # The hub restarts on the same port (a new memory broker: a new epoch). The page
+        # reconnects, re-joins, says what it could not recover, and chats on.
+        async with Hub(tcp="127.0.0.1:0", ws=ws_address, udp="off", admin="off") as hub:
+            await page.wait_until("hub.state === 'connected' && hub.rooms.get('lobby').state === 'joined'", "the re-joined room")
+            assert await page.eval("hub.client") != first_client
+            await page.wait_until("document.getElementById('log').innerText.includes('earlier messages are gone')", "the gap notice")
+            await hub.publish("lobby", {"text": "welcome back"})
+            await page.wait_until("document.getElementById('log').innerText.includes('welcome back')", "a message after the restart")
             await page.screenshot(str(tmp_path / "chat.png"))
             assert (tmp_path / "chat.png").stat().st_size > 1000
-            writer.close()
     finally:
         await chrome.close()
         await runner.cleanup()
