@@ -96,9 +96,9 @@ async def test_publications_from_many_connections_keep_each_rooms_order(remote):
 
 @pytest.mark.one_loop
 async def test_a_broker_failure_mid_stream_answers_every_publication(tmp_path):
-    """Redis (with AOF) is stopped while a connection has publications in flight and more
-    queued: every ``pub`` gets its ``ok`` or an ``error`` with its ref, and every one that
-    was acked is in the history once Redis is back."""
+    """Redis (with AOF) stops answering while a connection has publications in flight and
+    more queued: every ``pub`` gets its ``ok`` or an ``error`` with its ref, and every one
+    that was acked is in the history once Redis is back."""
     own = OwnRedis(tmp_path, aof=True)
     await own.start()
     prefix = f"wht{uuid.uuid4().hex[:12]}"
@@ -111,7 +111,7 @@ async def test_a_broker_failure_mid_stream_answers_every_publication(tmp_path):
             answers: dict[int, dict] = {}
             first = await pub.recv()
             answers[first["ref"]] = first
-            await own.stop()  # publications still in flight and queued
+            own.pause()  # Redis stops answering: publications in flight and queued behind them
             while len(answers) < n:
                 frame = await pub.recv(timeout=WAIT * 2)
                 assert frame["op"] in ("ok", "error"), frame
@@ -122,6 +122,7 @@ async def test_a_broker_failure_mid_stream_answers_every_publication(tmp_path):
             assert acked == list(range(1, len(acked) + 1))
             assert failed, "the broker was stopped with publications queued"
             assert all(a["code"] == "internal" and "broker" in a["message"] for a in failed)
+            await own.stop()  # and restarts, from its append-only file
             await own.start()
             await wait_for(broker.ready, timeout=10, what="redis to be back")
             held = await broker.history("r", history=hub.app.policy("r").history)

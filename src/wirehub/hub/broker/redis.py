@@ -81,6 +81,19 @@ _TRIM = """
 local function seq_of(id)
   return tonumber(string.match(id, '^(%d+)'))
 end
+-- an entry's fields: t (the newest ts), b (the body), or t, n (count), b (the batch)
+local function count_of(fields)
+  if fields[3] == 'n' then
+    return tonumber(fields[4])
+  end
+  return 1
+end
+local function blob_of(fields)
+  if fields[3] == 'n' then
+    return fields[6]
+  end
+  return fields[4]
+end
 local function trim_old(stream, horizon)
   while true do
     local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
@@ -90,18 +103,20 @@ local function trim_old(stream, horizon)
     redis.call('XDEL', stream, first[1][1])
   end
 end
-local function trim(stream, size, horizon)
+local function trim(stream, size, top, horizon)
   if size <= 0 then
     redis.call('DEL', stream)
     return
   end
-  redis.call('XTRIM', stream, 'MAXLEN', size)
+  redis.call('XTRIM', stream, 'MINID', math.max(0, top - size + 1))
   trim_old(stream, horizon)
 end
 """
 
+# One entry (and one message on the room's channel) per batch: the n publications of one
+# room from one event-loop turn. The entry's id is the batch's last seq.
 # KEYS: meta, stream
-# ARGV: new epoch, size, ttl ms, meta ttl ms, horizon ms, ts, body, channel
+# ARGV: new epoch, size, ttl ms, meta ttl ms, horizon ms, ts (the newest), n, blob, channel
 PUBLISH_LUA = (
     _TRIM
     + """
@@ -112,25 +127,38 @@ if not epoch then
   redis.call('DEL', stream)
   redis.call('HSET', meta, 'e', epoch, 's', 0)
 end
-local seq = redis.call('HINCRBY', meta, 's', 1)
+local n = tonumber(ARGV[7])
+local seq = redis.call('HINCRBY', meta, 's', n)
 local size = tonumber(ARGV[2])
 if size > 0 then
-  redis.call('XADD', stream, 'MAXLEN', size, seq .. '-0', 't', ARGV[6], 'b', ARGV[7])
-  trim_old(stream, tonumber(ARGV[5]))
+  local floor = math.max(0, seq - size + 1)
+  if n == 1 then
+    redis.call('XADD', stream, 'MINID', floor, seq .. '-0', 't', ARGV[6], 'b', ARGV[8])
+  else
+    redis.call('XADD', stream, 'MINID', floor, seq .. '-0', 't', ARGV[6], 'n', n, 'b', ARGV[8])
+  end
+  if math.fmod(seq, 16) < n then  -- entries past the TTL: looked for every 16 publications
+    trim_old(stream, tonumber(ARGV[5]))
+  end
   redis.call('PEXPIRE', stream, ARGV[3])
 else
   redis.call('DEL', stream)
 end
 redis.call('PEXPIRE', meta, ARGV[4])
-redis.call('PUBLISH', ARGV[8], 'p' .. seq .. ' ' .. epoch .. ' ' .. ARGV[7])
+if n == 1 then
+  redis.call('PUBLISH', ARGV[9], 'p' .. seq .. ' ' .. epoch .. ' ' .. ARGV[8])
+else
+  redis.call('PUBLISH', ARGV[9], 'P' .. seq .. ' ' .. n .. ' ' .. epoch .. ' ' .. ARGV[8])
+end
 return {seq, epoch}
 """
 )
 
 # KEYS: meta, stream
 # ARGV: new epoch, meta ttl ms, mode ("pos" | "hist"), size, horizon ms, since ("" = none),
-#       limit ("" = none)
-# -> {seq, epoch} or {seq, epoch, complete, reversed, id1, body1, id2, body2, ...}
+#       limit ("" = none; counts entries)
+# -> {seq, epoch} or {seq, epoch, first, last, reversed, id1, n1, blob1, id2, n2, blob2, ...}
+#    where first/last are the first and last seq the stream holds (0 when empty)
 READ_LUA = (
     _TRIM
     + """
@@ -146,23 +174,16 @@ end
 if ARGV[3] == 'pos' then
   return {seq, epoch}
 end
-trim(stream, tonumber(ARGV[4]), tonumber(ARGV[5]))
-local complete = 1
+trim(stream, tonumber(ARGV[4]), seq, tonumber(ARGV[5]))
+local first, last = 0, 0
+local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+if #head > 0 then
+  first = seq_of(head[1][1]) - count_of(head[1][2]) + 1
+  last = seq_of(redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1][1])
+end
 local start = '-'
-if ARGV[6] ~= '' then
-  local since = tonumber(ARGV[6])
-  if since < 0 or since > seq then
-    complete = 0
-  elseif since < seq then
-    local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-    local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-    if #first == 0 or seq_of(first[1][1]) > since + 1 or seq_of(last[1][1]) ~= seq then
-      complete = 0
-    end
-  end
-  if since >= 0 then
-    start = string.format('%d-0', since + 1)
-  end
+if ARGV[6] ~= '' and tonumber(ARGV[6]) >= 0 then
+  start = string.format('%d-0', tonumber(ARGV[6]) + 1)
 end
 local entries, reversed = {}, 0
 if ARGV[7] == '' then
@@ -171,10 +192,11 @@ elseif tonumber(ARGV[7]) > 0 then
   entries = redis.call('XREVRANGE', stream, '+', start, 'COUNT', tonumber(ARGV[7]))
   reversed = 1
 end
-local out = {seq, epoch, complete, reversed}
+local out = {seq, epoch, first, last, reversed}
 for _, e in ipairs(entries) do
   out[#out + 1] = e[1]
-  out[#out + 1] = e[2][4]
+  out[#out + 1] = count_of(e[2])
+  out[#out + 1] = blob_of(e[2])
 end
 return out
 """
@@ -182,8 +204,10 @@ return out
 
 # What a node missed while its pub/sub connection was away.
 # KEYS: meta, stream; ARGV: the epoch last seen ("" = none), the seq last seen
-# -> {epoch or false, id1, body1, ...}
-CATCH_UP_LUA = """
+# -> {epoch or false, id1, n1, blob1, ...}
+CATCH_UP_LUA = (
+    _TRIM
+    + """
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
   return {false}
@@ -195,10 +219,12 @@ end
 local out = {epoch}
 for _, e in ipairs(redis.call('XRANGE', KEYS[2], start, '+')) do
   out[#out + 1] = e[1]
-  out[#out + 1] = e[2][4]
+  out[#out + 1] = count_of(e[2])
+  out[#out + 1] = blob_of(e[2])
 end
 return out
 """
+)
 
 # KEYS: presence hash, lease zset; ARGV: now ms -> {client1, member1, ...}
 PRESENCE_LUA = """
@@ -235,6 +261,44 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode_body = msgspec.msgpack.Decoder(tuple[str, str, int, bytes]).decode  # room, sender, ts, data
 _decode_pair = msgspec.msgpack.Decoder(tuple[str, bytes]).decode
 _decode_member = msgspec.msgpack.Decoder(Member).decode
+
+
+_decode_batch = msgspec.msgpack.Decoder(list[tuple[str, str, int, bytes]]).decode
+#: publications one batch (one stream entry, one pub/sub message) carries at most, and data bytes
+BATCH_PUBLICATIONS = 512
+BATCH_BYTES = 256 * 1024
+
+
+def _unpack(last: int, n: int, blob: bytes, epoch: str) -> list[Publication]:
+    """The publications of one entry (or one message): a body, or a batch of ``n`` ending at ``last``."""
+    if n == 1:
+        return [_publication(blob, last, epoch)]
+    first = last - n + 1
+    return [
+        Publication(room=room, seq=first + k, epoch=epoch, data=msgspec.Raw(data), sender=sender, ts=ts)
+        for k, (room, sender, ts, data) in enumerate(_decode_batch(blob))
+    ]
+
+
+def _entries(items: list[Any], epoch: str) -> list[Publication]:
+    """The publications of the entries ``id, n, blob, ...`` a script returned, oldest first."""
+    out: list[Publication] = []
+    for j in range(0, len(items), 3):
+        out.extend(_unpack(_seq_of(items[j]), int(items[j + 1]), items[j + 2], epoch))
+    return out
+
+
+class _Batch:
+    """The publications of one room queued in this event-loop turn."""
+
+    __slots__ = ("room", "history", "bodies", "answers", "size")
+
+    def __init__(self, room: str, history: HistoryPolicy) -> None:
+        self.room = room
+        self.history = history
+        self.bodies: list[tuple[str, str, int, bytes]] = []
+        self.answers: list[tuple[asyncio.Future[Publication], msgspec.Raw]] = []
+        self.size = 0
 
 
 def _publication(body: bytes, seq: int, epoch: str) -> Publication:
@@ -302,7 +366,8 @@ class RedisBroker:
         self._next_sub: SubscriberLink | None = None  # the pub/sub connection being set up
         self._reader: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
-        self.in_flight = 0  # publications sent and not answered
+        self.in_flight = 0  # publications queued or sent and not answered
+        self._batches: dict[str, _Batch] = {}  # room -> its publications of this event-loop turn
         self._inflight = 0  # calls under way; close() lets them finish (bounded)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -537,36 +602,68 @@ class RedisBroker:
                     pass
 
     def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> asyncio.Future[Publication]:
-        """One EVALSHA of the publish script, queued on the auto-pipelined connection: the
-        publications of one event-loop turn leave in one write, and Redis runs them in call
-        order (see the module docstring)."""
+        """Queue a publication: the publications of one room in one event-loop turn go to
+        Redis as one batch (one EVALSHA, one stream entry, one message to the subscribed
+        nodes), every batch of the turn in one write on the auto-pipelined connection. Redis
+        runs them in call order (see the module docstring)."""
         future: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
-        what = f"publish to {room!r}"
-        refused = self._refusal(what)
+        refused = self._refusal(f"publish to {room!r}")
         if refused is not None:
             future.set_exception(refused)
             return future
-        raw = data if isinstance(data, msgspec.Raw) else msgspec.Raw(data)
-        body = _encode((room, sender, ts, bytes(raw)))
-        ttl_ms = self._ttl_ms(history)
+        raw = data if type(data) is msgspec.Raw else msgspec.Raw(data)
+        batches = self._batches
+        batch = batches.get(room)
+        if batch is None:
+            if not batches:
+                asyncio.get_running_loop().call_soon(self._send_batches)
+            batch = batches[room] = _Batch(room, history)
+        body = bytes(raw)
+        batch.bodies.append((room, sender, ts, body))
+        batch.answers.append((future, raw))
+        batch.size += len(body)
         self.in_flight += 1
         self._idle.clear()
+        if len(batch.bodies) >= BATCH_PUBLICATIONS or batch.size >= BATCH_BYTES:
+            del batches[room]  # full: it goes now, the room's next publications start a new one
+            self._send_batch(batch)
+        return future
+
+    def _send_batches(self) -> None:
+        batches, self._batches = self._batches, {}
+        for batch in batches.values():
+            self._send_batch(batch)
+
+    def _send_batch(self, batch: _Batch) -> None:
+        room, history, bodies, answers = batch.room, batch.history, batch.bodies, batch.answers
+        what = f"publish to {room!r}"
+        ttl_ms = self._ttl_ms(history)
+        ts = max(b[2] for b in bodies)
+        n = len(bodies)
 
         def answered(reply: Any) -> None:
-            self.in_flight -= 1
+            self.in_flight -= n
             self._settle()
-            if future.done():
-                return
             if isinstance(reply, BaseException):
                 if _noscript(reply):
-                    self._load_scripts()  # for the next ones; this one was not applied
-                future.set_exception(self._error(what, reply, unknown=True))
+                    self._load_scripts()  # for the next ones; these were not applied
+                error = self._error(what, reply, unknown=True)
+                for future, _ in answers:
+                    if not future.done():
+                        future.set_exception(error)
                 return
-            seq, epoch = reply
-            future.set_result(Publication(room=room, seq=int(seq), epoch=epoch.decode(), data=raw, sender=sender, ts=ts))
+            last, epoch_b = reply
+            epoch = epoch_b.decode()
+            first = int(last) - n + 1
+            for k, ((future, raw), (_, sender, sent_ts, _)) in enumerate(zip(answers, bodies)):
+                if not future.done():
+                    future.set_result(Publication(room=room, seq=first + k, epoch=epoch, data=raw, sender=sender, ts=sent_ts))
 
-        assert self._cmd is not None
-        self._cmd.then(
+        cmd = self._cmd
+        if cmd is None:
+            answered(LinkLost("is not connected", sent=False))
+            return
+        cmd.then(
             answered,
             b"EVALSHA",
             SHAS["publish"],
@@ -579,10 +676,10 @@ class RedisBroker:
             max(ttl_ms, META_MIN_TTL_MS),
             ts - ttl_ms,
             ts,
-            body,
+            n,
+            _encode(bodies[0]) if n == 1 else _encode(bodies),
             self._channel(room),
         )
-        return future
 
     async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
         future = self.publish_nowait(room, data, sender=sender, ts=ts, history=history)
@@ -610,13 +707,25 @@ class RedisBroker:
         ]
         what = f"read the history of {room!r}"
         reply = await self._script(what, "read", [self._meta(room), self._stream(room)], args)
-        seq, epoch_b, complete, reversed_ = reply[:4]
+        top, epoch_b, first, last, reversed_ = reply[:5]
+        top, first, last = int(top), int(first), int(last)
         epoch = epoch_b.decode()
-        items = reply[4:]
-        pubs = [_publication(items[i + 1], _seq_of(items[i]), epoch) for i in range(0, len(items), 2)]
-        if reversed_:
-            pubs.reverse()
-        result = HistoryResult(pubs, Position(int(seq), epoch), bool(complete))
+        items = reply[5:]
+        if reversed_:  # newest entry first: put them in order
+            items = [x for j in range(len(items) - 3, -1, -3) for x in items[j : j + 3]]
+        floor = top - history.size + 1 if history.size > 0 else top + 1  # the oldest seq the room keeps
+        pubs = [p for p in _entries(items, epoch) if p.seq >= floor and (since is None or p.seq > since)]
+        if limit is not None:
+            pubs = pubs[-limit:] if limit > 0 else []
+        if since is None:
+            complete = True
+        elif since < 0 or since > top:
+            complete = False
+        elif since == top:
+            complete = True
+        else:  # since + 1 ... top are all held
+            complete = last == top and max(first, floor) <= since + 1
+        result = HistoryResult(pubs, Position(top, epoch), complete)
         if room in self._want:
             await self._flush(what)
         return result
@@ -947,9 +1056,7 @@ class RedisBroker:
             for reply in await self._many(link, commands):
                 if not reply or reply[0] is None:
                     continue
-                epoch = reply[0].decode()
-                items = reply[1:]
-                out.extend(_publication(items[j + 1], _seq_of(items[j]), epoch) for j in range(0, len(items), 2))
+                out.extend(_entries(reply[1:], reply[0].decode()))
         return out
 
     # -- dispatch ----------------------------------------------------------------------------
@@ -1016,6 +1123,10 @@ class RedisBroker:
             seq, _, rest = payload[1:].partition(b" ")
             epoch, _, body = rest.partition(b" ")
             self._deliver(_publication(body, int(seq), epoch.decode()))
+        elif tag == b"P":  # a batch: "P{last} {n} {epoch} {blob}"
+            last, n, epoch, blob = payload[1:].split(b" ", 3)
+            for pub in _unpack(int(last), int(n), blob, epoch.decode()):
+                self._deliver(pub)
         elif tag == b"e":
             exclude, frame = _decode_pair(payload[1:])
             self._safely(handler.on_room_event, room, frame, exclude)
