@@ -232,14 +232,26 @@ return 0
 # -- encoding ----------------------------------------------------------------------------------
 
 _encode = msgspec.msgpack.Encoder().encode
-_decode_body = msgspec.msgpack.Decoder(tuple[str, str, int, bytes]).decode  # room, sender, ts, data
+class _Body(msgspec.Struct, array_like=True, frozen=True):
+    """A publication as stored and fanned out: [room, sender, ts, data], plus [info,
+    exclude] when an application hook set them (older entries have four items)."""
+
+    room: str
+    sender: str
+    ts: int
+    data: bytes
+    info: bytes | None = None
+    exclude: str = ""
+
+
+_decode_body = msgspec.msgpack.Decoder(_Body).decode
 _decode_pair = msgspec.msgpack.Decoder(tuple[str, bytes]).decode
 _decode_member = msgspec.msgpack.Decoder(Member).decode
 
 
 def _publication(body: bytes, seq: int, epoch: str) -> Publication:
-    room, sender, ts, data = _decode_body(body)
-    return Publication(room=room, seq=seq, epoch=epoch, data=msgspec.Raw(data), sender=sender, ts=ts)
+    b = _decode_body(body)
+    return Publication(room=b.room, seq=seq, epoch=epoch, data=msgspec.Raw(b.data), sender=b.sender, ts=b.ts, info=b.info, exclude=b.exclude)
 
 
 def _seq_of(entry_id: bytes) -> int:
@@ -536,7 +548,7 @@ class RedisBroker:
                 except ValueError:
                     pass
 
-    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> asyncio.Future[Publication]:
+    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> asyncio.Future[Publication]:
         """One EVALSHA of the publish script, queued on the auto-pipelined connection: the
         publications of one event-loop turn leave in one write, and Redis runs them in call
         order (see the module docstring)."""
@@ -547,7 +559,8 @@ class RedisBroker:
             future.set_exception(refused)
             return future
         raw = data if isinstance(data, msgspec.Raw) else msgspec.Raw(data)
-        body = _encode((room, sender, ts, bytes(raw)))
+        extra = info is not None or exclude
+        body = _encode((room, sender, ts, bytes(raw), info, exclude) if extra else (room, sender, ts, bytes(raw)))
         ttl_ms = self._ttl_ms(history)
         self.in_flight += 1
         self._idle.clear()
@@ -563,7 +576,10 @@ class RedisBroker:
                 future.set_exception(self._error(what, reply, unknown=True))
                 return
             seq, epoch = reply
-            future.set_result(Publication(room=room, seq=int(seq), epoch=epoch.decode(), data=raw, sender=sender, ts=ts))
+            if extra:
+                future.set_result(Publication(room=room, seq=int(seq), epoch=epoch.decode(), data=raw, sender=sender, ts=ts, info=info, exclude=exclude))
+            else:
+                future.set_result(Publication(room=room, seq=int(seq), epoch=epoch.decode(), data=raw, sender=sender, ts=ts))
 
         assert self._cmd is not None
         self._cmd.then(
@@ -584,8 +600,8 @@ class RedisBroker:
         )
         return future
 
-    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
-        future = self.publish_nowait(room, data, sender=sender, ts=ts, history=history)
+    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> Publication:
+        future = self.publish_nowait(room, data, sender=sender, ts=ts, history=history, info=info, exclude=exclude)
         try:
             async with asyncio.timeout(self._timeout):
                 return await asyncio.shield(future)
