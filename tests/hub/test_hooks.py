@@ -11,6 +11,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
+import msgspec
 import pytest
 
 from wirehub.hub import Connect, Disconnect, Hooks, Join, Publish, Refresh, Reject
@@ -422,3 +423,124 @@ async def test_on_leave_and_on_disconnect_are_told(transport):
         hub.server.disconnect(c.client_id, "kicked")
         got = [await asyncio.wait_for(events.get(), WAIT) for _ in range(2)]
         assert got == [("leave", c.client_id, "game.2"), ("disconnect", c.client_id, "kicked", [])]
+
+
+# --------------------------------------------------------------------- server actions
+
+
+@pytest.mark.parametrize("broker", BROKERS)
+async def test_server_actions_from_hooks_reach_clients_and_users_on_any_node(transport, broker):
+    hooks = Hooks()
+
+    @hooks.on_connect
+    def connect(ctx, hello):
+        return Connect(user=hello["name"])
+
+    @hooks.on_rpc("act")
+    async def act(ctx, data):
+        hub, what = ctx.hub, data["do"]
+        if what == "shout":  # to the room, not back to the caller
+            pub = await hub.publish(data["room"], {"shout": data["text"]}, exclude=ctx.client, info={"by": ctx.user})
+            return pub.seq
+        if what == "dm":
+            return await hub.send({"dm": data["text"]}, user=data["user"])
+        if what == "pull":
+            return await hub.join(data["client"], data["room"], info={"pulled": True})
+        if what == "push":
+            return await hub.leave(data["client"], data["room"])
+        if what == "who":
+            return sorted(m.user for m in await hub.presence(data["room"]))
+        if what == "last":
+            return [(p.seq, msgspec.json.decode(p.data)) for p in await hub.history(data["room"], limit=2)]
+        if what == "kick":
+            return await hub.disconnect(user=data["user"], reconnect=True)
+        raise Reject("app.unknown", what)
+
+    room = "r" + uuid.uuid4().hex[:6]
+    async with nodes(broker, transport, hooks) as (one, two):
+        a = await one.greeted(name="ann")
+        b = await two.greeted(name="bob")
+        b2 = await one.greeted(name="bob")  # the same user on the other node
+        for c in (a, b):
+            await c.join(room)
+        async def act(c, **data):
+            await c.send({"op": "rpc", "method": "act", "data": data, "ref": "act"})
+            while True:  # presence events may come first
+                frame = await c.recv()
+                if frame.get("ref") == "act":
+                    assert frame["op"] == "result", frame
+                    return frame
+
+        seq = (await act(a, do="shout", room=room, text="hey"))["data"]
+        got = (await msgs(b, 1))[0]
+        assert (got["data"], got["seq"], got["from"], got["info"]) == ({"shout": "hey"}, seq, "", {"by": "ann"})
+        assert [f for f in await a.barrier() if f["op"] == "msg"] == []  # excluded
+        # to every connection of a user, wherever it is
+        await act(a, do="dm", user="bob", text="psst")
+        for c in (b, b2):
+            assert (await msgs(c, 1))[0] == {"op": "msg", "data": {"dm": "psst"}}
+        # join and leave a client of another node
+        assert (await act(a, do="pull", client=b2.client_id, room=room))["data"] is True
+        joined = await b2.expect("joined", room=room)
+        assert "ref" not in joined
+        await wait_for_members(a, room, ["ann", "bob", "bob"])
+        members = (await b2.request({"op": "presence", "room": room}, "presence"))["members"]
+        assert [m.get("info") for m in members if m["client"] == b2.client_id] == [{"pulled": True}]
+        assert (await act(a, do="who", room=room))["data"] == ["ann", "bob", "bob"]
+        await act(a, do="push", client=b2.client_id, room=room)
+        assert [f for f in await b2.barrier() if f["op"] not in ("join", "leave")] == [{"op": "left", "room": room}]
+        assert (await act(a, do="last", room=room))["data"] == [[seq, {"shout": "hey"}]]
+        assert (await act(a, do="pull", client="nobody", room=room))["data"] is False
+        # disconnect a user everywhere
+        await act(a, do="kick", user="bob")
+        for c in (b, b2):
+            frames = await c.closed()
+            assert frames[-1] == {"op": "bye", "reason": "kicked", "reconnect": True}
+        assert all(f["op"] in ("join", "leave") for f in await a.barrier())  # ann stays
+
+
+async def wait_for_members(c: Any, room: str, users: list[str]) -> None:
+    deadline = asyncio.get_running_loop().time() + WAIT
+    while True:
+        await c.send({"op": "presence", "room": room, "ref": "who"})
+        while (frame := await c.recv()).get("ref") != "who":
+            pass
+        members = frame["members"]
+        if sorted(m["user"] for m in members) == users:
+            return
+        assert asyncio.get_running_loop().time() < deadline, members
+        await asyncio.sleep(0.01)
+
+
+async def test_embedded_hub_has_the_hooks_and_the_actions(transport):
+    from wirehub.hub import Hub
+
+    from .hubclient import StreamClient, WsClient
+    from ..helpers import addr
+
+    hub = Hub(**{transport: "127.0.0.1:0", "ws" if transport == "tcp" else "tcp": "off", "udp": "off", "admin": "off"})
+
+    @hub.on_join("*")
+    def join(ctx, room, data):
+        return Join(data={"hello": room})
+
+    async with hub:
+        target = addr(hub.server, transport)
+        c = await (StreamClient.open("tcp", target) if transport == "tcp" else WsClient.open(target))
+        try:
+            welcome = await c.hello()
+            await c.request({"op": "join", "room": "lobby"}, "joined", data={"hello": "lobby"})
+            await hub.publish("lobby", {"n": 1}, exclude=welcome["client"])
+            pub = await hub.publish("lobby", {"n": 2}, info={"from": "backend"})
+            msg = await c.expect("msg")
+            assert (msg["data"], msg["seq"], msg["info"]) == ({"n": 2}, pub.seq, {"from": "backend"})
+            assert await hub.send("to you", user=welcome["user"])
+            await c.expect("msg", data="to you")
+            assert [m.client for m in await hub.presence("lobby")] == [welcome["client"]]
+            assert [msgspec.json.decode(p.data) for p in await hub.history("lobby")] == [{"n": 1}, {"n": 2}]
+            assert await hub.leave(welcome["client"], "lobby")
+            await c.expect("left", room="lobby")
+            assert await hub.kick(client=welcome["client"])
+            assert (await c.closed())[-1]["reason"] == "kicked"
+        finally:
+            await c.close()
