@@ -43,6 +43,8 @@ async def test_two_nodes_run_the_hooks_of_app(tmp_path, broker):
         assert refused["code"] == "app.password"
         await alice.request({"op": "join", "room": room, "data": "let me in"}, "joined")
         await bob.request({"op": "join", "room": room, "data": "let me in"}, "joined")
+        event = await alice.until("join", room=room, client=b["client"])  # bob is in presence now
+        assert event["info"] == {"pid": n2.proc.pid}
         members = (await alice.request({"op": "presence", "room": room}, "presence"))["members"]
         assert {m["name"]: m["info"]["pid"] for m in members} == {"alice": n1.proc.pid, "bob": n2.proc.pid}
         ok = await bob.request({"op": "pub", "room": room, "data": "hi"}, "ok")
