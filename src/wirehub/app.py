@@ -13,7 +13,8 @@ or subclass :class:`App` and override the methods of the same names (``connect``
 ``udp_challenge``, ``udp_cookie``).
 
 A handler may be a plain function or ``async def``. Plain functions run inline as bytes
-arrive, the fastest path. When ``connect``, ``frame`` or ``frame_error`` is ``async``, each
+arrive, the fastest path; a plain function that blocks (``@app.on_frame(blocking=True)``)
+runs in a bounded thread pool instead. When ``connect``, ``frame`` or ``frame_error`` is ``async``, each
 connection gets a task that runs its handler calls one at a time in arrival order, and
 reading from the peer pauses while it is behind. Either way a handler that raises is logged
 and closes only its own connection.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
+from .blocking import BlockingPool, blocking_handler
 from .protocol.framing import Framing, FrameError, get_framing
 from .transport.connection import PROTOCOL, Connection, Handlers
 
@@ -45,6 +47,9 @@ class App:
         #: handler: a frame equal to a key gets its value back (heartbeats; the compiled core
         #: answers them with no Python call). Set before the server starts.
         self.replies: dict[bytes, bytes] = {}
+        #: the thread pool of handlers marked ``blocking=True`` (the server sets its size
+        #: from ``blocking_threads`` when it starts)
+        self.blocking_pool = BlockingPool()
 
     # --------------------------------------------------------------- overridable handlers
 
@@ -97,13 +102,23 @@ class App:
 
     # --------------------------------------------------------------- decorators
 
-    def on_connect(self, fn: F) -> F:
-        self.connect = fn  # type: ignore[method-assign]
-        return fn
+    def on_connect(self, fn: F | None = None, *, blocking: bool = False) -> Any:
+        return self._register("connect", fn, blocking)
 
-    def on_frame(self, fn: F) -> F:
-        self.frame = fn  # type: ignore[method-assign]
-        return fn
+    def on_frame(self, fn: F | None = None, *, blocking: bool = False) -> Any:
+        """``@app.on_frame``, or ``@app.on_frame(blocking=True)`` for a plain function that
+        blocks (a database or HTTP library without async): it then runs in the server's
+        thread pool (``blocking_threads``), one call at a time per connection, in order,
+        with reads paused while its frames wait. Its ``conn`` is a
+        :class:`~wirehub.blocking.ThreadConnection`: ``send`` and ``close`` are safe there."""
+        return self._register("frame", fn, blocking)
+
+    def _register(self, which: str, fn: Any, blocking: bool) -> Any:
+        def register(f: F) -> F:
+            setattr(self, which, blocking_handler(self, f, which) if blocking else f)
+            return f
+
+        return register(fn) if fn is not None else register
 
     def on_frame_error(self, fn: F) -> F:
         self.frame_error = fn  # type: ignore[method-assign]
@@ -113,9 +128,8 @@ class App:
         self.closing = fn  # type: ignore[method-assign]
         return fn
 
-    def on_disconnect(self, fn: F) -> F:
-        self.disconnect = fn  # type: ignore[method-assign]
-        return fn
+    def on_disconnect(self, fn: F | None = None, *, blocking: bool = False) -> Any:
+        return self._register("disconnect", fn, blocking)
 
     def on_refusal(self, fn: F) -> F:
         self.refusal = fn  # type: ignore[method-assign]

@@ -42,11 +42,11 @@ def exposure_warnings(config: cfg.Config) -> list[str]:
     return out
 
 
-def load_app(spec: str) -> App:
-    """Import ``module:attribute`` (or ``path/file.py:attribute``) and return the App."""
+def _import_attr(spec: str, what: str, example: str) -> Any:
+    """Import ``module:attribute`` (or ``path/file.py:attribute``) and return the attribute."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise click.UsageError(f"APP must look like module:attribute (for example examples.echo:app), got {spec!r}")
+        raise click.UsageError(f"{what} must look like module:attribute (for example {example}), got {spec!r}")
     if module_name.endswith(".py") or os.sep in module_name:
         path = os.path.abspath(module_name)
         sys.path.insert(0, os.path.dirname(path))
@@ -63,6 +63,12 @@ def load_app(spec: str) -> App:
             obj = getattr(obj, part)
     except AttributeError:
         raise click.UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def load_app(spec: str) -> App:
+    """Import ``module:attribute`` (or ``path/file.py:attribute``) and return the App."""
+    obj = _import_attr(spec, "APP", "examples.echo:app")
     if isinstance(obj, type) and issubclass(obj, App):
         obj = obj()
     if not isinstance(obj, App):
@@ -71,6 +77,22 @@ def load_app(spec: str) -> App:
         obj.handlers()
     except TypeError as exc:
         raise click.UsageError(str(exc)) from None
+    return obj
+
+
+def load_hooks(spec: str) -> Any:
+    """``--app module:hooks``: the :class:`wirehub.hub.Hooks` it names (or an embedded
+    ``Hub``'s hooks)."""
+    from .hub import Hooks, Hub
+
+    obj = _import_attr(spec, "--app", "examples.chat_app.app:hub")
+    if isinstance(obj, Hub):
+        obj = obj.hooks
+    if not isinstance(obj, Hooks):
+        raise click.UsageError(f"--app {spec} is a {type(obj).__name__}, not wirehub.hub.Hooks: "
+                               "create one with `hub = wirehub.hub.Hooks()` and register hooks on it")
+    if not obj:
+        click.echo(f"wirehub: warning: --app {spec} registers no hooks", err=True)
     return obj
 
 
@@ -117,8 +139,9 @@ def serve(**params: Any) -> None:
         sys.exit(EXIT_CONFIG)
     for warning in exposure_warnings(config):
         click.echo(f"wirehub: warning: {warning}", err=True)
+    hooks = load_hooks(config.app) if config.app else None
     try:
-        app = HubApp(config)
+        app = HubApp(config, hooks=hooks)
     except (BrokerError, ValueError, OSError) as exc:
         click.echo(f"wirehub: {exc}", err=True)
         sys.exit(EXIT_CONFIG)

@@ -539,6 +539,12 @@ OPTIONS: tuple[Option, ...] = (
            "Token signature algorithm: HS256 with --secret, or RS256/ES256 with --public-key.",
            choices=("hs256", "rs256", "es256"), group=_HUB),
     Option("public_key", "path", None, "PEM public key that verifies RS256/ES256 tokens.", group=_HUB),
+    Option("app", "str", None,
+           "Hub hooks to load, as MODULE:ATTRIBUTE naming a wirehub.hub.Hooks (wirehub serve --app chat:hub); "
+           "see docs/hub.md.", metavar="MODULE:HOOKS", group=_HUB),
+    Option("hook_timeout", "duration", 5.0,
+           "Time an async or blocking hub hook may take; the client then gets error timeout (the hook's "
+           "work is not undone).", group=_HUB),
     Option("admin_token", "str", None,
            "Bearer token the admin API requires (Authorization: Bearer ...); mandatory when --admin "
            "binds a non-loopback address.", group=_ACC),
@@ -550,6 +556,10 @@ OPTIONS: tuple[Option, ...] = (
            "Message broker for multi-process/multi-host fan-out: memory://, redis://, rediss://, nats://, tls://.",
            choices=("memory", "redis", "rediss", "nats", "tls"), group=_HUB),
     Option("workers", "int", 1, "Number of worker processes.", group=_PROC, minimum=1),
+    Option("blocking_threads", "int", 32,
+           "Threads per process that run handlers and hub hooks marked blocking=True; calls beyond them "
+           "wait their turn (each connection has at most one in the pool, and its reads pause meanwhile).",
+           group=_PROC, minimum=1),
     Option("reuse_port", "bool", False, "Set SO_REUSEPORT on listening sockets.", group=_SOCK),
     Option("reuse_address", "bool", True, "Set SO_REUSEADDR on listening sockets.", group=_SOCK),
     Option("backlog", "int", 2048, "Listen backlog per socket.", group=_SOCK, minimum=1),
@@ -644,10 +654,13 @@ class Config:
     rate_limit: int = _DEFAULTS["rate_limit"]
     token_algorithm: str = _DEFAULTS["token_algorithm"]
     public_key: str | None = _DEFAULTS["public_key"]
+    app: str | None = _DEFAULTS["app"]
+    hook_timeout: float = _DEFAULTS["hook_timeout"]
     admin_token: str | None = _DEFAULTS["admin_token"]
     closed_connections: int = _DEFAULTS["closed_connections"]
     broker: str = _DEFAULTS["broker"]
     workers: int = _DEFAULTS["workers"]
+    blocking_threads: int = _DEFAULTS["blocking_threads"]
     reuse_port: bool = _DEFAULTS["reuse_port"]
     reuse_address: bool = _DEFAULTS["reuse_address"]
     backlog: int = _DEFAULTS["backlog"]

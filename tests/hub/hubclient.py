@@ -415,7 +415,7 @@ class RunningHub:
 
 @contextlib.asynccontextmanager
 async def hub_server(
-    transport: str, *, certs: dict | None = None, extra: tuple[str, ...] = (), broker: Any = None, **options: Any
+    transport: str, *, certs: dict | None = None, extra: tuple[str, ...] = (), broker: Any = None, hooks: Any = None, **options: Any
 ) -> AsyncIterator[RunningHub]:
     """Serve a HubApp with a listener for ``transport`` (and each of ``extra``) on port 0."""
     tmpdir = None
@@ -427,7 +427,7 @@ async def hub_server(
             unix_path = os.path.join(tmpdir, "hub.sock")
         listeners.update(listener_options(kind, certs=certs, unix_path=unix_path))
     options = {**listeners, **options}
-    app = HubApp(make_config(**options), broker)
+    app = HubApp(make_config(**options), broker, hooks)
     try:
         async with serving(app, **options) as server:
             hub = RunningHub(server, app, transport, certs)

@@ -5,5 +5,6 @@
 
 from .app import HubApp
 from .embed import Hub
+from .hooks import Connect, Context, Disconnect, Hooks, Join, Publish, Refresh, Reject
 
-__all__ = ["Hub", "HubApp"]
+__all__ = ["Connect", "Context", "Disconnect", "Hooks", "Hub", "HubApp", "Join", "Publish", "Refresh", "Reject"]

@@ -20,14 +20,18 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+import msgspec
 from .. import App, Connection, broadcast
 from .._log import get_logger
 from .._version import __version__
 from . import protocol as wire
 from .auth import AuthError, Claims, TokenVerifier, glob_match
 from .broker import Broker, BrokerError, HistoryPolicy, Member, Publication, create_broker
+from .actions import CONTROL, USER_ROOM_PREFIX, Actions
+from .hooked import HookRunner
+from .hooks import Context, Hooks
 from .metrics import HEARTBEAT_PREFIX, NODES_ROOM, HubStats, Telemetry
-from .protocol import Hello, History, Join, Leave, Ping, Presence, ProtocolError, Pub, Refresh, Send
+from .protocol import Hello, History, Join, Leave, Ping, Presence, ProtocolError, Pub, Refresh, Rpc, Send
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -41,6 +45,7 @@ BYE = {
     "idle": ("idle", True),
     "handshake_timeout": ("idle", True),
     "kicked": ("kicked", False),
+    "kicked_retry": ("kicked", True),  # a hook's Disconnect(reconnect=True)
     "slow_consumer": ("slow_consumer", True),
     "auth_expired": ("auth_expired", True),
     "too_many_errors": ("too_many_errors", False),
@@ -116,6 +121,9 @@ class Session:
         "tokens_at",
         "expiry",
         "publishing",
+        "ctx",
+        "info",
+        "room_info",
     )
 
     def __init__(self, conn: Connection) -> None:
@@ -138,9 +146,17 @@ class Session:
         #: this connection's publications in flight at a remote broker, oldest first (None
         #: when there are none): its other frames wait for them, so replies keep their order
         self.publishing: collections.deque[tuple[asyncio.Future[Publication], Pub]] | None = None
+        #: application hooks: their view of this connection (made on the first hook call),
+        #: the info on_connect set, and the info on_join set per room
+        self.ctx: Context | None = None
+        self.info: Any = msgspec.UNSET
+        self.room_info: dict[str, Any] | None = None
 
-    def member(self) -> Member:
-        return Member(client=self.client, user=self.user, name=self.name)
+    def member(self, room: str | None = None) -> Member:
+        info = self.info
+        if self.room_info is not None and room in self.room_info:
+            info = self.room_info[room]
+        return Member(client=self.client, user=self.user, name=self.name, info=info)
 
     def end_join(self, room: str) -> list[Publication | bytes]:
         """The frames held while joining ``room``; the room is no longer joining."""
@@ -217,9 +233,17 @@ class HubApp(App):
     """The real-time hub as a framework app. ``wirehub serve`` runs it; :class:`wirehub.hub.Hub`
     embeds it."""
 
-    def __init__(self, config: Config, broker: Broker | None = None) -> None:
+    def __init__(self, config: Config, broker: Broker | None = None, hooks: Hooks | None = None) -> None:
         super().__init__(framing="line", name="hub")
         self.config = config
+        #: the application's hooks (docs/hub.md); registered until the server starts
+        self.hooks = hooks if hooks is not None else Hooks()
+        self._runner: HookRunner | None = None
+        #: the server's actions (publish, send, join, disconnect...): hooks' ctx.hub, Hub's
+        self.actions = Actions(self)
+        #: whether connections are tracked by user (for send/disconnect by user): with hooks,
+        #: or embedded
+        self.route_users = False
         self.broker: Broker = broker if broker is not None else create_broker(config.broker, history_max_bytes=config.history_max_bytes)
         #: a broker that keeps rooms in this process (memory) shows them here: they count
         #: toward max_rooms with the joined ones, and a publish may create one
@@ -242,9 +266,8 @@ class HubApp(App):
         #: counters for /metrics and the dashboard (plain integers; hub/metrics.py)
         self.stats = HubStats()
         self.telemetry = Telemetry(self)
-        if self.verifier is None and not config.rate_limit:
-            # no auth and no rate limit: a bare ping needs no session, the server answers it
-            self.replies[wire.PING] = wire.PONG
+        #: True when frames before a successful hello are refused (auth, or an on_connect hook)
+        self._gate = self.verifier is not None
         self._rate = config.rate_limit
         self._heartbeat = int(config.heartbeat) if config.heartbeat == int(config.heartbeat) else config.heartbeat
         self._ops: dict[type, Callable[[Session, Any], Awaitable[None]]] = {
@@ -255,6 +278,7 @@ class HubApp(App):
             Presence: self._presence,
             History: self._history,
             Refresh: self._refresh,
+            Rpc: self._rpc,
         }
 
     def policy(self, room: str) -> RoomPolicy:
@@ -280,7 +304,20 @@ class HubApp(App):
     def handlers(self):  # type: ignore[override]
         # A local broker answers at once: handle frames inline. Otherwise let the framework
         # run each connection's frames in order in a task.
-        local = self.broker.local
+        hooks = self.hooks
+        if hooks:
+            runner = self._runner = HookRunner(self, hooks)
+            hooks.bind(self.actions)
+            self.route_users = True
+            # pub goes through the hooks' path (rooms without an on_publish hook fall back)
+            self._pub_local = runner.pub_local  # type: ignore[method-assign]
+            self._pub_pipelined = runner.pub_pipelined  # type: ignore[method-assign]
+        self._gate = self.verifier is not None or hooks.single["connect"] is not None
+        if not self._gate and not self.config.rate_limit:
+            # no auth and no rate limit: a bare ping needs no session, the server answers it
+            self.replies[wire.PING] = wire.PONG
+        # A hook that awaits (async, or blocking in the pool) needs the task too.
+        local = self.broker.local and not hooks.need_task
         self.connect = self._connect_inline if local else self._connect_async  # type: ignore[method-assign]
         self.frame = self._frame_inline if local else self._frame_async  # type: ignore[method-assign]
         self.disconnect = self._disconnect_inline if local else self._disconnect_async  # type: ignore[method-assign]
@@ -309,7 +346,7 @@ class HubApp(App):
     def _new_session(self, conn: Connection) -> Session:
         session = Session(conn)
         conn.idle_timeout = self.config.hello_timeout
-        if self.verifier is not None:
+        if self._gate:
             # auth on: hello within hello_timeout of connecting, whatever else comes meanwhile
             conn.set_deadline(self.config.hello_timeout)
         self.sessions[session.client] = session
@@ -391,7 +428,7 @@ class HubApp(App):
             return
         # the hot paths, ping and pub, without a coroutine
         if kind is Ping:
-            if self.verifier is None or session.greeted or not self._needs_hello(session, cmd.ref):
+            if not self._gate or session.greeted or not self._needs_hello(session, cmd.ref):
                 conn.send(wire.pong(cmd.ref))
             return
         try:
@@ -455,7 +492,7 @@ class HubApp(App):
         return True
 
     def _needs_hello(self, session: Session, ref: Any) -> bool:
-        if self.verifier is not None and not session.greeted:
+        if self._gate and not session.greeted:
             self._error(session, "unauthorized", 'authentication is on: send {"op":"hello","token":...} first', ref)
             return True
         return False
@@ -499,19 +536,31 @@ class HubApp(App):
             self._arm_expiry(s)
         else:
             s.name = cmd.name
+        accepted = None
+        hook = self.hooks.single["connect"]
+        if hook is not None:
+            assert self._runner is not None
+            accepted = await self._runner.connect(s, cmd, hook)
+            if accepted is None or s.greeted or not s.conn.open:
+                return  # refused (the client was told), or another hello won meanwhile
         s.greeted = True
         s.conn.idle_timeout = self.config.idle_timeout
         if self.verifier is not None:
             s.conn.set_deadline(None)
-        s.conn.send(
-            wire.with_ref(
-                {"op": "welcome", "client": s.client, "user": s.user, "heartbeat": self._heartbeat, "server": f"wirehub/{__version__}"},
-                cmd.ref,
-            )
-        )
+        welcome = {"op": "welcome", "client": s.client, "user": s.user, "heartbeat": self._heartbeat, "server": f"wirehub/{__version__}"}
+        if accepted is not None and accepted.data is not None:
+            welcome["data"] = accepted.data
+        s.conn.send(wire.with_ref(welcome, cmd.ref))
+        if self.route_users:
+            await self.actions.track_user(s)
+        if accepted is not None and accepted.rooms:
+            await self._runner.connected(s, accepted)  # type: ignore[union-attr]
 
     async def _refresh(self, s: Session, cmd: Refresh) -> None:
         if self._needs_hello(s, cmd.ref):
+            return
+        hook = self.hooks.single["refresh"]
+        if hook is not None and await self._runner.refresh(s, cmd, hook):  # type: ignore[union-attr]
             return
         if self.verifier is None:
             s.conn.send(wire.with_ref({"op": "refreshed", "exp": None}, cmd.ref))
@@ -542,12 +591,16 @@ class HubApp(App):
             return None
 
     def _arm_expiry(self, s: Session) -> None:
+        self._arm_expiry_at(s, s.claims.exp if s.claims is not None else None)
+
+    def _arm_expiry_at(self, s: Session, exp: float | None) -> None:
+        """Close ``s`` with ``auth_expired`` at Unix time ``exp`` (None: never)."""
         if s.expiry is not None:
             s.expiry.cancel()
             s.expiry = None
-        if s.claims is None or s.claims.exp is None or self.server is None or self.server.loop is None:
+        if exp is None or self.server is None or self.server.loop is None:
             return
-        delay = max(0.0, s.claims.exp - time.time())
+        delay = max(0.0, exp - time.time())
         s.expiry = self.server.loop.call_later(delay, self._expired, s)
 
     def _expired(self, s: Session) -> None:
@@ -555,15 +608,28 @@ class HubApp(App):
         log.info("auth_expired", conn=s.client, user=s.user)
         s.conn.close("auth_expired")
 
-    async def _join(self, s: Session, cmd: Join) -> None:
-        if self._needs_hello(s, cmd.ref):
+    async def _join(self, s: Session, cmd: Join, *, by_server: bool = False) -> None:
+        """``join``; ``by_server``: a join the application made (no token check, no hook)."""
+        if not by_server and self._needs_hello(s, cmd.ref):
             return
         name = cmd.room
-        if s.claims is not None and not s.claims.may_join(name):
+        if not by_server and s.claims is not None and not s.claims.may_join(name):
             self._error(s, "forbidden", f"your token does not allow joining {name!r}", cmd.ref)
             return
         if name not in s.rooms and self._room_refused(s, name, cmd.ref, joining=True):
             return
+        accepted = None
+        hook = self.hooks.find("join", name) if self._runner is not None and not by_server else None
+        if hook is not None:
+            accepted = await self._runner.join(s, cmd, hook)  # type: ignore[union-attr]
+            if accepted is None or not s.conn.open:
+                return
+            if accepted.info is not None:
+                if s.room_info is None:
+                    s.room_info = {}
+                s.room_info[name] = accepted.info
+            elif s.room_info is not None:
+                s.room_info.pop(name, None)
         room = self.rooms.get(name)
         if room is None:
             room = self.rooms[name] = Room(name)
@@ -605,9 +671,10 @@ class HubApp(App):
             raise
         conn = s.conn
         self.stats.joins += 1
-        conn.send(
-            wire.with_ref({"op": "joined", "room": name, "seq": position.seq, "epoch": position.epoch, "recovered": recovered}, cmd.ref)
-        )
+        joined = {"op": "joined", "room": name, "seq": position.seq, "epoch": position.epoch, "recovered": recovered}
+        if accepted is not None and accepted.data is not None:
+            joined["data"] = accepted.data
+        conn.send(wire.with_ref(joined, cmd.ref))
         last = position.seq
         sent = self._replay(s, room, backlog) if backlog else 0
         if sent:
@@ -623,7 +690,7 @@ class HubApp(App):
         backlog = []
         conn.idle_timeout = self.config.idle_timeout
         if policy.presence and not rejoin:
-            member = s.member()
+            member = s.member(name)
             await self.broker.presence_add(name, member)
             await self.broker.room_event(name, self._presence_event("join", name, member), exclude=s.client)
 
@@ -722,12 +789,16 @@ class HubApp(App):
         self.stats.leaves += 1
         room.changed()
         if self.policy(name).presence:
-            member = s.member()
+            member = s.member(name)
             await self.broker.presence_remove(name, s.client)
             await self.broker.room_event(name, self._presence_event("leave", name, member), exclude=s.client)
+        if s.room_info is not None:
+            s.room_info.pop(name, None)
         if not room.members and self.rooms.get(name) is room:  # another leave may have won the race
             del self.rooms[name]
             await self.broker.unsubscribe(name)
+        if self._runner is not None:
+            await self._runner.left(s, name)  # on_leave
 
     def _drop_room_if_empty(self, room: Room) -> None:
         if not room.members and self.rooms.get(room.name) is room:
@@ -735,7 +806,7 @@ class HubApp(App):
 
     def _pub_data(self, s: Session, cmd: Pub) -> bytes | None:
         """The data of a ``pub`` the client may send, or None once it was told why not."""
-        if self.verifier is not None and not s.greeted and self._needs_hello(s, cmd.ref):
+        if self._gate and not s.greeted and self._needs_hello(s, cmd.ref):
             return None
         if s.claims is not None and not s.claims.may_publish(cmd.room):
             self._error(s, "forbidden", f"your token does not allow publishing to {cmd.room!r}", cmd.ref)
@@ -752,7 +823,7 @@ class HubApp(App):
         """``pub`` on a local broker: published (and fanned out) now."""
         room = cmd.room
         table = self._room_table
-        if table is not None and room in table and (self.verifier is None or (s.claims is not None and s.claims.may_publish(room))):
+        if table is not None and room in table and (not self._gate or s.greeted) and (s.claims is None or s.claims.may_publish(room)):
             # the common case, a room that exists and a client who may: only the data to check
             data = wire.data_bytes(cmd.data)
             if type(data) is str:
@@ -770,23 +841,27 @@ class HubApp(App):
         if cmd.ref is not None:
             s.conn.send(wire.ok(cmd.ref, pub.seq))
 
-    async def _pub_pipelined(self, s: Session, cmd: Pub) -> None:
+    async def _pub_pipelined(self, s: Session, cmd: Pub, data: bytes | None = None, info: bytes | None = None) -> None:
         """``pub`` on a remote broker: started without waiting for the broker's answer, so a
         connection's publications travel together (one pipeline per event-loop turn) instead
         of one round trip each. The broker applies them in call order; the acks go out in
         that order too, even when the broker answers rooms out of order. A connection keeps
         at most PUB_WINDOW in flight (and the node PUB_IN_FLIGHT): beyond that its frames
-        wait, and its reads pause."""
-        data = self._pub_data(s, cmd)
+        wait, and its reads pause. (``data`` and ``info``: what an on_publish hook answered.)"""
         if data is None:
-            self.stats.pub_refused += 1
-            return
+            data = self._pub_data(s, cmd)
+            if data is None:
+                self.stats.pub_refused += 1
+                return
         broker = self.broker
         while (window := s.publishing) and (len(window) >= PUB_WINDOW or broker.in_flight >= PUB_IN_FLIGHT):
             await asyncio.wait((window[0][0],))  # its answer takes it out of the window
         if window is None:
             window = s.publishing = collections.deque()
-        future = broker.publish_nowait(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy(cmd.room).history)
+        if info is None:
+            future = broker.publish_nowait(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy(cmd.room).history)
+        else:
+            future = broker.publish_nowait(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy(cmd.room).history, info=info)
         window.append((future, cmd))
         future.add_done_callback(functools.partial(self._published, s))
 
@@ -882,17 +957,25 @@ class HubApp(App):
         tail = b'],"more":true}' if len(frames) < len(pubs) else b"]}"
         s.conn.send(head + b',"messages":[' + b",".join(frames) + tail)
 
+    async def _rpc(self, s: Session, cmd: Rpc) -> None:
+        if self._runner is None:
+            if not self._needs_hello(s, cmd.ref):
+                self._error(s, "no_such_method", f"no rpc method {cmd.method!r} on this server", cmd.ref)
+            return
+        await self._runner.rpc(s, cmd)
+
     # ------------------------------------------------------------------ broker callbacks
 
     def _msg(self, room: Room, pub: Publication) -> bytes:
         sender = self.sessions.get(pub.sender)
         sender_json = sender.client_json if sender is not None else wire.json_str(pub.sender)
-        return wire.room_msg(room.name_json, pub.seq, sender_json, bytes(pub.data), pub.ts)
+        frame = wire.room_msg(room.name_json, pub.seq, sender_json, bytes(pub.data), pub.ts)
+        return frame if pub.info is None else wire.with_info(frame, pub.info)  # info: set by a hook
 
     def on_publication(self, pub: Publication) -> None:
         room = self.rooms.get(pub.room)
         if room is not None:
-            self._broadcast(room, self._msg(room, pub), pub=pub)
+            self._broadcast(room, self._msg(room, pub), exclude=pub.exclude, pub=pub)
 
     def on_room_event(self, room_name: str, frame: bytes, exclude: str = "") -> None:
         if room_name == NODES_ROOM and frame.startswith(HEARTBEAT_PREFIX):
@@ -901,6 +984,8 @@ class HubApp(App):
         room = self.rooms.get(room_name)
         if room is not None:
             self._broadcast(room, frame, exclude=exclude)
+        elif self.route_users and room_name[:1] == "\x00":  # a user's connections (actions.py)
+            self.actions.user_event(room_name[len(USER_ROOM_PREFIX) :], frame)
 
     def _broadcast(self, room: Room, frame: bytes, *, exclude: str = "", pub: Publication | None = None) -> None:
         """Write ``frame`` to every local member of ``room``, encoded once per framing.
@@ -918,26 +1003,32 @@ class HubApp(App):
     def on_direct(self, client: str, frame: bytes) -> None:
         s = self.sessions.get(client)
         if s is not None:
-            s.conn.send(frame)
+            if frame[:1] == CONTROL:  # a server action from another node (actions.py)
+                self.actions.run_control(s, frame)
+            else:
+                s.conn.send(frame)
 
     def on_broker_state(self, up: bool) -> None:
         log.warning("broker_state", up=up)
 
     def _presence_event(self, op: str, room: str, member: Member) -> bytes:
-        return wire.encode({"op": op, "room": room, "client": member.client, "user": member.user, "name": member.name})
+        event = {"op": op, "room": room, "client": member.client, "user": member.user, "name": member.name}
+        if member.info is not msgspec.UNSET:
+            event["info"] = member.info
+        return wire.encode(event)
 
     # ------------------------------------------------------------------ disconnect
 
     def _disconnect_inline(self, conn: Connection, reason: str) -> None:
-        _drive(self._cleanup(conn))
+        _drive(self._cleanup(conn, reason))
 
     async def _disconnect_async(self, conn: Connection, reason: str) -> None:
         try:
-            await self._cleanup(conn)
+            await self._cleanup(conn, reason)
         except BrokerError as exc:
             log.warning("broker_error", op="disconnect", error=str(exc))
 
-    async def _cleanup(self, conn: Connection) -> None:
+    async def _cleanup(self, conn: Connection, reason: str = "closed") -> None:
         s: Session | None = self.sessions.get(conn.id)
         if s is None:
             return
@@ -947,6 +1038,10 @@ class HubApp(App):
             for name in list(s.rooms):
                 await self._part(s, name)
             await self.broker.remove_client(s.client)
+            if self.route_users:
+                await self.actions.untrack_user(s)
+            if self._runner is not None and (s.greeted or not self._gate):
+                await self._runner.disconnected(s, BYE.get(reason, (reason, True))[0])  # on_disconnect
         finally:
             self.sessions.pop(s.client, None)
             if not self.sessions and self._all_gone is not None:

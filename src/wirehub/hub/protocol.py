@@ -22,6 +22,12 @@ MAX_NAME_LENGTH = 64
 #: checked by the decoder itself (in C), with the messages ``_explain`` gives
 RoomName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ROOM_LENGTH)]
 ClientId = Annotated[str, msgspec.Meta(min_length=1)]
+MAX_METHOD_LENGTH = 200
+MethodName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_METHOD_LENGTH)]
+
+
+#: ``data`` a client left out (an optional ``data`` is raw JSON like a given one)
+NULL = msgspec.Raw(b"null")
 
 
 class _Frame(msgspec.Struct, tag_field="op", kw_only=True):
@@ -31,12 +37,14 @@ class _Frame(msgspec.Struct, tag_field="op", kw_only=True):
 class Hello(_Frame, tag="hello"):
     token: str | None = None
     name: str | None = None
+    data: msgspec.Raw = NULL  # for the application's on_connect hook
 
 
 class Join(_Frame, tag="join"):
     room: RoomName
     since: int | None = None
     epoch: str | None = None
+    data: msgspec.Raw = NULL  # for the application's on_join hook
 
 
 class Leave(_Frame, tag="leave"):
@@ -71,8 +79,13 @@ class Ping(_Frame, tag="ping"):
     pass
 
 
-Command = Union[Hello, Join, Leave, Pub, Send, Presence, History, Refresh, Ping]
-OPS = frozenset(("hello", "join", "leave", "pub", "send", "presence", "history", "refresh", "ping"))
+class Rpc(_Frame, tag="rpc"):
+    method: MethodName
+    data: msgspec.Raw = NULL
+
+
+Command = Union[Hello, Join, Leave, Pub, Send, Presence, History, Refresh, Ping, Rpc]
+OPS = frozenset(("hello", "join", "leave", "pub", "send", "presence", "history", "refresh", "ping", "rpc"))
 
 class ProtocolError(msgspec.Struct, frozen=True):
     code: str  # bad_frame | unknown_op
@@ -136,6 +149,8 @@ def _explain(frame: bytes, exc: Exception) -> ProtocolError:
     detail = str(exc)
     if detail.endswith("- at `$.room`") and "length" in detail:
         return ProtocolError("bad_frame", f"'room' must be 1 to {MAX_ROOM_LENGTH} characters", ref)
+    if detail.endswith("- at `$.method`") and "length" in detail:
+        return ProtocolError("bad_frame", f"'method' must be 1 to {MAX_METHOD_LENGTH} characters", ref)
     if detail.endswith("- at `$.to`") and "length" in detail:
         return ProtocolError("bad_frame", "'to' must be a client id", ref)
     detail = detail.replace("`$.", "`")
@@ -192,8 +207,29 @@ def room_msg(room_json: bytes, seq: int, sender_json: bytes, data: bytes, ts: in
     )
 
 
+def ephemeral_msg(room_json: bytes, sender_json: bytes, data: bytes, ts: int) -> bytes:
+    """A publication kept out of history: ``msg`` without ``seq``."""
+    return b"".join((b'{"op":"msg","room":', room_json, b',"from":', sender_json, b',"data":', data, b',"ts":', str(ts).encode(), b"}"))
+
+
 def direct_msg(sender_json: bytes, data: bytes) -> bytes:
     return b"".join((b'{"op":"msg","from":', sender_json, b',"data":', data, b"}"))
+
+
+def server_msg(data: bytes) -> bytes:
+    """``{"op":"msg","data":ANY}``: a message the server itself sends one client (no ``from``)."""
+    return b'{"op":"msg","data":' + data + b"}"
+
+
+def with_info(frame: bytes, info: bytes | None) -> bytes:
+    """``frame`` (a JSON object) with ``"info":INFO`` added when ``info`` (raw JSON) is set."""
+    return frame if info is None else frame[:-1] + b',"info":' + info + b"}"
+
+
+def result(ref: Ref, data: bytes) -> bytes:
+    """``{"op":"result","ref":REF,"data":ANY}``: an rpc's answer (``data`` is raw JSON)."""
+    head = b'{"op":"result"' if ref is None else b'{"op":"result","ref":' + _encoder.encode(ref)
+    return head + b',"data":' + data + b"}"
 
 
 # --------------------------------------------------------------------- UDP address validation

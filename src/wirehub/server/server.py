@@ -124,6 +124,7 @@ class Server:
         loop = self.loop = asyncio.get_running_loop()
         if self._stop is None:
             self._stop = asyncio.Event()
+        self.app.blocking_pool.threads = self.config.blocking_threads
         self.ctx = Context(loop, self.app.handlers(), settings_from(self.config), self.registry)
         await _maybe_await(self.app.startup(self))
         endpoints = self._endpoints if self._endpoints is not None else bind_all(self.config)
@@ -265,6 +266,7 @@ class Server:
             await asyncio.wait_for(_maybe_await(self.app.shutdown(self)), timeout=max(0.1, deadline - loop.time()) if not self._forced else 0.5)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             log.warning("app_shutdown_timeout")
+        self.app.blocking_pool.close()
         log.info("stopped", aborted=remaining, forced=self._forced)
 
     async def _drain_connections(self, deadline: float) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -34,7 +34,7 @@ class Position(msgspec.Struct, frozen=True):
     epoch: str
 
 
-class Publication(msgspec.Struct, frozen=True):
+class Publication(msgspec.Struct, frozen=True, omit_defaults=True):
     """One message published to a room, as history keeps it and fan-out carries it."""
 
     room: str
@@ -43,14 +43,21 @@ class Publication(msgspec.Struct, frozen=True):
     data: msgspec.Raw  # the JSON of the ``data`` value, exactly as the publisher sent it
     sender: str  # client id, or "" for a backend publish
     ts: int  # server time, ms since the Unix epoch
+    #: what an application hook attached (raw JSON, the ``msg``'s ``info``), or None
+    info: bytes | None = None
+    #: a client that does not get it live (a server-side publish with ``exclude``), or ""
+    exclude: str = ""
 
 
 class Member(msgspec.Struct, frozen=True):
-    """A presence entry: one client in one room."""
+    """A presence entry: one client in one room. ``info`` is what an application hook set
+    (any JSON value); it is left out of frames and stored entries when unset, so entries
+    stored before it existed read back the same."""
 
     client: str
     user: str
     name: str | None = None
+    info: Any = msgspec.UNSET
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +112,13 @@ class Broker(Protocol):
     async def unsubscribe(self, room: str) -> None:
         """Stop delivering ``room`` to this node (last local member left)."""
 
-    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
+    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> Publication:
         """Append to ``room``'s stream (assigning the next ``seq``) and deliver it to every
         subscribed node. Raises :class:`BrokerError` when that cannot be done; never drops
-        silently."""
+        silently. ``info`` and ``exclude`` are kept with it (:class:`Publication`); a
+        publication without them is stored as before they existed."""
 
-    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> asyncio.Future[Publication]:
+    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> asyncio.Future[Publication]:
         """Start :meth:`publish` now and return its future, without waiting for the broker.
 
         Publications started on one node are applied in the order of these calls (for one
@@ -159,17 +167,17 @@ class ChainedPublish:
     in_flight = 0
     _tail: asyncio.Future[Publication] | None = None
 
-    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
+    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> Publication:
         raise NotImplementedError
 
-    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> asyncio.Future[Publication]:
+    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> asyncio.Future[Publication]:
         before = self._tail
 
         async def run() -> Publication:
             if before is not None and not before.done():
                 await asyncio.wait((before,))
             try:
-                return await self.publish(room, data, sender=sender, ts=ts, history=history)
+                return await self.publish(room, data, sender=sender, ts=ts, history=history, info=info, exclude=exclude)
             finally:
                 self.in_flight -= 1
 

@@ -223,14 +223,17 @@ class MemoryBroker:
         if stream is not None and not stream.items:
             self._forget(room, stream)
 
-    def publish_now(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
+    def publish_now(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> Publication:
         """:meth:`publish` without a coroutine (a local broker's; the hub's hot path)."""
         stream = self._streams.get(room)
         if stream is None:
             stream = self._stream(room)
         seq = stream.seq = stream.seq + 1
         raw = data if type(data) is msgspec.Raw else msgspec.Raw(data)
-        pub = Publication(room=room, seq=seq, epoch=stream.epoch, data=raw, sender=sender, ts=ts)
+        if info is None and not exclude:
+            pub = Publication(room=room, seq=seq, epoch=stream.epoch, data=raw, sender=sender, ts=ts)
+        else:
+            pub = Publication(room=room, seq=seq, epoch=stream.epoch, data=raw, sender=sender, ts=ts, info=info, exclude=exclude)
         size = history.size
         ttl_ms = stream.ttl_ms = int(history.ttl * 1000)
         items = stream.items
@@ -256,16 +259,16 @@ class MemoryBroker:
             self._handler.on_publication(pub)
         return pub
 
-    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> asyncio.Future[Publication]:
+    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> asyncio.Future[Publication]:
         future: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
         try:
-            future.set_result(self.publish_now(room, data, sender=sender, ts=ts, history=history))
+            future.set_result(self.publish_now(room, data, sender=sender, ts=ts, history=history, info=info, exclude=exclude))
         except Exception as exc:
             future.set_exception(exc)
         return future
 
-    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
-        return self.publish_now(room, data, sender=sender, ts=ts, history=history)
+    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> Publication:
+        return self.publish_now(room, data, sender=sender, ts=ts, history=history, info=info, exclude=exclude)
 
     async def room_event(self, room: str, frame: bytes, *, exclude: str = "") -> None:
         if room in self._subscribed and self._handler is not None:

@@ -165,6 +165,9 @@ class _Head(msgspec.Struct, array_like=True, frozen=True):
     ts: int
     pid: str
     parts: list[tuple[str, int, int]] | None = None
+    #: ``[info, exclude]`` of every publication, oldest first, when an application hook set
+    #: them on one of them (``info`` the raw JSON as text, "" for none)
+    extra: list[tuple[str, str]] | None = None
 
 
 _head_decoder = msgspec.json.Decoder(_Head)
@@ -181,6 +184,7 @@ class _Entry(msgspec.Struct, frozen=True):
     name: str | None
     node: str
     inc: str
+    info: Any = msgspec.UNSET  # set by an application hook (left out when unset)
 
 
 class _Lease(msgspec.Struct, frozen=True):
@@ -231,16 +235,24 @@ def _decode_pubs(body: bytes) -> tuple[list[Publication], _Head]:
     """The publications a history message holds, oldest first, and its head."""
     raw_head, _, data = body.partition(b"\n")
     h = _head_decoder.decode(raw_head)
+    extra = h.extra
     if h.parts is None:
+        if extra:
+            info, exclude = extra[0]
+            return [Publication(h.room, h.seq, h.epoch, msgspec.Raw(data), h.sender, h.ts, info.encode() or None, exclude)], h
         return [Publication(h.room, h.seq, h.epoch, msgspec.Raw(data), h.sender, h.ts)], h
     if not h.parts or any(size < 0 for _, _, size in h.parts) or sum(size for _, _, size in h.parts) != len(data):
         raise ValueError(f"a history message of {h.room!r} does not hold the publications its head lists")
     seq = h.seq - len(h.parts)
     offset = 0
     pubs = []
-    for sender, ts, size in h.parts:
+    for i, (sender, ts, size) in enumerate(h.parts):
         seq += 1
-        pubs.append(Publication(h.room, seq, h.epoch, msgspec.Raw(data[offset : offset + size]), sender, ts))
+        if extra and i < len(extra):
+            info, exclude = extra[i]
+            pubs.append(Publication(h.room, seq, h.epoch, msgspec.Raw(data[offset : offset + size]), sender, ts, info.encode() or None, exclude))
+        else:
+            pubs.append(Publication(h.room, seq, h.epoch, msgspec.Raw(data[offset : offset + size]), sender, ts))
         offset += size
     return pubs, h
 
@@ -248,9 +260,11 @@ def _decode_pubs(body: bytes) -> tuple[list[Publication], _Head]:
 class _Pending:
     """One publication started on this node and not answered yet."""
 
-    __slots__ = ("raw", "size", "sender", "ts", "history", "future")
+    __slots__ = ("raw", "size", "sender", "ts", "history", "future", "extra")
 
-    def __init__(self, raw: msgspec.Raw, sender: str, ts: int, history: HistoryPolicy, future: asyncio.Future[Publication]) -> None:
+    def __init__(self, raw: msgspec.Raw, sender: str, ts: int, history: HistoryPolicy, future: asyncio.Future[Publication],
+                 extra: tuple[str, str] | None = None) -> None:
+        self.extra = extra  # (info as text, exclude) when a hook set them
         self.raw = raw
         self.size = len(raw)
         self.sender = sender
@@ -944,7 +958,7 @@ class NatsBroker:
 
     # ------------------------------------------------------------------ rooms: publish
 
-    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> asyncio.Future[Publication]:
+    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> asyncio.Future[Publication]:
         future: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
         try:
             self._conn()
@@ -961,12 +975,13 @@ class NatsBroker:
         if box is None:
             box = self._outboxes[room] = _Outbox(room, self._room_subject(room))
             box.task = self._spawn(self._send_room(box), "publish")
-        box.queue.append(_Pending(raw, sender, ts, history, future))
+        extra = None if info is None and not exclude else ((info or b"").decode(), exclude)
+        box.queue.append(_Pending(raw, sender, ts, history, future, extra))
         self.in_flight += 1
         return future
 
-    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
-        return await self.publish_nowait(room, data, sender=sender, ts=ts, history=history)
+    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> Publication:
+        return await self.publish_nowait(room, data, sender=sender, ts=ts, history=history, info=info, exclude=exclude)
 
     def _answer(self, item: _Pending, pub: Publication | None, exc: BaseException | None = None) -> None:
         self.in_flight -= 1
@@ -1036,6 +1051,7 @@ class NatsBroker:
         count = len(batch)
         last = batch[-1]
         parts = None if count == 1 else [(item.sender, item.ts, item.size) for item in batch]
+        extra = None if all(item.extra is None for item in batch) else [item.extra or ("", "") for item in batch]
         pid = secrets.token_hex(8)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
@@ -1063,7 +1079,8 @@ class NatsBroker:
                             return self._numbered(box, stored.seq - count, stored.epoch)
                 stream_seq, seq, epoch, chain = head
                 fields: tuple[Any, ...] = (room, seq + count, epoch, last.sender, last.ts, pid)
-                body = b"".join([_encode(fields if parts is None else (*fields, parts)), b"\n", *(item.raw for item in batch)])
+                head_fields = fields if parts is None and extra is None else (*fields, parts) if extra is None else (*fields, parts, extra)
+                body = b"".join([_encode(head_fields), b"\n", *(item.raw for item in batch)])
                 box.sent = True
                 ack = await self._js_send(subject, body, {"Nats-Expected-Last-Subject-Sequence": str(stream_seq)})
             except _ApiError as exc:  # a definite answer: this attempt was not stored
@@ -1111,7 +1128,12 @@ class NatsBroker:
 
     @staticmethod
     def _numbered(box: _Outbox, after: int, epoch: str) -> list[Publication]:
-        return [Publication(box.room, after + i, epoch, item.raw, item.sender, item.ts) for i, item in enumerate(box.batch, 1)]
+        return [
+            Publication(box.room, after + i, epoch, item.raw, item.sender, item.ts)
+            if item.extra is None
+            else Publication(box.room, after + i, epoch, item.raw, item.sender, item.ts, item.extra[0].encode() or None, item.extra[1])
+            for i, item in enumerate(box.batch, 1)
+        ]
 
     async def _trim(self, room: str, request: dict[str, Any]) -> None:
         try:
@@ -1256,7 +1278,7 @@ class NatsBroker:
         members = list(self._presence.items())
         writes = [(self._client_subject(c), _encode(_ClientEntry(self.node_id, self._direct_subject))) for c in clients]
         writes += [
-            (self._presence_subject(room, client), _encode(_Entry(room, m.client, m.user, m.name, self.node_id, self._inc)))
+            (self._presence_subject(room, client), _encode(_Entry(room, m.client, m.user, m.name, self.node_id, self._inc, m.info)))
             for (room, client), m in members
         ]
         for i in range(0, len(writes), _RESYNC_BATCH):
@@ -1349,7 +1371,7 @@ class NatsBroker:
         subject = self._presence_subject(room, member.client)
         self._pending_purges.pop(subject, None)
         self._conn()
-        entry = _Entry(room, member.client, member.user, member.name, self.node_id, self._inc)
+        entry = _Entry(room, member.client, member.user, member.name, self.node_id, self._inc, member.info)
         await self._kv_put(subject, _encode(entry))
 
     async def presence_remove(self, room: str, client: str) -> None:
@@ -1385,7 +1407,7 @@ class NatsBroker:
     async def presence(self, room: str) -> list[Member]:
         self._conn()
         prefix = f"$KV.{self._presence_bucket}.{_token(room)}.*"
-        return [Member(client=e.client, user=e.user, name=e.name) for e in await self._entries(prefix) if e.room == room]
+        return [Member(client=e.client, user=e.user, name=e.name, info=e.info) for e in await self._entries(prefix) if e.room == room]
 
     # ------------------------------------------------------------------ rooms
 

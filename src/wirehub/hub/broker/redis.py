@@ -258,12 +258,24 @@ return 0
 # -- encoding ----------------------------------------------------------------------------------
 
 _encode = msgspec.msgpack.Encoder().encode
-_decode_body = msgspec.msgpack.Decoder(tuple[str, str, int, bytes]).decode  # room, sender, ts, data
+class _Body(msgspec.Struct, array_like=True, frozen=True):
+    """A publication as stored and fanned out: [room, sender, ts, data], plus [info,
+    exclude] when an application hook set them (older entries have four items)."""
+
+    room: str
+    sender: str
+    ts: int
+    data: bytes
+    info: bytes | None = None
+    exclude: str = ""
+
+
+_decode_body = msgspec.msgpack.Decoder(_Body).decode
 _decode_pair = msgspec.msgpack.Decoder(tuple[str, bytes]).decode
 _decode_member = msgspec.msgpack.Decoder(Member).decode
 
 
-_decode_batch = msgspec.msgpack.Decoder(list[tuple[str, str, int, bytes]]).decode
+_decode_batch = msgspec.msgpack.Decoder(list[_Body]).decode
 #: publications one batch (one stream entry, one pub/sub message) carries at most, and data bytes
 BATCH_PUBLICATIONS = 512
 BATCH_BYTES = 256 * 1024
@@ -275,8 +287,8 @@ def _unpack(last: int, n: int, blob: bytes, epoch: str) -> list[Publication]:
         return [_publication(blob, last, epoch)]
     first = last - n + 1
     return [
-        Publication(room=room, seq=first + k, epoch=epoch, data=msgspec.Raw(data), sender=sender, ts=ts)
-        for k, (room, sender, ts, data) in enumerate(_decode_batch(blob))
+        Publication(room=b.room, seq=first + k, epoch=epoch, data=msgspec.Raw(b.data), sender=b.sender, ts=b.ts, info=b.info, exclude=b.exclude)
+        for k, b in enumerate(_decode_batch(blob))
     ]
 
 
@@ -296,14 +308,14 @@ class _Batch:
     def __init__(self, room: str, history: HistoryPolicy) -> None:
         self.room = room
         self.history = history
-        self.bodies: list[tuple[str, str, int, bytes]] = []
+        self.bodies: list[tuple[Any, ...]] = []  # [room, sender, ts, data(, info, exclude)]
         self.answers: list[tuple[asyncio.Future[Publication], msgspec.Raw]] = []
         self.size = 0
 
 
 def _publication(body: bytes, seq: int, epoch: str) -> Publication:
-    room, sender, ts, data = _decode_body(body)
-    return Publication(room=room, seq=seq, epoch=epoch, data=msgspec.Raw(data), sender=sender, ts=ts)
+    b = _decode_body(body)
+    return Publication(room=b.room, seq=seq, epoch=epoch, data=msgspec.Raw(b.data), sender=b.sender, ts=b.ts, info=b.info, exclude=b.exclude)
 
 
 def _seq_of(entry_id: bytes) -> int:
@@ -601,7 +613,7 @@ class RedisBroker:
                 except ValueError:
                     pass
 
-    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> asyncio.Future[Publication]:
+    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> asyncio.Future[Publication]:
         """Queue a publication: the publications of one room in one event-loop turn go to
         Redis as one batch (one EVALSHA, one stream entry, one message to the subscribed
         nodes), every batch of the turn in one write on the auto-pipelined connection. Redis
@@ -619,7 +631,8 @@ class RedisBroker:
                 asyncio.get_running_loop().call_soon(self._send_batches)
             batch = batches[room] = _Batch(room, history)
         body = bytes(raw)
-        batch.bodies.append((room, sender, ts, body))
+        # an application hook's info and exclude, when set, make it [room, sender, ts, data, info, exclude]
+        batch.bodies.append((room, sender, ts, body, info, exclude) if info is not None or exclude else (room, sender, ts, body))
         batch.answers.append((future, raw))
         batch.size += len(body)
         self.in_flight += 1
@@ -655,9 +668,13 @@ class RedisBroker:
             last, epoch_b = reply
             epoch = epoch_b.decode()
             first = int(last) - n + 1
-            for k, ((future, raw), (_, sender, sent_ts, _)) in enumerate(zip(answers, bodies)):
+            for k, ((future, raw), body) in enumerate(zip(answers, bodies)):
                 if not future.done():
-                    future.set_result(Publication(room=room, seq=first + k, epoch=epoch, data=raw, sender=sender, ts=sent_ts))
+                    if len(body) == 4:
+                        pub = Publication(room=room, seq=first + k, epoch=epoch, data=raw, sender=body[1], ts=body[2])
+                    else:
+                        pub = Publication(room=room, seq=first + k, epoch=epoch, data=raw, sender=body[1], ts=body[2], info=body[4], exclude=body[5])
+                    future.set_result(pub)
 
         cmd = self._cmd
         if cmd is None:
@@ -681,8 +698,8 @@ class RedisBroker:
             self._channel(room),
         )
 
-    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy) -> Publication:
-        future = self.publish_nowait(room, data, sender=sender, ts=ts, history=history)
+    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> Publication:
+        future = self.publish_nowait(room, data, sender=sender, ts=ts, history=history, info=info, exclude=exclude)
         try:
             async with asyncio.timeout(self._timeout):
                 return await asyncio.shield(future)
