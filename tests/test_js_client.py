@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_every_test_file_is_run():
-    assert set(FILES) >= {"basic.test.js", "reconnect.test.js", "kick.test.js", "auth.test.js", "timeout.test.js", "size.test.js", "types.test.js"}
+    assert set(FILES) >= {"basic.test.js", "reconnect.test.js", "kick.test.js", "auth.test.js", "timeout.test.js", "size.test.js", "types.test.js", "rpc.test.js"}
 
 
 @pytest.mark.parametrize("name", FILES)

@@ -252,13 +252,17 @@ class HookRunner:
             return
         data = app._pub_data(s, cmd)
         if data is None:
+            app.stats.pub_refused += 1
             return
         answer = self.call_now(hook, s, cmd.ref, cmd.room, decode(data))
         if answer is FAILED:
+            app.stats.pub_refused += 1
             return
         out = self._published_data(hook, s, cmd, data, answer)
         if out is None:
+            app.stats.pub_refused += 1
             return
+        app.stats.published += 1
         data, keep, info = out
         if not keep:
             _drive(self.actions.publish_ephemeral(s, cmd.room, data, info))
@@ -279,14 +283,15 @@ class HookRunner:
             return
         data = app._pub_data(s, cmd)
         if data is None:
+            app.stats.pub_refused += 1
             return
         answer = await self.call(hook, s, cmd.ref, cmd.room, decode(data))
-        if answer is FAILED:
-            return
-        out = self._published_data(hook, s, cmd, data, answer)
-        if out is None:
+        if answer is FAILED or (out := self._published_data(hook, s, cmd, data, answer)) is None:
+            app.stats.pub_refused += 1
             return
         data, keep, info = out
+        if not keep:
+            app.stats.published += 1  # kept publications are counted when the broker answers
         if keep:
             await type(app)._pub_pipelined(app, s, cmd, data, info)
             return
