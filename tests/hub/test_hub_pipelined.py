@@ -129,3 +129,17 @@ async def test_a_broker_failure_mid_stream_answers_every_publication(tmp_path):
             assert set(acked) <= {p.seq for p in held.publications}
     finally:
         await own.stop()
+
+
+@pytest.mark.one_loop
+async def test_a_refused_publication_is_answered_in_its_place(remote):
+    """A pub refused by the hub itself (its data cannot be relayed) while earlier ones are in
+    flight at the broker: its error comes after their acks, before the later ones'."""
+    async with hub_server("ws", broker=remote) as hub:
+        pub = await hub.greeted()
+        await pub.send({"op": "pub", "room": "r", "data": 1, "ref": 1})
+        await pub.send_raw(b'{"op":"pub","room":"r","data":[1e999,\n2],"ref":2}')
+        await pub.send({"op": "pub", "room": "r", "data": 3, "ref": 3})
+        await pub.expect("ok", ref=1)
+        await pub.expect("error", ref=2, code="bad_frame")
+        await pub.expect("ok", ref=3)

@@ -203,3 +203,36 @@ async def test_publications_of_one_turn_reach_redis_in_one_write():
             assert [p.seq for p in pubs] == [i // 4 + 1 for i in range(64)]
     finally:
         await drop_prefix(prefix)
+
+
+def test_redis_version_is_read_from_info():
+    from wirehub.hub.broker.redis import MIN_REDIS, _redis_version
+
+    assert _redis_version(b"# Server\r\nredis_version:7.0.15\r\nredis_git_sha1:0\r\n") == (7, 0)
+    assert _redis_version(b"redis_version:6.0.9\r\n") < MIN_REDIS <= _redis_version(b"redis_version:6.2.0\r\n")
+    assert _redis_version(b"# Server\r\n") == MIN_REDIS  # not said: assumed recent enough
+
+
+async def test_a_publication_redis_refuses_uses_no_seq():
+    """The script appends to the stream before it moves the seq: when the append fails (here
+    the history key holds a string), nothing was written, the error says nothing was done,
+    and the next publication takes the next seq: no hole for members or for history."""
+    prefix = f"wht{uuid.uuid4().hex[:12]}"
+    room = f"{prefix}:r"
+    admin = aioredis.Redis.from_url(URL)
+    try:
+        async with started(URL, prefix, "a") as a:
+            await a.broker.subscribe(room)
+            first = await a.broker.publish(room, b"1", sender="", ts=now_ms(), history=POLICY)
+            await admin.delete(f"{prefix}:h:{room}")
+            await admin.set(f"{prefix}:h:{room}", "not a stream")
+            with pytest.raises(BrokerError, match="refused") as refused:
+                await a.broker.publish(room, b"2", sender="", ts=now_ms(), history=POLICY)
+            assert refused.value.maybe_applied is False
+            await admin.delete(f"{prefix}:h:{room}")
+            second = await a.broker.publish(room, b"3", sender="", ts=now_ms(), history=POLICY)
+            assert (first.seq, second.seq) == (1, 2)
+            assert [p.seq for p in await a.handler.wait_publications(2, room)] == [1, 2]
+    finally:
+        await admin.aclose()
+        await drop_prefix(prefix)

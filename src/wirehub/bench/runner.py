@@ -269,13 +269,15 @@ def merge_cpu(windows: dict[int, dict], loader_cores: int | None = None) -> dict
     known = [x for x in per if x is not None]
     total = round(sum(known), 3) if known else None
     saturated = bool(known) and (max(known) >= SATURATED or total >= SATURATED * loader_cores)
-    server: dict[str, Any] = {"pids": [], "cores": None, "user_cores": None}
+    server: dict[str, Any] = {"pids": [], "cores": None, "user_cores": None, "per_pid": {}}
     first = windows.get(0) or {}
     if first.get("server_cpu_s"):
         pids = [int(p) for p in first["server_cpu_s"]]
         used = [v for v in first["server_cpu_s"].values() if v is not None]
         user = [v for v in (first.get("server_user_s") or {}).values() if v is not None]
         server["pids"] = pids
+        if first["wall_s"] > 0:  # each server process's share (a hub and its broker, say)
+            server["per_pid"] = {p: (None if v is None else round(v / first["wall_s"], 3)) for p, v in first["server_cpu_s"].items()}
         if used and first["wall_s"] > 0 and len(used) == len(pids):
             server["cores"] = round(sum(used) / first["wall_s"], 3)
             if len(user) == len(pids):

@@ -145,7 +145,7 @@ class Session:
         self.expiry: Any = None
         #: this connection's publications in flight at a remote broker, oldest first (None
         #: when there are none): its other frames wait for them, so replies keep their order
-        self.publishing: collections.deque[tuple[asyncio.Future[Publication], Pub]] | None = None
+        self.publishing: collections.deque[tuple[asyncio.Future[Any], Pub | bytes]] | None = None
         #: application hooks: their view of this connection (made on the first hook call),
         #: the info on_connect set, and the info on_join set per room
         self.ctx: Context | None = None
@@ -444,7 +444,12 @@ class HubApp(App):
         cmd = wire.decode(data)
         if type(cmd) is Pub:
             if self._admit(session, cmd.ref):
-                await self._pub_pipelined(session, cmd)
+                try:
+                    await self._pub_pipelined(session, cmd)
+                except BrokerError as exc:
+                    self._broker_failed(session, cmd, exc)
+                except Exception:
+                    self._failed(session, cmd)
             return
         if session.publishing:  # replies go out in the order of the frames they answer
             await asyncio.wait(tuple(f for f, _ in session.publishing))
@@ -499,7 +504,15 @@ class HubApp(App):
 
     def _error(self, session: Session, code: str, message: str, ref: Any = None, *, counts: bool = True) -> None:
         conn = session.conn
-        conn.send(wire.error(code, message, ref))
+        frame = wire.error(code, message, ref)
+        window = session.publishing
+        if window:  # after the acks of the publications before it: a reply keeps its frame's place
+            ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            ready.set_result(None)
+            window.append((ready, frame))
+            ready.add_done_callback(functools.partial(self._published, session))
+        else:
+            conn.send(frame)
         errors = self.stats.errors
         errors[code] = errors.get(code, 0) + 1
         if not counts:
@@ -871,6 +884,9 @@ class HubApp(App):
         window = s.publishing
         while window and window[0][0].done():
             future, cmd = window.popleft()
+            if type(cmd) is bytes:  # a reply queued behind the acks (see _error)
+                s.conn.send(cmd)
+                continue
             if future.cancelled():
                 continue
             exc = future.exception()

@@ -35,7 +35,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
+from ..._log import get_logger
+
 ReplyError = hiredis.ReplyError
+log = get_logger("wirehub.hub.broker.redis")
 
 
 class LinkLost(ConnectionError):
@@ -231,7 +234,10 @@ class CommandLink(_Link):
             if answer is None:
                 continue
             if not isinstance(answer, asyncio.Future):
-                answer(reply)
+                try:
+                    answer(reply)
+                except Exception:  # the owner's bug: the replies after it must still find their commands
+                    log.exception("redis_reply_handler_failed", link=self.name)
             elif answer.done():  # its caller gave up (a timeout): the reply only keeps the order
                 continue
             elif type(reply) is ReplyError:
@@ -253,7 +259,10 @@ class CommandLink(_Link):
                     continue
                 lost = LinkLost(reason, sent=sent)
                 if not isinstance(answer, asyncio.Future):
-                    answer(lost)
+                    try:
+                        answer(lost)
+                    except Exception:
+                        log.exception("redis_reply_handler_failed", link=self.name)
                 elif not answer.done():
                     answer.set_exception(lost)
 

@@ -74,6 +74,17 @@ MAX_SEQ = 2**52  # Lua numbers are doubles: a ``since`` beyond this is clamped (
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
 BATCH = 1000  # commands per pipeline / channels per SUBSCRIBE
+MIN_REDIS = (6, 2)  # XADD/XTRIM ... MINID
+
+
+def _redis_version(info: bytes) -> tuple[int, ...]:
+    for line in info.splitlines():
+        if line.startswith(b"redis_version:"):
+            try:
+                return tuple(int(x) for x in line.split(b":", 1)[1].strip().split(b".")[:2])
+            except ValueError:
+                break
+    return MIN_REDIS  # not said (a Redis-compatible server): assume it is recent enough
 
 # -- Lua -------------------------------------------------------------------------------------
 
@@ -108,7 +119,7 @@ local function trim(stream, size, top, horizon)
     redis.call('DEL', stream)
     return
   end
-  redis.call('XTRIM', stream, 'MINID', math.max(0, top - size + 1))
+  redis.call('XTRIM', stream, 'MINID', string.format('%d', math.max(0, top - size + 1)))
   trim_old(stream, horizon)
 end
 """
@@ -121,21 +132,24 @@ PUBLISH_LUA = (
     _TRIM
     + """
 local meta, stream = KEYS[1], KEYS[2]
-local epoch = redis.call('HGET', meta, 'e')
+local m = redis.call('HMGET', meta, 'e', 's')
+local epoch = m[1]
+local n = tonumber(ARGV[7])
+local seq = n
 if not epoch then
   epoch = ARGV[1]
   redis.call('DEL', stream)
-  redis.call('HSET', meta, 'e', epoch, 's', 0)
+else
+  seq = tonumber(m[2]) + n
 end
-local n = tonumber(ARGV[7])
-local seq = redis.call('HINCRBY', meta, 's', n)
 local size = tonumber(ARGV[2])
+-- the stream first: when the append fails, nothing was written and no seq was used
 if size > 0 then
-  local floor = math.max(0, seq - size + 1)
+  local floor = string.format('%d', math.max(0, seq - size + 1))
   if n == 1 then
-    redis.call('XADD', stream, 'MINID', floor, seq .. '-0', 't', ARGV[6], 'b', ARGV[8])
+    redis.call('XADD', stream, 'MINID', floor, string.format('%d-0', seq), 't', ARGV[6], 'b', ARGV[8])
   else
-    redis.call('XADD', stream, 'MINID', floor, seq .. '-0', 't', ARGV[6], 'n', n, 'b', ARGV[8])
+    redis.call('XADD', stream, 'MINID', floor, string.format('%d-0', seq), 't', ARGV[6], 'n', n, 'b', ARGV[8])
   end
   if math.fmod(seq, 16) < n then  -- entries past the TTL: looked for every 16 publications
     trim_old(stream, tonumber(ARGV[5]))
@@ -144,11 +158,12 @@ if size > 0 then
 else
   redis.call('DEL', stream)
 end
+redis.call('HSET', meta, 'e', epoch, 's', string.format('%d', seq))
 redis.call('PEXPIRE', meta, ARGV[4])
 if n == 1 then
-  redis.call('PUBLISH', ARGV[9], 'p' .. seq .. ' ' .. epoch .. ' ' .. ARGV[8])
+  redis.call('PUBLISH', ARGV[9], 'p' .. string.format('%d', seq) .. ' ' .. epoch .. ' ' .. ARGV[8])
 else
-  redis.call('PUBLISH', ARGV[9], 'P' .. seq .. ' ' .. n .. ' ' .. epoch .. ' ' .. ARGV[8])
+  redis.call('PUBLISH', ARGV[9], 'P' .. string.format('%d', seq) .. ' ' .. n .. ' ' .. epoch .. ' ' .. ARGV[8])
 end
 return {seq, epoch}
 """
@@ -495,7 +510,9 @@ class RedisBroker:
         """The BrokerError for a failed call. ``unknown``: the call writes, so a lost answer
         leaves its outcome unknown (say so)."""
         if self._closing:
-            return BrokerError(f"cannot {what}: the redis broker was closed meanwhile")
+            sent = unknown and isinstance(exc, LinkLost) and exc.sent
+            outcome = " (it may or may not have been applied)" if sent else ""
+            return BrokerError(f"cannot {what}: the redis broker was closed meanwhile{outcome}", maybe_applied=sent)
         if isinstance(exc, LinkLost):
             outcome = " (it may or may not have been applied)" if unknown and exc.sent else ""
             return BrokerError(f"cannot {what}: {self._where} {exc.reason}{outcome}", maybe_applied=unknown and exc.sent)
@@ -645,7 +662,15 @@ class RedisBroker:
     def _send_batches(self) -> None:
         batches, self._batches = self._batches, {}
         for batch in batches.values():
-            self._send_batch(batch)
+            try:
+                self._send_batch(batch)
+            except Exception as exc:  # a bug (a value that does not encode): this batch fails alone
+                log.exception("redis_publish_failed", room=batch.room)
+                self.in_flight -= len(batch.answers)
+                self._settle()
+                for future, _ in batch.answers:
+                    if not future.done():
+                        future.set_exception(exc)
 
     def _send_batch(self, batch: _Batch) -> None:
         room, history, bodies, answers = batch.room, batch.history, batch.bodies, batch.answers
@@ -939,7 +964,11 @@ class RedisBroker:
         try:
             await open_link(self._endpoint, cmd, timeout=self._timeout, client_name=f"wirehub-{self.node_id}")
             async with asyncio.timeout(self._timeout):
-                await self._many(cmd, [(b"SCRIPT", b"LOAD", text) for text in SCRIPTS.values()])
+                info, *_ = await self._many(cmd, [(b"INFO", b"server")] + [(b"SCRIPT", b"LOAD", text) for text in SCRIPTS.values()])
+            version = _redis_version(info)
+            if version < MIN_REDIS:
+                raise ReplyError(f"is Redis {'.'.join(map(str, version))}; wirehub needs Redis {'.'.join(map(str, MIN_REDIS))} or newer "
+                                 "(streams trimmed with MINID)")
             await open_link(self._endpoint, sub, timeout=self._timeout, client_name=f"wirehub-sub-{self.node_id}")
             channels = [self._node_ch] + [self._channel(r) for r in rooms]
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -1033,13 +1062,15 @@ class RedisBroker:
                 async with asyncio.timeout(self._timeout * 2):
                     await self._refresh(full=True, link=cmd)
                     missed = await self._missed(rooms, cmd)
-            except Exception as exc:  # Redis failed again (or a bug): try again later
-                if not isinstance(exc, (ReplyError, LinkLost, OSError, TimeoutError)):
-                    log.exception("redis_reconnect_failed", where=self._where)
-                log.debug("redis_reconnect_failed", where=self._where, error=str(exc) or type(exc).__name__)
+            except BaseException as exc:  # Redis failed again (or a bug, or close()): try again later
                 cmd.abort("reconnect failed")
                 sub.abort("reconnect failed")
                 self._holding = self._next_sub = None
+                if not isinstance(exc, Exception):
+                    raise  # cancelled by close(): nothing left behind
+                if not isinstance(exc, (ReplyError, LinkLost, OSError, TimeoutError)):
+                    log.exception("redis_reconnect_failed", where=self._where)
+                log.debug("redis_reconnect_failed", where=self._where, error=str(exc) or type(exc).__name__)
                 continue
             self._cmd, self._sub = cmd, sub
             for pub in missed:
