@@ -27,6 +27,7 @@ import heapq
 import inspect
 import os
 import time
+import types
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable
@@ -797,8 +798,10 @@ class Connection:
                     reply = handlers.wires_for(self.encode).get(item) if handlers.replies is not None else None
                     if reply is not None:
                         self.send_wire(reply)
-                    else:
-                        await _maybe_await(handlers.frame(self, item))
+                    else:  # the frame handler, awaited when it is async (no isinstance check for a coroutine)
+                        result = handlers.frame(self, item)
+                        if result is not None:
+                            await (result if type(result) is _COROUTINE else _maybe_await(result))
                 elif type(item) is _Disconnect:
                     await _maybe_await(handlers.disconnect(self, item.reason))
                 elif self._close_reason is None:
@@ -865,6 +868,9 @@ class _Disconnect:
 
 
 _CONNECT = object()
+
+
+_COROUTINE = types.CoroutineType  # an async def handler's coroutine (a Python one: the app's code)
 
 
 async def _maybe_await(result: Any) -> None:

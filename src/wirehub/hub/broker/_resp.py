@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import ssl as _ssl
 import time
 from dataclasses import dataclass
@@ -335,7 +336,10 @@ async def open_link(endpoint: Endpoint, link: _Link, *, timeout: float, client_n
                 if not endpoint.verify:
                     context.check_hostname = False
                     context.verify_mode = _ssl.CERT_NONE
-            await loop.create_connection(lambda: link, endpoint.host, endpoint.port, ssl=context)
+            transport, _ = await loop.create_connection(lambda: link, endpoint.host, endpoint.port, ssl=context)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # a command is written as soon as its turn ends: no Nagle delay behind an unacked one
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         setup: list[tuple[Any, ...]] = []
         if endpoint.password is not None:
             setup.append(("AUTH", endpoint.username, endpoint.password) if endpoint.username else ("AUTH", endpoint.password))

@@ -351,6 +351,7 @@ class NatsBroker:
         publish_batch: int = _BATCH_MAX,
         max_in_flight: int = _MAX_IN_FLIGHT,
     ) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, from start()
         if not _PREFIX_RE.match(prefix):
             raise ValueError(f"NATS broker prefix {prefix!r}: use letters, digits, '_' and '-' only")
         if lease_s <= 0 or timeout <= 0:
@@ -432,6 +433,7 @@ class NatsBroker:
     async def start(self, handler: BrokerHandler) -> None:
         self._handler = handler
         self._closing = False
+        self._loop = asyncio.get_running_loop()
         self._slots = asyncio.Semaphore(self.publish_window)  # bound to this loop
         nc = nats.NATS()
         try:
@@ -959,7 +961,8 @@ class NatsBroker:
     # ------------------------------------------------------------------ rooms: publish
 
     def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> asyncio.Future[Publication]:
-        future: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
+        # the loop cached at start: asyncio.get_running_loop() costs a getpid() system call
+        future: asyncio.Future[Publication] = (self._loop or asyncio.get_running_loop()).create_future()
         try:
             self._conn()
             if self.in_flight >= self.max_in_flight:
