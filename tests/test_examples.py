@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import re
 import socket
 from pathlib import Path
 
@@ -343,3 +344,32 @@ def test_chat_served_by_wirehub_run(tmp_path):
         for client in clients:
             client.close()
         server.stop()
+
+
+@pytest.mark.one_loop
+async def test_hooks_example_from_the_readme(tmp_path):
+    """examples/hooks_app.py, served as the README says: a chat.* message gains its sender's
+    name, a bad one is refused with the app's code, whoami answers."""
+    from .helpers import LineClient
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = (EXAMPLES / "hooks_app.py").read_text()
+    one_blank = lambda text: re.sub(r"\n{3,}", "\n\n", text)  # noqa: E731  (PEP 8's two blank lines in the file)
+    assert one_blank(code[code.index("from wirehub.hub import"):].strip()) in one_blank(readme)
+    port = free_port()
+    server = ServerProcess("serve", "--tcp", f"127.0.0.1:{port}", "--ws", "off", "--udp", "off", "--admin", "off",
+                           "--app", str(EXAMPLES / "hooks_app.py") + ":hub").start(tmp_path)
+    try:
+        server.wait_port(port)
+        c = await LineClient.open(port)
+        await c.request({"op": "hello", "name": "ann"}, "welcome")
+        await c.request({"op": "join", "room": "chat.lobby"}, "joined")
+        c.send({"op": "pub", "room": "chat.lobby", "data": {"text": "hi"}})
+        assert (await c.until("msg", room="chat.lobby"))["data"] == {"text": "hi", "by": "ann"}
+        refused = await c.request({"op": "pub", "room": "chat.lobby", "data": "just text"}, "error")
+        assert refused["code"] == "app.bad_message"
+        me = await c.request({"op": "rpc", "method": "whoami", "data": None}, "result")
+        assert me["data"]["rooms"] == ["chat.lobby"]
+        c.close()
+    finally:
+        assert server.stop() == 0, server.log
