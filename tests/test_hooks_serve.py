@@ -10,23 +10,15 @@ import uuid
 
 import pytest
 
-from .helpers import LineClient, ServerProcess, free_port, reachable
-from .test_scaleout import BROKERS
+from .helpers import LineClient, ServerProcess, reachable
+from .test_scaleout import BROKERS, start_nodes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.one_loop
 
 
 def start(tmp_path, broker: str, *extra: str, count: int = 2) -> list[tuple[ServerProcess, int]]:
-    nodes = []
-    for _ in range(count):
-        port = free_port()
-        node = ServerProcess("serve", "--app", "tests.hub.hookapp:hub", "--tcp", f"127.0.0.1:{port}", "--ws", "off", "--udp", "off",
-                             "--admin", "off", "--broker", broker, *extra, cwd=ROOT)
-        nodes.append((node.start(tmp_path), port))
-    for node, port in nodes:
-        node.wait_port(port, timeout=20)
-    return nodes
+    return start_nodes(tmp_path, broker, "--app", "tests.hub.hookapp:hub", *extra, count=count, cwd=ROOT)
 
 
 @pytest.mark.parametrize("broker", BROKERS)

@@ -43,12 +43,12 @@ def owners(pids: list[int], client_ports: list[int]) -> dict[int, int]:
     return found
 
 
-def start_nodes(tmp_path, broker: str, *extra: str, count: int = 1) -> list[tuple[ServerProcess, int]]:
+def start_nodes(tmp_path, broker: str, *extra: str, count: int = 1, cwd: str | None = None) -> list[tuple[ServerProcess, int]]:
     """Start ``count`` hub processes at once, each on its own port, all on ``broker``."""
     nodes = []
     for _ in range(count):
         port = free_port()
-        node = ServerProcess("serve", "--tcp", f"127.0.0.1:{port}", "--ws", "off", "--udp", "off", "--admin", "off", "--broker", broker, *extra)
+        node = ServerProcess("serve", "--tcp", f"127.0.0.1:{port}", "--ws", "off", "--udp", "off", "--admin", "off", "--broker", broker, *extra, cwd=cwd)
         nodes.append((node.start(tmp_path), port))
     for node, port in nodes:
         node.wait_port(port, timeout=20)

@@ -158,29 +158,3 @@ class Broker(Protocol):
         """Rooms with a stream or members, as far as this broker knows, each once, in no
         particular order."""
 
-
-class ChainedPublish:
-    """:meth:`Broker.publish_nowait` for a broker whose ``publish`` is one awaited call: each
-    publication starts when the one before it was answered. Call order is kept; nothing is
-    pipelined."""
-
-    in_flight = 0
-    _tail: asyncio.Future[Publication] | None = None
-
-    async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> Publication:
-        raise NotImplementedError
-
-    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> asyncio.Future[Publication]:
-        before = self._tail
-
-        async def run() -> Publication:
-            if before is not None and not before.done():
-                await asyncio.wait((before,))
-            try:
-                return await self.publish(room, data, sender=sender, ts=ts, history=history, info=info, exclude=exclude)
-            finally:
-                self.in_flight -= 1
-
-        self.in_flight += 1
-        task = self._tail = asyncio.ensure_future(run())
-        return task

@@ -374,6 +374,8 @@ class RedisBroker:
         timeout: float = 5.0,
     ) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, from start()
+        self._epoch_seed = secrets.token_hex(6)  # new epochs: this seed and a counter (_new_epoch)
+        self._epochs = 0
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
         self.url = url
@@ -432,6 +434,12 @@ class RedisBroker:
 
     def _channel(self, room: str) -> bytes:
         return (self._room_ch + room).encode()
+
+    def _new_epoch(self) -> str:
+        """The epoch a script gives a room whose stream it finds gone: unique to this process
+        and call, without a random draw (a getrandom(2) call) per script call."""
+        self._epochs += 1
+        return f"{self._epoch_seed}{self._epochs:x}"
 
     # -- time --------------------------------------------------------------------------------
     def _now_ms(self) -> int:
@@ -715,7 +723,7 @@ class RedisBroker:
             2,
             self._meta(room),
             self._stream(room),
-            secrets.token_hex(6),
+            self._new_epoch(),
             max(0, history.size),
             ttl_ms,
             max(ttl_ms, META_MIN_TTL_MS),
@@ -742,7 +750,7 @@ class RedisBroker:
     async def history(self, room: str, *, since: int | None = None, limit: int | None = None, history: HistoryPolicy) -> HistoryResult:
         ttl_ms = self._ttl_ms(history)
         args = [
-            secrets.token_hex(6),
+            self._new_epoch(),
             max(ttl_ms, META_MIN_TTL_MS),
             "hist",
             max(0, history.size),
@@ -777,7 +785,7 @@ class RedisBroker:
 
     async def position(self, room: str) -> Position:
         what = f"read the position of {room!r}"
-        args = [secrets.token_hex(6), META_MIN_TTL_MS, "pos", 0, 0, "", ""]
+        args = [self._new_epoch(), META_MIN_TTL_MS, "pos", 0, 0, "", ""]
         seq, epoch = await self._script(what, "read", [self._meta(room), self._stream(room)], args)
         if room in self._want:
             await self._flush(what)
