@@ -136,6 +136,10 @@ SERVERS: dict[str, ServerSpec] = {
         "wirehub serve --broker nats:// (one node, its own nats-server with JetStream)",
         WIREHUB + HUB_ARGS + ["--broker", "nats://" + HOST + ":{broker}"], ("tcp", "ws", "admin"), "nats-server",
         broker="nats"),
+    "wirehub-hub-hook": ServerSpec(
+        "wirehub serve --app bench/apps/pub_hook.py:hub (an on_publish hook for every room, returning the data "
+        "unchanged)", WIREHUB + HUB_ARGS + ["--app", os.path.join(ROOT, "bench", "apps", "pub_hook.py") + ":hub"],
+        ("tcp", "ws", "admin")),
     "wirehub-hub-nopresence": ServerSpec(
         f"wirehub serve --rooms '{IDLE_ROOM}:presence=false'",
         WIREHUB + HUB_ARGS + ["--rooms", f"{IDLE_ROOM}:presence=false"], ("tcp", "ws", "admin")),
@@ -229,6 +233,8 @@ SIDES = {s.key: s for s in [
     Side("wh-fanout-nats", "wirehub-hub-nats", "fanout", TCP, _fanout("hub"), "wirehub hub fan-out on nats:// (TCP)"),
     Side("wh-ping-ref-p16", "wirehub-hub", "echo", TCP, _echo("hub-ref", 16), "wirehub hub ping with a ref, TCP p16"),
     Side("wh-pub-p16", "wirehub-hub", "echo", TCP, _echo("hub-pub", 16), "wirehub hub pub with a ref, memory://, p16"),
+    Side("wh-pub-hook-p16", "wirehub-hub-hook", "echo", TCP, _echo("hub-pub", 16),
+         "wirehub hub pub with a ref, memory://, an on_publish hook, p16"),
     Side("wh-pub-redis-p16", "wirehub-hub-redis", "echo", TCP, _echo("hub-pub", 16),
          "wirehub hub pub with a ref, redis://, p16"),
     Side("wh-pub-redis-w2-p16", "wirehub-hub-redis-w2", "echo", TCP, _echo("hub-pub", 16),
@@ -294,6 +300,9 @@ ROWS = [
         "redis-server ECHO 64 B", "wh-ping-ref-p16", "redis-echo-p16", "msgs/s", (">=", 1.0)),
     Row("pub-memory", "pub", "hub pub with a ref, 64 B, 100 rooms, pipeline 16, memory:// — vs redis-server XADD "
         "MAXLEN ~ 100", "wh-pub-p16", "redis-xadd-p16", "msgs/s", (">=", 1.0)),
+    Row("pub-hook", "pub", "hub pub with a ref, 64 B, 100 rooms, pipeline 16, memory://, with a plain on_publish hook "
+        "for every room that returns the data unchanged — vs the same without hooks (the cost of a hook)",
+        "wh-pub-hook-p16", "wh-pub-p16", "msgs/s"),
     Row("pub-redis", "pub", "hub pub with a ref, 64 B, 100 rooms, pipeline 16, on redis:// (its redis-server on the "
         "server's core) — vs the same on memory://", "wh-pub-redis-p16", "wh-pub-p16", "msgs/s", (">=", 0.5)),
     Row("pub-redis-workers", "pub", "hub pub with a ref on redis://, --workers 2 — vs --workers 1 (context: two "

@@ -685,3 +685,23 @@ def test_peers_harness_writes_the_table(tmp_path):
     summary = json.loads((tmp_path / "results" / "summary.json").read_text())
     assert {r["side"] for r in summary["runs"]} == {"wh-line-p1", "uv-line-p1"}
     assert all(r["value"] for r in summary["runs"])
+
+
+def test_hotpath_measures_the_cost_of_an_on_publish_hook():
+    """``bench/hotpath.py``'s hook cases run the hub with ``bench/apps/pub_hook.py`` loaded as
+    ``--app`` loads it: the plain hook inline, the async one in the connections' tasks (a
+    round waits until every publication of it was published, or fails)."""
+    cases = ("hub-pub-ref", "hub-pub-hook", "hub-pub-hook-async")
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "hotpath.py"), "--json", "--seconds", "0.2", "--runs", "1"]
+    for case in cases:
+        cmd += ["--case", case]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    ns = json.loads(proc.stdout)["ns"]
+    assert set(ns) == set(cases), proc.stderr
+    assert all(ns[case] > 0 for case in cases)
+    from wirehub.cli import load_hooks
+
+    for name, is_async in (("hub", False), ("async_hub", True)):  # the hooks the cases load
+        hook = load_hooks(os.path.join(ROOT, "bench", "apps", "pub_hook.py") + ":" + name).find("publish", "bench-7")
+        assert hook is not None and hook.is_async is is_async

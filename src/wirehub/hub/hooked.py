@@ -241,8 +241,6 @@ class HookRunner:
 
     def pub_local(self, s: Session, cmd: Pub) -> None:
         """``pub`` on a local broker with hooks registered (plain ones: inline)."""
-        from .app import _drive
-
         app = self.app
         if app._gate and not s.greeted and app._needs_hello(s, cmd.ref):
             return
@@ -265,6 +263,8 @@ class HookRunner:
         app.stats.published += 1
         data, keep, info = out
         if not keep:
+            from .app import _drive  # (imported here: app imports this module)
+
             _drive(self.actions.publish_ephemeral(s, cmd.room, data, info))
             if cmd.ref is not None:
                 s.conn.send(wire.with_ref({"op": "ok"}, cmd.ref))
