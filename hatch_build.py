@@ -2,8 +2,8 @@
 
 Compiles each module of ``MODULES`` with Cython, typed by the ``.pxd`` beside it:
 ``src/wirehub/transport/_connection.py`` into the extension module
-``wirehub.transport._connection_c`` and ``src/wirehub/protocol/_framing.py`` into
-``wirehub.protocol._framing_c`` (in place in ``src/`` for an editable install; in the wheel
+``wirehub.transport._connection_c``, ``src/wirehub/protocol/_framing.py`` into
+``wirehub.protocol._framing_c`` and ``src/wirehub/hub/_frames.py`` into ``wirehub.hub._frames_c`` (in place in ``src/`` for an editable install; in the wheel
 otherwise), each with a digest of its two sources compiled in so that the module that loads it
 (``wirehub._accelerator.load``) never uses a build older than the code beside it.
 
@@ -24,7 +24,11 @@ from typing import Any
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 #: (package path, source module): each is compiled into ``<source>_c``
-MODULES = ((("wirehub", "transport"), "_connection"), (("wirehub", "protocol"), "_framing"))
+MODULES = (
+    (("wirehub", "transport"), "_connection"),
+    (("wirehub", "protocol"), "_framing"),
+    (("wirehub", "hub"), "_frames"),
+)
 DIRECTIVES = {
     "language_level": 3,
     "annotation_typing": False,  # the .pxd alone gives C types; annotations stay Python's

@@ -1,5 +1,5 @@
 """The optional compiled accelerator (hatch_build.py, wirehub/_accelerator.py): the
-connection module and the frame decoders, each compiled with Cython.
+connection module, the frame decoders and the hub's ping/pub path, each compiled with Cython.
 
 The whole suite runs on whichever implementation the install gave (compiled where a C
 compiler and Cython were at hand); the tests here check the choice itself, and run the
@@ -19,6 +19,7 @@ import pytest
 
 import wirehub
 from wirehub import _accelerator
+from wirehub.hub import frames
 from wirehub.protocol import framing
 from wirehub.transport import connection
 
@@ -41,10 +42,11 @@ def probe(env: dict[str, str], path: Path | None = None) -> subprocess.Completed
     return subprocess.run([sys.executable, "-W", "always", script], env=env, capture_output=True, text=True, timeout=60)
 
 
-MODULES = [(connection, "wirehub.transport._connection"), (framing, "wirehub.protocol._framing")]
+MODULES = [(connection, "wirehub.transport._connection"), (framing, "wirehub.protocol._framing"),
+           (frames, "wirehub.hub._frames")]
 
 
-@pytest.mark.parametrize("module, source", MODULES, ids=["connection", "framing"])
+@pytest.mark.parametrize("module, source", MODULES, ids=["connection", "framing", "hub-frames"])
 def test_the_implementation_in_use_is_reported_and_matches_its_sources(module, source):
     assert module.ACCELERATOR in ("compiled", "not built (pure Python)", "off (WIREHUB_PURE_PYTHON is set)")
     if os.environ.get("EXPECT_WIREHUB_COMPILED") == "1":  # set by CI, where gcc and Cython are at hand

@@ -28,6 +28,7 @@ from . import protocol as wire
 from .auth import AuthError, Claims, TokenVerifier, glob_match
 from .broker import Broker, BrokerError, HistoryPolicy, Member, Publication, create_broker
 from .actions import CONTROL, USER_ROOM_PREFIX, Actions
+from .frames import InlineFrames
 from .hooked import HookRunner
 from .hooks import Context, Hooks
 from .metrics import HEARTBEAT_PREFIX, NODES_ROOM, HubStats, Telemetry
@@ -320,6 +321,9 @@ class HubApp(App):
         local = self.broker.local and not hooks.need_task
         self.connect = self._connect_inline if local else self._connect_async  # type: ignore[method-assign]
         self.frame = self._frame_inline if local else self._frame_async  # type: ignore[method-assign]
+        if local and not hooks and not self.config.rate_limit:
+            # ping and the common pub in the compiled accelerator's code (the rest in _frame_command)
+            self.frame = InlineFrames(self)  # type: ignore[method-assign]
         self.disconnect = self._disconnect_inline if local else self._disconnect_async  # type: ignore[method-assign]
         return super().handlers()
 
@@ -418,8 +422,11 @@ class HubApp(App):
     # ------------------------------------------------------------------ frames
 
     def _frame_inline(self, conn: Connection, data: bytes) -> None:
+        self._frame_command(conn, wire.decode(data))
+
+    def _frame_command(self, conn: Connection, cmd: Any) -> None:
+        """A decoded frame, handled inline (a local broker, no hook that awaits)."""
         session: Session = self.sessions[conn.id]
-        cmd = wire.decode(data)
         kind = type(cmd)
         if kind is ProtocolError:
             self._error(session, cmd.code, cmd.message, cmd.ref)

@@ -1,0 +1,6 @@
+# C types for the compiled copy of _frames.py (the optional accelerator, built by
+# hatch_build.py with Cython): the class becomes an extension type with typed fields.
+
+cdef class InlineFrames:
+    cdef public object app, sessions, table, policies, stats, publish_now, other
+    cdef public bint gated

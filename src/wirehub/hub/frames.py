@@ -1,0 +1,16 @@
+"""The hub's per-frame path of ``ping`` and ``pub`` on a local broker.
+
+The code is in ``_frames.py``; this module gives it to the hub from there or from its compiled
+copy ``_frames_c`` (the optional accelerator: see :mod:`wirehub._accelerator`), as
+:mod:`wirehub.protocol.framing` does for the frame decoders.
+"""
+
+from __future__ import annotations
+
+from .. import _accelerator
+
+SOURCE = "_frames"
+
+_impl, ACCELERATOR = _accelerator.load(__package__, SOURCE)
+
+InlineFrames = _impl.InlineFrames
