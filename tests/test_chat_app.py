@@ -15,6 +15,7 @@ import pytest
 
 from examples.chat_app import ChatApp
 from examples.chat_app.app import HISTORY_MAX, MAX_QUERY, MAX_TEXT
+from wirehub.hub.auth import mint_token
 
 from .helpers import LineClient, ServerProcess, free_port, reachable
 from .hub.hubclient import HubClient, RunningHub, hub_server
@@ -114,6 +115,22 @@ async def test_the_tables_decide_who_connects_and_joins(kind, tmp_path):
         assert dave.user == "dave"
         assert (await reply(carol, {"op": "join", "room": "ops"}))["op"] == "joined"
         assert (await refused(dave, {"op": "join", "room": "ops"}))[0] == "app.not_invited"
+
+
+async def test_with_tokens_the_user_is_the_tokens_subject(tmp_path):
+    secret = "chat-app-test-secret-of-32-bytes"
+    chat = ChatApp(str(tmp_path / "chat.db"))
+    try:
+        async with hub_server("ws", hooks=chat.hooks, secret=secret) as hub:
+            bob = await hub.client()
+            assert (await bob.hello(token=mint_token(secret, "bob"), name="alice"))["user"] == "bob"  # not the name he gives
+            await bob.join("lobby")
+            presence = await reply(bob, {"op": "presence", "room": "lobby"})
+            assert [(m["user"], m["name"]) for m in presence["members"]] == [("bob", "Bob Dylan")]
+            zed = await hub.client()
+            assert (await refused(zed, {"op": "hello", "token": mint_token(secret, "zed"), "name": "bob"}))[0] == "app.unknown_user"
+    finally:
+        await chat.close()
 
 
 @pytest.mark.parametrize("kind", DATABASES)

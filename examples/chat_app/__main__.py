@@ -18,6 +18,7 @@ from urllib.parse import urlencode, urlsplit
 
 from aiohttp import web
 
+from wirehub import BindError
 from wirehub.config import ConfigError, parse_addr
 from wirehub.hub import Hub
 
@@ -58,10 +59,13 @@ async def main(args: argparse.Namespace) -> None:
             await runner.setup()
             try:
                 site = web.TCPSite(runner, page_host, page_port)
-                await site.start()
-                port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+                try:
+                    await site.start()
+                except OSError as exc:
+                    raise SystemExit(f"python -m examples.chat_app: cannot serve the page on {args.page} ({exc.strerror}): "
+                                     "pick another address with --page HOST:PORT") from None
                 listeners = ", ".join(f"{kind} {where[0]}" for kind, where in hub.addresses.items())
-                print(f"chat page: http://{page_host}:{port}/  (hub: {listeners}; database: {_shown(args.database)})", flush=True)
+                print(f"chat page: http://{args.page}/  (hub: {listeners}; database: {_shown(args.database)})", flush=True)
                 await stop.wait()
             finally:
                 await runner.cleanup()
@@ -99,5 +103,5 @@ if __name__ == "__main__":
     arguments = parse(sys.argv[1:])
     try:
         asyncio.run(main(arguments))
-    except ConfigError as exc:  # a bad --tcp, --ws or --admin: nothing was started
+    except (ConfigError, BindError) as exc:  # a bad or busy address for the hub: nothing was started
         sys.exit(f"python -m examples.chat_app: {exc}")

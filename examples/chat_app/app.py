@@ -1,30 +1,23 @@
 """The chat's hooks: who may connect and join, what a message is, where it is kept, and the
 two RPCs that read the stored messages back.
 
-=======================================  ===================================================
-client sends                             the hooks
-=======================================  ===================================================
-``{"op":"hello","name":USER}``           USER must be in ``users`` (with ``--secret``, the
-                                         token's ``sub`` is the user); the connection's name
-                                         becomes the user's display name (shown in presence).
-                                         Else ``app.unknown_user``.
-``{"op":"join","room":R}``               R must be in ``rooms`` (``app.no_such_room``), public
-                                         or with the user in ``members`` (``app.not_invited``)
-``{"op":"pub","room":R,"data":D}``       D is ``{"text": T}``, T 1 to :data:`MAX_TEXT`
-                                         characters (``app.bad_message``), R a joined room
-                                         (``not_member``). Stored, then published as
-                                         ``{"id","user","name","text","ts"}``: ``name`` is the
-                                         display name, ``id`` the store's
-``{"op":"rpc","method":"messages",``     the newest ``limit`` (default :data:`HISTORY_DEFAULT`,
-``"data":{"room":R,"limit":N,``          at most :data:`HISTORY_MAX`) stored messages of R,
-``"before":ID}}``                        below id ``before`` when given, oldest first
-``{"op":"rpc","method":"search",``       the same, of those whose text contains T (1 to
-``"data":{"room":R,"text":T,"limit":N}}`` :data:`MAX_QUERY` characters, case-insensitively)
-=======================================  ===================================================
+- ``{"op":"hello","name":USER}``: USER (the token's ``sub`` with ``--secret``) must be in
+  ``users``, else ``app.unknown_user``. The connection's name becomes the user's display
+  name, which presence shows.
+- ``{"op":"join","room":R}``: R must be in ``rooms`` (else ``app.no_such_room``), and public
+  or with the user in ``members`` (else ``app.not_invited``).
+- ``{"op":"pub","room":R,"data":{"text":T}}``: T is 1 to :data:`MAX_TEXT` characters (else
+  ``app.bad_message``) and R a joined room (else ``not_member``). The message is stored, then
+  published as ``{"id","user","name","text","ts"}``, ``name`` being the display name.
+- ``{"op":"rpc","method":"messages","data":{"room":R,"limit":N,"before":ID}}``: the newest N
+  (default :data:`HISTORY_DEFAULT`, at most :data:`HISTORY_MAX`) stored messages of R, with
+  an id below ID when given, oldest first.
+- ``{"op":"rpc","method":"search","data":{"room":R,"text":T,"limit":N}}``: the same, of
+  those whose text contains T (1 to :data:`MAX_QUERY` characters; any case).
 
 Bad RPC arguments get ``app.bad_request``; reading a room needs having joined it
-(``not_member``). The hub assigns a message's ``seq`` after ``on_publish``, so the store keys
-messages by its own ``id``, which travels in the message: a page that loads the stored
+(``not_member``). The hub gives a publication its ``seq`` after ``on_publish``, so the store
+keys messages by its own ``id``, which travels in the message: a page that loads the stored
 messages and receives live ones tells them apart by it.
 """
 
