@@ -68,10 +68,12 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 
 class ServerProcess:
-    """``wirehub ARGS...`` in a subprocess, with its stderr captured to a file."""
+    """``wirehub ARGS...`` (or ``python -m MODULE ARGS...``) in a subprocess, with its
+    output captured to a file."""
 
-    def __init__(self, *args: str, cwd: str | None = None, env: dict | None = None) -> None:
+    def __init__(self, *args: str, cwd: str | None = None, env: dict | None = None, module: str = "wirehub") -> None:
         self.args = args
+        self.module = module
         self.cwd = cwd
         self.env = dict(os.environ, **(env or {}))
         self.proc: subprocess.Popen | None = None
@@ -81,7 +83,7 @@ class ServerProcess:
         self.log_path = str(tmp_path / f"server-{time.monotonic_ns()}.log")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wirehub", *self.args],
+            [sys.executable, "-m", self.module, *self.args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
