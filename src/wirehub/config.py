@@ -349,7 +349,7 @@ def _list_of(item: Callable[[Any], Any], *, split_items: bool) -> Parser:
 
 
 #: what a room pattern may change (``[rooms."chat.*"]`` in TOML, ``--room 'chat.*:presence=off'``)
-ROOM_KEYS = ("history_size", "history_ttl", "presence", "max_room_members")
+ROOM_KEYS = ("history_size", "history_ttl", "presence", "max_room_members", "presence_threshold", "presence_max", "presence_window")
 
 RoomRules = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
 
@@ -454,6 +454,7 @@ class Option:
     choices: tuple[str, ...] | None = None  # for "choice"; allowed schemes for "url"
     group: str = "General"  # --help section
     minimum: int | None = None  # inclusive lower bound for int/size kinds
+    maximum: float | None = None  # inclusive upper bound (int, size, duration kinds)
 
     @property
     def flag(self) -> str:
@@ -513,6 +514,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("history_size", "int", 100, "Messages each room's history keeps (0: none).", group=_HUB, minimum=0),
     Option("history_ttl", "duration", 3600.0, "How long a room's history keeps a message.", group=_HUB),
     Option("presence", "bool", True, "Track room members and send join/leave events.", group=_HUB),
+    Option("presence_threshold", "int", 100,
+           "Members of a room on this node above which its presence changes go out as one presence_diff "
+           "per window instead of one join/leave frame each (0: always).", group=_HUB, minimum=0),
+    Option("presence_max", "int", 1000,
+           "Members of a room on this node above which no presence changes are sent at all; presence "
+           "queries still answer (0: never any).", group=_HUB, minimum=0),
+    Option("presence_window", "duration", "100ms",
+           "How long presence changes are gathered into one presence_diff.", group=_HUB, maximum=10.0),
     Option("max_room_members", "int", 0, "Members a room may have (0 = unlimited); more get room_full.",
            group=_HUB, minimum=0),
     Option("max_rooms_per_connection", "int", 128,
@@ -527,8 +536,8 @@ OPTIONS: tuple[Option, ...] = (
            "Largest history reply: it holds the newest messages that fit (at least one) and says "
            "\"more\":true when older ones were left out.", group=_HUB, minimum=1024),
     Option("rooms", "rooms", (),
-           "Settings for rooms whose name matches a glob, overriding history_size, history_ttl, presence "
-           "and max_room_members; the first matching pattern wins. TOML: [rooms.\"chat.*\"] tables.",
+           "Settings for rooms whose name matches a glob, overriding history_size, history_ttl, presence, "
+           "presence_threshold, presence_max, presence_window and max_room_members; the first matching pattern wins. TOML: [rooms.\"chat.*\"] tables.",
            metavar="PATTERN:KEY=VALUE,...", group=_HUB),
     Option("max_errors", "int", 20,
            "Error replies a connection may earn within a minute before it gets bye too_many_errors.",
@@ -609,6 +618,8 @@ def _parse(opt: Option, raw: Any, text: bool) -> Any:
     value = _KINDS[opt.kind].parse(raw, opt, text)
     if opt.minimum is not None and value < opt.minimum:
         raise _Invalid(f"must be at least {opt.minimum}, got {_got(raw)}")
+    if opt.maximum is not None and value > opt.maximum:
+        raise _Invalid(f"must be at most {_KINDS[opt.kind].show(opt.maximum)}, got {_got(raw)}")
     return value
 
 
@@ -644,6 +655,9 @@ class Config:
     history_size: int = _DEFAULTS["history_size"]
     history_ttl: float = _DEFAULTS["history_ttl"]
     presence: bool = _DEFAULTS["presence"]
+    presence_threshold: int = _DEFAULTS["presence_threshold"]
+    presence_max: int = _DEFAULTS["presence_max"]
+    presence_window: float = _DEFAULTS["presence_window"]
     max_room_members: int = _DEFAULTS["max_room_members"]
     max_rooms_per_connection: int = _DEFAULTS["max_rooms_per_connection"]
     max_rooms: int = _DEFAULTS["max_rooms"]

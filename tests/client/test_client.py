@@ -691,3 +691,24 @@ async def test_udp_handshake_retries_a_lost_datagram_and_a_forgotten_session_rec
         await client.close()
     finally:
         transport.close()
+
+
+async def test_presence_diffs_arrive_as_join_and_leave_events_and_the_mode_is_kept():
+    async with running_hub("tcp", None, presence_threshold=0, presence_max=2) as hub:
+        async with client_of(hub, "tcp", None, name="ada") as a, client_of(hub, "tcp", None, name="bob") as b:
+            ea = Collector(a)
+            room = await a.join("chat")
+            assert room.presence_mode == "diff"  # above presence_threshold=0 members
+            await b.join("chat")
+            await ea.wait(lambda: any(e["op"] == "join" and e["client"] == b.client_id for e in ea.events), what="bob's join")
+            join = next(e for e in ea.events if e["op"] == "join" and e["client"] == b.client_id)
+            assert join == {"op": "join", "room": "chat", "client": b.client_id, "user": b.user, "name": "bob"}
+            await b.leave("chat")
+            await ea.wait(lambda: any(e["op"] == "leave" for e in ea.events), what="bob's leave")
+            assert [e["client"] for e in ea.events if e["op"] == "leave"] == [b.client_id]
+            # past presence_max=2 members the room goes quiet, and says so
+            async with client_of(hub, "tcp", None) as c, client_of(hub, "tcp", None) as d:
+                await c.join("chat")
+                assert (await d.join("chat")).presence_mode == "query"
+                await wait_for(lambda: room.presence_mode == "query", what="the room's switch to query")
+            await ea.stop()

@@ -126,7 +126,8 @@ async def test_join_gets_joined(hub):
         a = await h.client()
         await a.send({"op": "join", "room": "lobby"})
         joined = await a.recv()
-        assert set(joined) == {"op", "room", "seq", "epoch", "recovered"}, joined
+        assert set(joined) == {"op", "room", "seq", "epoch", "recovered", "presence"}, joined
+        assert joined["presence"] == "events"  # a small room: one join/leave frame per change
         assert joined["op"] == "joined" and joined["room"] == "lobby"
         assert joined["seq"] == 0 and joined["recovered"] is False
         assert isinstance(joined["epoch"], str) and joined["epoch"]
@@ -135,7 +136,7 @@ async def test_join_gets_joined(hub):
         assert [(await a.expect("msg"))["seq"] for _ in range(3)] == [1, 2, 3]
         b = await h.client()
         assert await b.join("lobby") == {
-            "op": "joined", "room": "lobby", "seq": 3, "epoch": joined["epoch"], "recovered": False,
+            "op": "joined", "room": "lobby", "seq": 3, "epoch": joined["epoch"], "recovered": False, "presence": "events",
         }
         # room names are any non-empty string: dots, slashes, spaces, unicode
         for room in ("chat.general", "a/b/c", "with space", "général ✓ 日本"):

@@ -41,7 +41,7 @@ async def test_missed_messages_are_replayed_in_order_then_live(hub):
 
         c2 = await h.greeted()
         await c2.send({"op": "join", "room": "r", "since": 3, "epoch": epoch, "ref": "re"})
-        assert await c2.recv() == {"op": "joined", "room": "r", "seq": 8, "epoch": epoch, "recovered": True, "ref": "re"}
+        assert await c2.recv() == {"op": "joined", "room": "r", "seq": 8, "epoch": epoch, "recovered": True, "presence": "events", "ref": "re"}
         replay = [await c2.recv() for _ in range(5)]
         assert [(m["op"], m["seq"], m["data"]) for m in replay] == [("msg", s, s) for s in range(4, 9)]
         assert all(m["room"] == "r" and m["from"] == p.client_id for m in replay)
@@ -66,7 +66,7 @@ async def test_since_older_than_history_is_not_recovered(hub):
 
         c2 = await h.greeted()
         assert await c2.join("r", since=2, epoch=epoch) == {
-            "op": "joined", "room": "r", "seq": 10, "epoch": epoch, "recovered": False,
+            "op": "joined", "room": "r", "seq": 10, "epoch": epoch, "recovered": False, "presence": "events",
         }
         assert await c2.barrier() == []  # no replay, not even of what history still holds
         await publish(p, "r", [11])
@@ -88,7 +88,7 @@ async def test_wrong_epoch_is_not_recovered(hub):
         await publish(p, "r", [1, 2, 3])
         c2 = await h.greeted()
         joined = await c2.join("r", since=1, epoch=epoch + "-other")
-        assert joined == {"op": "joined", "room": "r", "seq": 3, "epoch": epoch, "recovered": False}
+        assert joined == {"op": "joined", "room": "r", "seq": 3, "epoch": epoch, "recovered": False, "presence": "events"}
         assert await c2.barrier() == []
 
 
@@ -100,7 +100,7 @@ async def test_since_equal_to_the_current_seq_is_recovered_with_nothing_to_repla
         await publish(p, "r", [1, 2, 3])
         c2 = await h.greeted()
         assert await c2.join("r", since=3, epoch=epoch) == {
-            "op": "joined", "room": "r", "seq": 3, "epoch": epoch, "recovered": True,
+            "op": "joined", "room": "r", "seq": 3, "epoch": epoch, "recovered": True, "presence": "events",
         }
         assert await c2.barrier() == []
         await publish(p, "r", [4])

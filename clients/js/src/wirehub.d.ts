@@ -136,7 +136,15 @@ export interface Joined {
   recovered: boolean;
   /** This join asked to recover (a re-join with since/epoch). */
   wasRecovering: boolean;
+  /** How the hub tells this room's presence changes (null from a hub that does not say). */
+  presence: PresenceMode | null;
 }
+
+/**
+ * `events`: a join/leave frame per change; `diff`: a big room's changes coalesced per window
+ * (split into join/leave events all the same); `query`: no events, ask `presence()`; `off`.
+ */
+export type PresenceMode = "events" | "diff" | "query" | "off";
 
 /** Messages the client knows it missed: from..to (to null when the room's stream started over, epochChanged). */
 export interface Gap {
@@ -153,7 +161,7 @@ export interface RoomEvents {
   msg: (msg: Message & { room: string; seq: number; ts: number }) => void;
   /** A known gap: a re-join that could not recover, or a live message that skipped seqs. */
   gap: (gap: Gap) => void;
-  /** Presence: another member arrived (or left); presence_diff frames are split into these. */
+  /** Presence: a member arrived (or left); presence_diff frames are split into these, leaves first (a diff may list this client itself). */
   join: (member: Member) => void;
   leave: (member: Member) => void;
   /** The hub refused a (re-)join: the room is left. */
@@ -183,6 +191,8 @@ export class Room extends Emitter<RoomEvents> {
   readonly epoch: string | null;
   /** The last join recovered everything missed. */
   readonly recovered: boolean;
+  /** How the hub tells this room's presence (from joined; kept up to date as the room grows or shrinks). */
+  readonly presenceMode: PresenceMode | null;
   /** Joins, and re-joins after every reconnect with since/epoch; resolves on the first joined. May be called before connect(). */
   join(): Promise<Room>;
   /** Leaves; a later join starts afresh, without recovery. */

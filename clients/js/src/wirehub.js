@@ -305,7 +305,7 @@ export class Room extends Emitter {
     this.hub = hub;
     this.name = name;
     this.state = "left";
-    this.seq = this.epoch = null;
+    this.seq = this.epoch = this.presenceMode = null;
     this.recovered = false;
   }
 
@@ -370,8 +370,9 @@ export class Room extends Emitter {
       const epochChanged = wasRecovering && f.epoch != epoch;
       if (!recovered) this.seq = f.seq;
       this.epoch = f.epoch;
+      this.presenceMode = f.presence ?? null;
       this.#set("joined");
-      this._emit("joined", { seq: f.seq, epoch: f.epoch, recovered, wasRecovering });
+      this._emit("joined", { seq: f.seq, epoch: f.epoch, recovered, wasRecovering, presence: this.presenceMode });
       if (wasRecovering && !recovered && (epochChanged || f.seq > since))
         this._emit("gap", { from: since + 1, to: epochChanged ? null : f.seq, epochChanged });
       this.#settle(0, this);
@@ -388,8 +389,9 @@ export class Room extends Emitter {
       this._emit("msg", f);
     } else if (f.op == "join" || f.op == "leave") this._emit(f.op, f);
     else if (f.op == "presence_diff") {
-      for (const m of f.joins || []) this._emit("join", m);
+      if (f.presence) this.presenceMode = f.presence;
       for (const m of f.leaves || []) this._emit("leave", m);
+      for (const m of f.joins || []) this._emit("join", m);
     }
   }
 

@@ -32,7 +32,8 @@ test("connects, joins and publishes with acks", async () => {
   const joined = next(room, "joined");
   await room.join();
   assert.equal(room.state, "joined");
-  assert.deepEqual(await joined, { seq: 0, epoch: room.epoch, recovered: false, wasRecovering: false });
+  assert.deepEqual(await joined, { seq: 0, epoch: room.epoch, recovered: false, wasRecovering: false, presence: "events" });
+  assert.equal(room.presenceMode, "events");
 
   const seqs = await Promise.all([room.publish({ n: 1 }), room.publish({ n: 2 }), hub.publish(room.name, "three")]);
   assert.deepEqual(seqs, [1, 2, 3], "each ack carries its own publication's seq");

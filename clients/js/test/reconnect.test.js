@@ -40,7 +40,7 @@ test("a restart on a shared broker: the client re-joins and recovers the outage'
 
   const rejoined = next(room, "joined");
   a2 = await a.restart();
-  assert.deepEqual(await rejoined, { seq: 2, epoch: room.epoch, recovered: true, wasRecovering: true });
+  assert.deepEqual(await rejoined, { seq: 2, epoch: room.epoch, recovered: true, wasRecovering: true, presence: "events" });
   assert.equal(room.recovered, true);
   assert.equal(await queued, 3);
   if (msgs.length < 3) await next(room, "msg", (m) => m.seq == 3);

@@ -1,6 +1,6 @@
 // Compiled by `tsc -p test/tsconfig.json` (types.test.js): the declarations in src/wirehub.d.ts
 // check, and read the way the guide uses them. Never run.
-import { Hub, HubError, type Message, type Member, type Gap, type HubState } from "wirehub-client";
+import { Hub, HubError, type Message, type Member, type Gap, type HubState, type PresenceMode } from "wirehub-client";
 
 async function example(): Promise<void> {
   const hub = new Hub("wss://example.invalid/", { getToken: async () => "token", name: "alice", offline: "refuse" });
@@ -11,7 +11,9 @@ async function example(): Promise<void> {
   hub.connect();
   const room = hub.room("lobby");
   room.on("msg", (m) => console.log(m.seq + 1, m.ts, m.room, m.data));
-  room.on("joined", ({ recovered, wasRecovering, epoch }) => console.log(recovered, wasRecovering, epoch.length));
+  room.on("joined", ({ recovered, wasRecovering, epoch, presence }) => console.log(recovered, wasRecovering, epoch.length, presence));
+  const mode: PresenceMode | null = room.presenceMode;
+  if (mode == "query") console.log("no presence events in this room: ask room.presence()");
   room.on("gap", (g: Gap) => console.log(g.from, g.to ?? "new epoch", g.epochChanged));
   room.on("join", (m: Member) => console.log(m.client, m.name));
   await room.join();

@@ -37,7 +37,9 @@ order, the frames the program cares about, as dicts:
 
 * ``{"op":"msg","room":R,"seq":N,"from":ID,"data":ANY,"ts":MS}`` — room messages;
 * ``{"op":"msg","from":ID,"data":ANY}`` — direct messages;
-* ``{"op":"join"|"leave","room":R,"client":ID,"user":U,"name":N}`` — presence changes;
+* ``{"op":"join"|"leave","room":R,"client":ID,"user":U,"name":N}`` — presence changes (a
+  big room's ``presence_diff`` frames arrive split into these, leaves first; ``room.presence_mode``
+  says how the hub tells the room's presence: ``events``, ``diff``, ``query`` — no events —, ``off``);
 * ``{"op":"recovery_failed","room":R,"since":OLD_SEQ,"epoch":OLD_EPOCH,"seq":NEW_SEQ,
   "new_epoch":E}`` — made by the client: after a reconnect (or a ``join(since=...)``) the hub
   could not replay what was missed (history no longer holds it, or the hub restarted and its

@@ -40,9 +40,14 @@ class Room:
     (queued for the program), ``epoch`` the room's history epoch: a reconnect re-joins with
     them so that nothing is lost or repeated. ``joined`` turns False after :meth:`leave` (or
     when a re-join after a reconnect was refused).
+
+    ``presence_mode`` is how the hub tells this room's presence changes, from the ``joined``
+    reply and kept up to date as the room grows or shrinks: ``"events"``, ``"diff"`` (both
+    arrive as ``join``/``leave`` events), ``"query"`` (no events: call :meth:`presence`),
+    ``"off"``; None from a hub that does not say.
     """
 
-    __slots__ = ("client", "name", "seq", "epoch", "joined", "_repairing", "_stuck_at", "_seen")
+    __slots__ = ("client", "name", "seq", "epoch", "joined", "presence_mode", "_repairing", "_stuck_at", "_seen")
 
     def __init__(self, client: Client, name: str) -> None:
         self.client = client
@@ -50,6 +55,7 @@ class Room:
         self.seq: int = 0
         self.epoch: str | None = None
         self.joined = False
+        self.presence_mode: str | None = None
         self._repairing = False
         self._stuck_at: int | None = None  # the seq a gap repair last started from
         self._seen = 0  # the highest seq that arrived (and was set aside) during a repair
@@ -415,6 +421,8 @@ class Client:
             )
             room.seq = seq
         room.epoch = new_epoch
+        mode = reply.get("presence")
+        room.presence_mode = mode if isinstance(mode, str) else None
         room.joined = True
         room._repairing = False
         self._rooms[room.name] = room
@@ -518,12 +526,28 @@ class Client:
         elif op == "join" or op == "leave":
             if "client" in frame:
                 self._event(frame)
+        elif op == "presence_diff":
+            self._presence_diff(frame)
         elif op == "bye":
             self._bye = frame
             link.close()  # the hub closes too; answer at once (a UDP session has no close)
         elif op == "error":
             self._last_error = frame
             log.debug("wirehub client: error from the hub: %s", frame)
+
+    def _presence_diff(self, frame: dict) -> None:
+        """A window of presence changes: one ``leave``/``join`` event each, leaves first (a
+        client is in one list only); a ``presence`` field is the room's new mode."""
+        name = frame.get("room")
+        room = self._rooms.get(name)  # type: ignore[arg-type]
+        mode = frame.get("presence")
+        if room is not None and isinstance(mode, str):
+            room.presence_mode = mode
+        for op in ("leave", "join"):
+            members = frame.get(op + "s")
+            for member in members if isinstance(members, list) else ():
+                if isinstance(member, dict) and "client" in member:
+                    self._event({"op": op, "room": name, **member})
 
     def _tap(self, frame: dict) -> None:
         if self._on_frame_tap is not None:

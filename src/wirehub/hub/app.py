@@ -32,6 +32,7 @@ from .frames import InlineFrames
 from .hooked import HookRunner
 from .hooks import Context, Hooks
 from .metrics import HEARTBEAT_PREFIX, NODES_ROOM, HubStats, Telemetry
+from .presence import FRAME_PREFIXES as PRESENCE_FRAMES, PresenceLevels, RoomPresence
 from .protocol import Hello, History, Join, Leave, Ping, Presence, ProtocolError, Pub, Refresh, Rpc, Send
 
 if TYPE_CHECKING:
@@ -96,11 +97,13 @@ HELD_OVERHEAD = 160  # bytes a held publication costs beyond its data
 
 @dataclass(frozen=True, slots=True)
 class RoomPolicy:
-    """What applies to one room: its history, whether presence is tracked, its size limit."""
+    """What applies to one room: its history, whether presence is tracked, its size limit,
+    and the sizes at which its presence changes mode (hub/presence.py)."""
 
     history: HistoryPolicy
     presence: bool
     max_members: int
+    presence_levels: PresenceLevels = PresenceLevels()
 
 
 class Session:
@@ -253,7 +256,12 @@ class HubApp(App):
         self._replays: set[asyncio.Task[None]] = set()
         #: bytes of replay a join puts into the send buffer before waiting for it to drain
         self._replay_window = max(1, config.max_send_buffer // 2)
-        self.default_policy = RoomPolicy(HistoryPolicy(size=config.history_size, ttl=config.history_ttl), config.presence, config.max_room_members)
+        self.default_policy = RoomPolicy(
+            HistoryPolicy(size=config.history_size, ttl=config.history_ttl), config.presence, config.max_room_members,
+            PresenceLevels(config.presence_threshold, config.presence_max, config.presence_window),
+        )
+        #: which presence frames each room's members get, by its size (hub/presence.py)
+        self.presence = RoomPresence(self, _drive)
         self._policies: dict[str, RoomPolicy] = {}
         self.verifier: TokenVerifier | None = None
         if config.token_algorithm != "hs256":
@@ -293,7 +301,11 @@ class HubApp(App):
                     history = HistoryPolicy(
                         size=values.get("history_size", policy.history.size), ttl=values.get("history_ttl", policy.history.ttl)
                     )
-                    policy = RoomPolicy(history, values.get("presence", policy.presence), values.get("max_room_members", policy.max_members))
+                    old = policy.presence_levels
+                    levels = PresenceLevels(
+                        values.get("presence_threshold", old.threshold), values.get("presence_max", old.max), values.get("presence_window", old.window)
+                    )
+                    policy = RoomPolicy(history, values.get("presence", policy.presence), values.get("max_room_members", policy.max_members), levels)
                     break
             if len(self._policies) >= POLICY_CACHE:
                 self._policies.clear()
@@ -342,6 +354,7 @@ class HubApp(App):
                 log.warning("shutdown_with_sessions", sessions=len(self.sessions))
         for task in list(self._replays):
             task.cancel()
+        await self.presence.close(server.config.close_timeout)
         await self.telemetry.stop()
         await self.broker.close()
 
@@ -691,7 +704,8 @@ class HubApp(App):
             raise
         conn = s.conn
         self.stats.joins += 1
-        joined = {"op": "joined", "room": name, "seq": position.seq, "epoch": position.epoch, "recovered": recovered}
+        mode = self.presence.counted(room, policy.presence_levels if policy.presence else None)
+        joined = {"op": "joined", "room": name, "seq": position.seq, "epoch": position.epoch, "recovered": recovered, "presence": mode}
         if accepted is not None and accepted.data is not None:
             joined["data"] = accepted.data
         conn.send(wire.with_ref(joined, cmd.ref))
@@ -712,7 +726,7 @@ class HubApp(App):
         if policy.presence and not rejoin:
             member = s.member(name)
             await self.broker.presence_add(name, member)
-            await self.broker.room_event(name, self._presence_event("join", name, member), exclude=s.client)
+            await self.presence.announce(name, True, member)
 
     def _room_refused(self, s: Session, name: str, ref: Any, *, joining: bool) -> bool:
         """True, after telling the client, when ``name`` would be one room too many: for this
@@ -808,14 +822,17 @@ class HubApp(App):
             return
         self.stats.leaves += 1
         room.changed()
-        if self.policy(name).presence:
+        policy = self.policy(name)
+        self.presence.counted(room, policy.presence_levels if policy.presence else None)
+        if policy.presence:
             member = s.member(name)
             await self.broker.presence_remove(name, s.client)
-            await self.broker.room_event(name, self._presence_event("leave", name, member), exclude=s.client)
+            await self.presence.announce(name, False, member)
         if s.room_info is not None:
             s.room_info.pop(name, None)
         if not room.members and self.rooms.get(name) is room:  # another leave may have won the race
             del self.rooms[name]
+            self.presence.forget(name)
             await self.broker.unsubscribe(name)
         if self._runner is not None:
             await self._runner.left(s, name)  # on_leave
@@ -823,6 +840,7 @@ class HubApp(App):
     def _drop_room_if_empty(self, room: Room) -> None:
         if not room.members and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
+            self.presence.forget(room.name)
 
     def _pub_data(self, s: Session, cmd: Pub) -> bytes | None:
         """The data of a ``pub`` the client may send, or None once it was told why not."""
@@ -1006,7 +1024,10 @@ class HubApp(App):
             return
         room = self.rooms.get(room_name)
         if room is not None:
-            self._broadcast(room, frame, exclude=exclude)
+            if frame.startswith(PRESENCE_FRAMES):
+                self.presence.deliver(room, frame, exclude)  # in this room's presence mode
+            else:
+                self._broadcast(room, frame, exclude=exclude)
         elif self.route_users and room_name[:1] == "\x00":  # a user's connections (actions.py)
             self.actions.user_event(room_name[len(USER_ROOM_PREFIX) :], frame)
 
@@ -1033,12 +1054,6 @@ class HubApp(App):
 
     def on_broker_state(self, up: bool) -> None:
         log.warning("broker_state", up=up)
-
-    def _presence_event(self, op: str, room: str, member: Member) -> bytes:
-        event = {"op": op, "room": room, "client": member.client, "user": member.user, "name": member.name}
-        if member.info is not msgspec.UNSET:
-            event["info"] = member.info
-        return wire.encode(event)
 
     # ------------------------------------------------------------------ disconnect
 

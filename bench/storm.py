@@ -1,0 +1,372 @@
+"""Reconnect storm: N clients in one room, the hub drained and restarted, every client back.
+
+Starts ``wirehub serve`` (TCP on a free loopback port) in a child process and runs the
+clients in this process (so each side has its own open-file limit):
+
+1. **fill**: N clients connect and join one room (at most ``--concurrency`` connecting at
+   once); a publisher publishes ``--messages`` messages, and every client receives them;
+2. **drain**: SIGTERM; the hub sends every client ``bye shutdown`` with ``reconnect:true`` in
+   jittered batches (src/wirehub/server/server.py) and exits; it is started again on the
+   same port as soon as it has exited;
+3. **storm**: each client reconnects as ``wirehub.client`` does (full-jitter backoff from
+   0.1 s, capped at 10 s, after every failed attempt) and re-joins with ``since``/``epoch``;
+   the publisher publishes ``--messages`` more as soon as the new hub answers. A client is
+   back once it has joined again, and recovered once it has every message up to the
+   publisher's last, with no gap.
+
+It reports the time from SIGTERM until every client is back and recovered, the frames each
+client received in each phase (presence frames apart), clients cut as slow consumers, and
+messages lost: a gap in a client's ``seq``, or a re-join history could not recover
+(``recovered:false``; with ``memory://`` every re-join is, since the restart starts a new
+epoch — use ``--broker redis://...`` or ``nats://...`` to see recovery).
+
+    python bench/storm.py --clients 500                                  # a quick look
+    python bench/storm.py --clients 19000 --broker redis://127.0.0.1:6379/12 --json storm.json
+
+Bounded: at most ``--timeout`` seconds per phase, loopback only, and N at most 19,000
+(each side needs N file descriptors; the machine's limit is 20,000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import msgspec
+
+MAX_CLIENTS = 19_000
+BACKOFF = (0.1, 10.0)  # wirehub.client's default reconnect backoff
+PRESENCE_OPS = frozenset(("join", "leave", "presence_diff"))
+_decode = msgspec.json.Decoder().decode
+
+
+def backoff_delay(attempt: int) -> float:
+    """wirehub.client's delay (src/wirehub/client/backoff.py): full jitter, doubling."""
+    base, cap = BACKOFF
+    return random.uniform(base, min(cap, base * 2.0 ** min(attempt + 1, 60)))
+
+
+class Run:
+    """What the clients share: where the hub is, the phase, the target, the counters."""
+
+    def __init__(self, port: int, room: str, n: int) -> None:
+        self.port = port
+        self.room = room
+        self.room_json = json.dumps(room)
+        self.phase = "fill"
+        self.target: tuple[str | None, int] = (None, 0)  # epoch and seq every client must reach
+        self.waiting: set[StormClient] = set()
+        self.done = asyncio.Event()
+        self.back = 0  # clients joined again after the drain
+        self.all_back = asyncio.Event()
+        self.n = n
+        self.stopping = False
+
+    def settle(self, c: StormClient) -> None:
+        if c in self.waiting and c.joined and c.epoch == self.target[0] and c.seq >= self.target[1]:
+            self.waiting.discard(c)
+            if not self.waiting:
+                self.done.set()
+
+
+class StormClient(asyncio.Protocol):
+    """One member: joins, follows the room's seq, reconnects after a drop."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.seq = 0
+        self.epoch: str | None = None
+        self.joined = False
+        self.ever_joined = False
+        self.attempt = 0
+        self.frames = {"fill": 0, "storm": 0}
+        self.presence = {"fill": 0, "storm": 0}
+        self.gaps = 0
+        self.not_recovered = 0
+        self.cut = False
+        self.joined_once = asyncio.get_running_loop().create_future()
+
+    # -------------------------------------------------------------- connection
+
+    def connect(self) -> None:
+        if not self.run.stopping:
+            asyncio.ensure_future(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: self, "127.0.0.1", self.run.port)
+        except OSError:
+            self.attempt += 1
+            asyncio.get_running_loop().call_later(backoff_delay(self.attempt), self.connect)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.buf = b""
+        join = '{"op":"join","room":%s' % self.run.room_json
+        if self.epoch is not None:
+            join += ',"since":%d,"epoch":%s' % (self.seq, json.dumps(self.epoch))
+        transport.write((join + "}\n").encode())  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.joined = False
+        if not self.run.stopping:
+            self.attempt = 0
+            asyncio.get_running_loop().call_later(backoff_delay(0), self.connect)
+
+    # -------------------------------------------------------------- frames
+
+    def data_received(self, data: bytes) -> None:
+        lines = (self.buf + data).split(b"\n")
+        self.buf = lines.pop()
+        phase = self.run.phase
+        for line in lines:
+            self.frames[phase] += 1
+            f = _decode(line)
+            op = f.get("op")
+            if op == "msg":
+                seq = f["seq"]
+                if seq > self.seq + 1:
+                    self.gaps += seq - self.seq - 1
+                if seq > self.seq:
+                    self.seq = seq
+                self.run.settle(self)
+            elif op in PRESENCE_OPS:
+                self.presence[phase] += 1
+            elif op == "joined":
+                self._joined(f)
+            elif op == "bye" and f.get("reason") == "slow_consumer":
+                self.cut = True
+
+    def _joined(self, f: dict) -> None:
+        if self.epoch is not None and not f.get("recovered"):
+            self.not_recovered += 1
+        if self.epoch is None or not f.get("recovered"):
+            self.seq = f["seq"]  # from where the room is now (a known gap when it was a re-join)
+        self.epoch = f["epoch"]
+        self.joined = True
+        if not self.ever_joined:
+            self.ever_joined = True
+            self.joined_once.set_result(None)
+        elif self.run.phase == "storm":
+            self.run.back += 1
+            if self.run.back >= self.run.n:
+                self.run.all_back.set()
+        self.run.settle(self)
+
+
+class Publisher:
+    """A connection of its own that joins the room (to learn its epoch) and publishes."""
+
+    def __init__(self, port: int, room: str) -> None:
+        self.port, self.room = port, room
+
+    async def publish(self, count: int, deadline: float) -> tuple[str, int]:
+        """``count`` messages; returns the room's epoch and the last seq."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 24)
+                break
+            except OSError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        writer.write(b'{"op":"join","room":%s,"ref":"j"}\n' % json.dumps(self.room).encode())
+        epoch, seq = None, 0
+        for i in range(count):
+            writer.write(b'{"op":"pub","room":%s,"data":{"n":%d},"ref":%d}\n' % (json.dumps(self.room).encode(), i, i))
+        acks = 0
+        while acks < count or epoch is None:
+            line = await asyncio.wait_for(reader.readline(), max(0.1, deadline - loop.time()))
+            if not line:
+                raise RuntimeError("the hub closed the publisher's connection")
+            f = json.loads(line)
+            if f.get("op") == "joined":
+                epoch = f["epoch"]
+            elif f.get("op") == "ok":
+                acks += 1
+                seq = max(seq, f["seq"])
+            elif f.get("op") == "error":
+                raise RuntimeError(f"the hub refused a publication: {f}")
+        writer.close()
+        return epoch, seq
+
+
+# ------------------------------------------------------------------ the hub
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_hub(args: argparse.Namespace, port: int) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "wirehub", "serve", "--tcp", f"127.0.0.1:{port}", "--ws", "off", "--udp", "off",
+        "--admin", "off", "--broker", args.broker, "--history-size", str(max(100, 2 * args.messages)),
+        "--max-connections", str(args.clients + 100), "--drain-timeout", str(args.drain_timeout),
+        "--log-level", "warning", *args.serve_arg,
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WIREHUB_")}
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+
+async def wait_listening(port: int, proc: subprocess.Popen, deadline: float) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"wirehub serve exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if loop.time() > deadline:
+                raise RuntimeError(f"wirehub serve did not listen on {port} in time") from None
+            await asyncio.sleep(0.02)
+
+
+async def wait_exit(proc: subprocess.Popen, deadline: float) -> None:
+    loop = asyncio.get_running_loop()
+    while proc.poll() is None:
+        if loop.time() > deadline:
+            raise RuntimeError("wirehub serve did not exit after SIGTERM in time")
+        await asyncio.sleep(0.01)
+
+
+# ------------------------------------------------------------------ the run
+
+
+def per_client(values: list[int]) -> dict[str, float]:
+    values = sorted(values)
+    return {"mean": round(sum(values) / len(values), 2), "p50": values[len(values) // 2], "max": values[-1]}
+
+
+async def storm(args: argparse.Namespace) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    port = free_port()
+    room = "storm-" + uuid.uuid4().hex[:8]
+    run = Run(port, room, args.clients)
+    hub = start_hub(args, port)
+    procs = [hub]
+    try:
+        await wait_listening(port, hub, loop.time() + 30)
+        # 1. fill
+        started = loop.time()
+        clients = [StormClient(run) for _ in range(args.clients)]
+        gate = asyncio.Semaphore(args.concurrency)
+
+        async def first(c: StormClient) -> None:
+            async with gate:
+                c.connect()
+                await c.joined_once
+
+        await asyncio.wait_for(asyncio.gather(*(first(c) for c in clients)), args.timeout)
+        fill_s = loop.time() - started
+        run.target = await Publisher(port, room).publish(args.messages, loop.time() + args.timeout)
+        run.waiting = set(clients)
+        for c in clients:
+            run.settle(c)
+        await asyncio.wait_for(run.done.wait(), args.timeout)
+        # 2. drain, 3. storm
+        run.phase = "storm"
+        run.done.clear()
+        run.waiting = set(clients)
+        run.target = (None, 0)  # not reachable until the publisher says where the room is
+        t0 = loop.time()
+        hub.send_signal(signal.SIGTERM)
+        await wait_exit(hub, t0 + args.drain_timeout + 30)
+        exited_s = loop.time() - t0
+        hub = start_hub(args, port)
+        procs.append(hub)
+        await wait_listening(port, hub, loop.time() + 30)
+        listening_s = loop.time() - t0
+        run.target = await Publisher(port, room).publish(args.messages, loop.time() + args.timeout)
+        for c in clients:
+            run.settle(c)
+        await asyncio.wait_for(run.all_back.wait(), args.timeout)
+        back_s = loop.time() - t0
+        await asyncio.wait_for(run.done.wait(), args.timeout)
+        recovered_s = loop.time() - t0
+        run.stopping = True
+        return {
+            "clients": args.clients,
+            "broker": args.broker.split("://")[0],
+            "serve_args": args.serve_arg,
+            "fill_s": round(fill_s, 3),
+            "fill_joins_per_s": round(args.clients / fill_s),
+            "drain_exit_s": round(exited_s, 3),
+            "restart_listening_s": round(listening_s, 3),
+            "all_back_s": round(back_s, 3),
+            "all_recovered_s": round(recovered_s, 3),
+            "frames_per_client_fill": per_client([c.frames["fill"] for c in clients]),
+            "presence_frames_per_client_fill": per_client([c.presence["fill"] for c in clients]),
+            "frames_per_client_storm": per_client([c.frames["storm"] for c in clients]),
+            "presence_frames_per_client_storm": per_client([c.presence["storm"] for c in clients]),
+            "slow_consumer_cuts": sum(c.cut for c in clients),
+            "rejoins_not_recovered": sum(c.not_recovered for c in clients),
+            "messages_lost": sum(c.gaps for c in clients),
+        }
+    finally:
+        run.stopping = True
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def raise_fd_limit(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need <= hard or (hard == resource.RLIM_INFINITY and soft < need):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        soft = need
+    if soft < need:
+        raise SystemExit(f"storm: {need - 200} clients need {need} open files here and in the hub; the limit is {soft}: "
+                         f"use fewer --clients or raise ulimit -n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=500, help=f"members of the room (at most {MAX_CLIENTS:,})")
+    p.add_argument("--messages", type=int, default=20, help="published before the drain, and again after the restart")
+    p.add_argument("--broker", default="memory://", help="the hub's --broker (redis:// or nats:// to see recovery across the restart)")
+    p.add_argument("--drain-timeout", type=float, default=10.0, help="the hub's --drain-timeout: byes spread over half of it, at most 5 s")
+    p.add_argument("--concurrency", type=int, default=1000, help="clients connecting at once during the fill")
+    p.add_argument("--timeout", type=float, default=120.0, help="the longest each phase may take (seconds)")
+    p.add_argument("--serve-arg", action="append", default=[], help="one more argument for wirehub serve (repeatable), e.g. --serve-arg=--presence-max=0")
+    p.add_argument("--json", help="write the figures to this file too")
+    args = p.parse_args(argv)
+    if not 1 <= args.clients <= MAX_CLIENTS:
+        p.error(f"--clients must be 1 to {MAX_CLIENTS:,}")
+    raise_fd_limit(args.clients + 200)
+    try:
+        import uvloop  # type: ignore[import-not-found]
+    except ImportError:
+        result = asyncio.run(storm(args))
+    else:
+        result = uvloop.run(storm(args))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
