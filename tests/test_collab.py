@@ -82,11 +82,11 @@ def b64(data: bytes) -> str:
 
 
 @contextlib.asynccontextmanager
-async def editor_hub(store: DocStore, **options):
+async def editor_hub(store: DocStore, broker=None, **options):
     """The hub with the editor's hooks (settings from wirehub.toml, ports of the OS's choosing)
     and the page server; yields (hub, page URL)."""
     flags = {"ws": "127.0.0.1:0", "tcp": "127.0.0.1:0", "udp": "off", "admin": "off"} | options
-    async with Hub(load(file=TOML, env={}, flags=flags), hooks=collab.make_hooks(store)) as hub:
+    async with Hub(load(file=TOML, env={}, flags=flags), broker=broker, hooks=collab.make_hooks(store)) as hub:
         runner, page = await collab.start_page("127.0.0.1:0", f"ws://{hub.addresses['ws'][0]}/")
         try:
             yield hub, f"http://{page}/"
@@ -382,6 +382,48 @@ async def test_a_document_past_its_size_limit_is_refused(tmp_path):
             assert refused.value.code == "limit" and "MAX_DOC_BYTES" in refused.value.message
     assert store.text(doc) == "x" * 1500
     store.close()
+
+
+@pytest.mark.one_loop
+@pytest.mark.skipif(not reachable(6379), reason="no Redis at 127.0.0.1:6379")
+async def test_two_nodes_on_redis_share_the_document_through_the_store(store_url):
+    """A fleet: two hub nodes on one Redis broker, each with its own connection to the same
+    store. What a client publishes on one node is in the sync another gets on the other."""
+    from wirehub.hub.broker.redis import RedisBroker
+
+    from .hub.test_broker_redis import URL as REDIS_URL
+    from .hub.test_broker_redis import drop_prefix
+
+    prefix = f"collab{uuid.uuid4().hex[:10]}"
+    one_store, two_store = DocStore(store_url), DocStore(store_url)
+    doc = doc_name()
+    try:
+        async with editor_hub(one_store, broker=RedisBroker(REDIS_URL, prefix=prefix)) as (one, _), \
+                editor_hub(two_store, broker=RedisBroker(REDIS_URL, prefix=prefix)) as (two, _):
+            async with wirehub.client.connect("tcp://" + one.addresses["tcp"][0]) as ada, \
+                    wirehub.client.connect("tcp://" + two.addresses["tcp"][0]) as bea:
+                await ada.join("doc:" + doc)
+                ada_doc, update = yjs_update("ada on node one. ")
+                await ada.publish("doc:" + doc, {"update": b64(update)})
+
+                await bea.join("doc:" + doc)  # on the other node: sync step 2 from the shared store
+                reply = await bea.request({"op": "rpc", "method": "sync", "data": {"doc": doc, "sv": b64(Doc().get_state())}})
+                bea_doc = Doc()
+                bea_doc.apply_update(base64.b64decode(reply["data"]["update"]))
+                assert str(bea_doc.get("text", type=Text)) == "ada on node one. "
+
+                _, update = yjs_update("bea on node two.", bea_doc)
+                await bea.publish("doc:" + doc, {"update": b64(update)})
+                event = {}
+                while not (event.get("op") == "msg" and event["from"] == bea.client_id):
+                    event = await asyncio.wait_for(ada.recv(), WAIT)  # her own update and bea's arrival come first
+                ada_doc.apply_update(base64.b64decode(event["data"]["update"]))  # live, through Redis
+                assert str(ada_doc.get("text", type=Text)) == "ada on node one. bea on node two."
+        assert one_store.text(doc) == two_store.text(doc) == "ada on node one. bea on node two."
+    finally:
+        one_store.close()
+        two_store.close()
+        await drop_prefix(prefix)
 
 
 # ---------------------------------------------------------------------- the store

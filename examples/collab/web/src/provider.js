@@ -135,6 +135,7 @@ export class HubProvider extends Observable {
       return;
     }
     this._apply(reply.update);
+    if (this.docRoom.state != "joined") return void (this.unsent ||= hadUnsent); // dropped meanwhile: the re-join syncs
     if (hadUnsent || this.unsent) {
       this.unsent = false;
       const missing = Y.encodeStateAsUpdate(this.doc, fromBase64(reply.sv));
