@@ -333,6 +333,9 @@ async def test_updates_that_do_not_decode_are_refused(tmp_path):
             with pytest.raises(HubError) as refused:
                 await client.request({"op": "rpc", "method": "sync", "data": {"doc": doc, "sv": b64(b"\x00")}})
             assert refused.value.code == "not_member"
+            with pytest.raises(HubError) as refused:
+                await client.join("doc:" + "x" * 101)
+            assert refused.value.code == "app.bad_doc_name"
             await client.join("doc:" + doc)
             bad = [
                 ({"update": "not base64!"}, "app.bad_update"),
@@ -346,9 +349,10 @@ async def test_updates_that_do_not_decode_are_refused(tmp_path):
                     await client.publish("doc:" + doc, data)
                 assert refused.value.code == code, data
                 assert "update" in refused.value.message
-            with pytest.raises(HubError) as refused:
-                await client.publish("awareness:" + doc, {"awareness": b64(b"\x01\x05")})
-            assert refused.value.code == "app.bad_awareness"
+            for data in ({"awareness": b64(b"\x01\x05")}, {"awareness": "%%"}, {"cursor": 1}):
+                with pytest.raises(HubError) as refused:
+                    await client.publish("awareness:" + doc, data)
+                assert refused.value.code == "app.bad_awareness", data
 
             # a good update is stored and published; sync answers with the server's copy
             _, update = yjs_update("from python")

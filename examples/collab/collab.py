@@ -48,13 +48,14 @@ DEFAULT_PAGE = "127.0.0.1:7410"
 MAX_DOC_NAME = 100  # characters of a document name (the hub allows rooms of 200)
 
 
-def unb64(value: object, what: str) -> bytes:
+def unb64(value: object, what: str, code: str = "app.bad_update") -> bytes:
+    """The bytes of a base64 field, or Reject(code) naming what was expected."""
     if not isinstance(value, str):
-        raise Reject("app.bad_update", f"{what} must be a base64 string")
+        raise Reject(code, f"{what} must be a base64 string")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise Reject("app.bad_update", f"{what} is not valid base64") from None
+        raise Reject(code, f"{what} is not valid base64") from None
 
 
 def b64(data: bytes) -> str:
@@ -116,7 +117,8 @@ def make_hooks(store: DocStore | None = None) -> Hooks:
 
     @hooks.on_publish("awareness:*")
     def awareness(ctx, room, data):
-        raw = unb64(data.get("awareness") if isinstance(data, dict) else None, 'an awareness update {"awareness": BASE64}')
+        field = data.get("awareness") if isinstance(data, dict) else None
+        raw = unb64(field, 'an awareness update {"awareness": BASE64}', "app.bad_awareness")
         try:
             check_awareness(raw)
         except ValueError as exc:
