@@ -52,10 +52,17 @@ postgres_up = reachable(5432)
 @pytest.fixture(params=["sqlite", "postgres"])
 def store_url(request, tmp_path):
     if request.param == "sqlite":
-        return str(tmp_path / "docs.sqlite3")
+        yield str(tmp_path / "docs.sqlite3")
+        return
     if not postgres_up:
         pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
-    return POSTGRES
+    yield POSTGRES
+    import psycopg
+
+    with psycopg.connect(POSTGRES) as db:  # the shared database keeps no test's documents
+        db.execute("DELETE FROM collab_updates WHERE doc = ANY(%s)", (CREATED,))
+        db.execute("DELETE FROM collab_docs WHERE name = ANY(%s)", (CREATED,))
+    CREATED.clear()
 
 
 @pytest.fixture
@@ -64,8 +71,12 @@ def bundle():
         pytest.fail("the editor's bundle is missing: cd examples/collab/web && npm ci && npm run build")
 
 
+CREATED: list[str] = []  # the documents tests made, for the PostgreSQL clean-up
+
+
 def doc_name() -> str:
-    return "t-" + uuid.uuid4().hex[:10]  # a fresh document in a shared PostgreSQL
+    CREATED.append("t-" + uuid.uuid4().hex[:10])  # a fresh document in a shared PostgreSQL
+    return CREATED[-1]
 
 
 def yjs_update(text: str, doc: Doc | None = None) -> tuple[Doc, bytes]:
