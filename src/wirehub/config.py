@@ -369,7 +369,8 @@ def _p_rooms(raw: Any, opt: Option, text: bool) -> RoomRules:
             if isinstance(item, (list, tuple)) and len(item) == 2:
                 entries.append((item[0], dict(item[1])))
                 continue
-            pattern, sep, rest = item.partition(":") if isinstance(item, str) else ("", "", "")
+            # the last colon: a pattern may hold colons of its own (doc:*:history_size=10)
+            pattern, sep, rest = item.rpartition(":") if isinstance(item, str) else ("", "", "")
             pairs = [kv.split("=", 1) for kv in rest.split(",") if kv.strip()]
             if not sep or not pattern.strip() or any(len(p) != 2 for p in pairs):
                 errors.append(f"expected PATTERN:key=value[,key=value...], got {_got(item)}")

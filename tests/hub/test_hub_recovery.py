@@ -13,6 +13,7 @@ import asyncio
 
 import pytest
 
+from wirehub.config import load
 from wirehub.hub.broker.memory import MemoryBroker
 
 from ..helpers import WAIT
@@ -274,3 +275,11 @@ async def test_room_patterns_override_the_defaults():
         assert [f["seq"] for f in await b.barrier()] == [1, 2, 3]
         await b.send({"op": "join", "room": "big.x"})
         await b.expect("error", code="room_full")
+
+
+def test_room_patterns_may_hold_colons():
+    """``doc:*:history_size=10``: the settings follow the last colon (examples/collab's rooms)."""
+    config = load(env={}, flags={"rooms": ["doc:*:history_size=10", "awareness:*:presence=off,history_size=0"]})
+    assert config.rooms == (("doc:*", (("history_size", 10),)), ("awareness:*", (("presence", False), ("history_size", 0))))
+    env = load(env={"WIREHUB_ROOMS": "doc:*:history_size=10;awareness:*:presence=off"})
+    assert [pattern for pattern, _ in env.rooms] == ["doc:*", "awareness:*"]
