@@ -382,6 +382,7 @@ export class Room extends Emitter {
   _frame(f) {
     if (this.state != "joined") return;
     if (f.op == "msg") {
+      if (f.seq == null) return this._emit("msg", f); // published without history: no seq to follow
       const last = this.seq;
       if (last != null && f.seq <= last) return; // already delivered
       if (last != null && f.seq > last + 1) this._emit("gap", { from: last + 1, to: f.seq - 1, epochChanged: false });

@@ -3,7 +3,7 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import { Hub } from "../src/wirehub.js";
-import { startHub } from "./helpers.js";
+import { startHub, next, record } from "./helpers.js";
 
 const APP = fileURLToPath(new URL("./apps/rpc_hooks.py", import.meta.url));
 let server;
@@ -25,4 +25,23 @@ test("rpc resolves with the result and rejects with the hub's error codes", asyn
   other.connect();
   assert.deepEqual(await other.rpc("echo", "still fine"), { you_sent: "still fine", client: other.client });
   other.disconnect();
+});
+
+test("a message published without history (no seq) is delivered and does not move the room's seq", async () => {
+  const hub = new Hub(server.ws, { timeout: 2000 });
+  hub.connect();
+  const room = hub.room(`live.${process.pid}`);
+  await room.join();
+  const msgs = record(room, "msg");
+  const gaps = record(room, "gap");
+  await hub.publish(room.name, { keep: true }); // kept: seq 1
+  await hub.publish(room.name, "now only"); // the hook drops history: no seq
+  if (msgs.length < 2) await next(room, "msg", (m) => m.data == "now only");
+  assert.equal(room.seq, 1, "a reconnect now recovers from seq 1");
+  await hub.publish(room.name, { keep: true }); // seq 2
+  if (msgs.length < 3) await next(room, "msg", (m) => m.seq == 2);
+  assert.deepEqual(msgs.map((m) => [m.seq, m.data]), [[1, { keep: true }], [undefined, "now only"], [2, { keep: true }]]);
+  assert.equal(room.seq, 2, "the seq to recover from stays the last kept one");
+  assert.deepEqual(gaps, []);
+  hub.disconnect();
 });

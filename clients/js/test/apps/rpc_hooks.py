@@ -1,8 +1,9 @@
-"""Hooks for the JS client's rpc test: an echo method, an application error, a slow method."""
+"""Hooks for the JS client's rpc test: an echo method, an application error, a slow method;
+publications to ``live.*`` go out without history (no ``seq``)."""
 
 import asyncio
 
-from wirehub.hub import Hooks, Reject
+from wirehub.hub import Hooks, Publish, Reject
 
 hub = Hooks()
 
@@ -21,3 +22,8 @@ def refuse(ctx, data):
 async def slow(ctx, data):
     await asyncio.sleep(data)
     return "late"
+
+
+@hub.on_publish("live.*")
+def live(ctx, room, data):
+    return None if isinstance(data, dict) and data.get("keep") else Publish(history=False)
