@@ -5,6 +5,7 @@ restarted, with its stored messages kept."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import uuid
@@ -15,6 +16,7 @@ import pytest
 
 from examples.chat_app import ChatApp
 from examples.chat_app.app import HISTORY_MAX, MAX_QUERY, MAX_TEXT
+from examples.chat_app.store import POOL_SIZE, open_store, pyformat
 from wirehub.hub.auth import mint_token
 
 from .helpers import LineClient, ServerProcess, free_port, reachable
@@ -22,10 +24,8 @@ from .hub.hubclient import HubClient, RunningHub, hub_server
 
 REPO = Path(__file__).resolve().parents[1]
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
-DATABASES = [
-    "sqlite",
-    pytest.param("postgres", marks=pytest.mark.skipif(not reachable(5432), reason="no PostgreSQL at 127.0.0.1:5432 (scripts/test starts it)")),
-]
+needs_postgres = pytest.mark.skipif(not reachable(5432), reason="no PostgreSQL at 127.0.0.1:5432 (scripts/test starts it)")
+DATABASES = ["sqlite", pytest.param("postgres", marks=needs_postgres)]
 _refs = itertools.count(1)
 
 
@@ -35,16 +35,15 @@ async def database(kind: str, tmp_path: Path) -> AsyncIterator[str]:
     if kind == "sqlite":
         yield str(tmp_path / "chat.db")
         return
-    import asyncpg
+    import psycopg
 
     schema = f"chat_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(PG_URL)
-    try:
+    async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as admin:
         await admin.execute(f"CREATE SCHEMA {schema}")
-        yield f"{PG_URL}?search_path={schema}"  # asyncpg applies the URL's query as settings
-    finally:
-        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        await admin.close()
+        try:
+            yield f"{PG_URL}?search_path={schema}"  # the store applies the URL's query as settings
+        finally:
+            await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 @contextlib.asynccontextmanager
@@ -186,6 +185,29 @@ async def test_messages_are_checked_stored_with_display_names_and_read_back(kind
         for method, data, message in bad_requests:
             assert await refused(alice, {"op": "rpc", "method": method, "data": data}) == ("app.bad_request", message)
         assert await refused(bob, {"op": "rpc", "method": "messages", "data": {"room": "team"}}) == ("not_member", "join team first")
+
+
+def test_the_sql_is_written_once_and_read_by_psycopg():
+    # $N becomes %s with its argument in that place; a literal % is kept
+    assert pyformat("SELECT $2 WHERE a = $1 AND b LIKE '%x' AND c = $1", ("one", "two")) == (
+        "SELECT %s WHERE a = %s AND b LIKE '%%x' AND c = %s", ["two", "one", "one"])
+
+
+@needs_postgres
+async def test_postgres_keeps_to_its_pool_and_the_urls_settings(tmp_path):
+    async with database("postgres", tmp_path) as url:
+        # search_path (from the fixture) and statement_timeout are server settings, a value
+        # with a space in it included; application_name is libpq's own
+        store = await open_store(f"{url},%20public&statement_timeout=5s&application_name=chat%20test")
+        try:
+            sql = "SELECT pg_backend_pid(), current_setting('search_path'), current_setting('statement_timeout'), current_setting('application_name')"
+            rows = [r[0] for r in await asyncio.gather(*(store._fetch(sql) for _ in range(3 * POOL_SIZE)))]
+            assert len({pid for pid, *_ in rows}) == POOL_SIZE  # as many connections as callers, up to POOL_SIZE
+            schema = url.rsplit("=", 1)[1]
+            assert {tuple(settings) for _, *settings in rows} == {(f"{schema}, public", "5s", "chat test")}
+            assert await store.display_name("alice") == "Alice Liddell"  # the tables went to that schema
+        finally:
+            await store.close()
 
 
 @pytest.mark.parametrize("kind", DATABASES)

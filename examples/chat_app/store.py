@@ -8,23 +8,33 @@
     messages (id, room, user_name, display_name, text, ts)
 
 The SQL is written once, with PostgreSQL's ``$1`` placeholders; SQLite reads the same
-statements with ``?1`` (numbered parameters). No ORM.
+statements with ``?1`` (numbered parameters), psycopg with ``%s`` (:func:`pyformat`). No ORM.
 
 SQLite runs in one thread of its own, with one connection: ``sqlite3`` blocks, and a
 connection is not for concurrent use, so every statement of a process queues for that thread
-(SQLite writes one at a time anyway) while the event loop goes on. PostgreSQL goes through an
-``asyncpg`` pool of at most :data:`POOL_SIZE` connections per process.
+(SQLite writes one at a time anyway) while the event loop goes on. PostgreSQL goes through a
+pool of at most :data:`POOL_SIZE` ``psycopg`` (3) async connections per process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any, AsyncIterator, Iterable
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+try:
+    import psycopg  # the chat extra: PostgreSQL only
+except ImportError:
+    psycopg = None
 
 #: PostgreSQL connections per hub process (each worker of ``--workers N`` has its own pool)
 POOL_SIZE = 10
+#: seconds a new PostgreSQL connection may take (a ``connect_timeout`` in the URL wins)
+CONNECT_TIMEOUT = 60
 #: the longest display name: the hub's limit for a connection's name
 MAX_DISPLAY_NAME = 64
 
@@ -67,6 +77,16 @@ MESSAGES = """SELECT id, user_name, display_name, text, ts FROM (
                   ORDER BY id DESC LIMIT $2) AS newest
               ORDER BY id"""
 NO_ID_LIMIT = 2**62  # "before" when none is given: after every id
+
+
+_NUMBERED = re.compile(r"\$(\d+)")
+
+
+def pyformat(sql: str, args: tuple[Any, ...]) -> tuple[str, list[Any]]:
+    """``sql`` and ``args`` for psycopg: each ``$N`` becomes ``%s``, its argument put in that
+    place (``$1`` twice: the first argument twice), and a literal ``%`` becomes ``%%``."""
+    order = [int(n) - 1 for n in _NUMBERED.findall(sql)]
+    return _NUMBERED.sub("%s", sql.replace("%", "%%")), [args[i] for i in order]
 
 
 def like_pattern(text: str) -> str:
@@ -180,28 +200,85 @@ class SqliteStore(Store):
         self._thread.shutdown()
 
 
+def postgres_conninfo(url: str) -> tuple[str, dict[str, str]]:
+    """The URL for libpq and its connection settings. A query parameter that libpq does not
+    know (``?search_path=chat``) is a server setting, sent as ``options=-c search_path=chat``."""
+    known = {d.keyword.decode() for d in psycopg.pq.Conninfo.get_defaults()}
+    parts = urlsplit(url)
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    kept = [(k, v) for k, v in params if k in known and k != "options"]
+    options = [v for k, v in params if k == "options"]
+    for k, v in params:
+        if k not in known:
+            value = v.replace("\\", "\\\\").replace(" ", "\\ ")  # libpq's escapes in options
+            options.append(f"-c {k}={value}")
+    kwargs = {"options": " ".join(options)} if options else {}
+    if "connect_timeout" not in dict(kept):
+        kwargs["connect_timeout"] = str(CONNECT_TIMEOUT)
+    return urlunsplit(parts._replace(query=urlencode(kept, quote_via=quote))), kwargs
+
+
+class ConnectionPool:
+    """At most ``size`` psycopg async connections (autocommit), opened when needed and
+    kept for the next caller; a caller waits while all are busy. A connection that comes back
+    broken or inside a transaction (a cancelled query) is closed, not kept."""
+
+    def __init__(self, url: str, size: int) -> None:
+        self._conninfo, self._kwargs = postgres_conninfo(url)
+        self._idle: list[Any] = []
+        self._slots = asyncio.Semaphore(size)
+        self._closed = False
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        if self._closed:
+            raise RuntimeError("the chat store's PostgreSQL pool is closed: open a new store")
+        async with self._slots:
+            db = self._idle.pop() if self._idle else None
+            if db is None:
+                db = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, **self._kwargs)
+            try:
+                yield db
+            finally:
+                if self._closed or db.closed or db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    await db.close()
+                else:
+                    self._idle.append(db)
+
+    async def close(self) -> None:
+        """Close the idle connections now, the busy ones as they come back."""
+        self._closed = True
+        while self._idle:
+            await self._idle.pop().close()
+
+
 class PostgresStore(Store):
-    """The tables in PostgreSQL, through an ``asyncpg`` pool. Settings in the URL's query
+    """The tables in PostgreSQL, through a psycopg pool. Settings in the URL's query
     (``?search_path=chat``) apply to every connection."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
 
     @classmethod
     async def open(cls, url: str) -> PostgresStore:
+        if psycopg is None:
+            raise RuntimeError("a postgresql:// database needs psycopg: pip install -e '.[chat]'")
+        store = cls(ConnectionPool(url, POOL_SIZE))
         try:
-            import asyncpg
-        except ImportError:
-            raise RuntimeError("a postgresql:// database needs asyncpg: pip install -e '.[chat]'") from None
-        store = cls(await asyncpg.create_pool(url, min_size=1, max_size=POOL_SIZE))
-        await store.setup("BIGINT GENERATED ALWAYS AS IDENTITY")
+            await store.setup("BIGINT GENERATED ALWAYS AS IDENTITY")
+        except BaseException:
+            await store.close()
+            raise
         return store
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
-        return await self._pool.fetch(sql, *args)
+        query, params = pyformat(sql, args)
+        async with self._pool.connection() as db:
+            cursor = await db.execute(query, params)
+            return await cursor.fetchall() if cursor.description is not None else []
 
     async def _setup(self, statements: list[str]) -> None:
-        async with self._pool.acquire() as db, db.transaction():
+        async with self._pool.connection() as db, db.transaction():
             # several processes (workers, nodes) may start at once: one creates, the others wait
             await db.execute("SELECT pg_advisory_xact_lock(hashtext('wirehub chat_app schema'))")
             for sql in statements:
