@@ -47,6 +47,9 @@ def test_messages_round_trip():
     assert P.decode_server(P.encode_welcome(welcome)) == welcome
     board = P.Board(3, ((1, 9, "ann"), (2, 4, "bob")))
     assert P.decode_server(P.encode_board(board)) == board
+    names = P.Names(tuple((i, f"player-{i}é") for i in range(1, P.MAX_NAMES + 1)))
+    assert P.decode_server(P.encode_names(names.names)) == names
+    assert len(P.encode_names((i, "x" * 40) for i in range(P.MAX_NAMES))) <= P.MAX_DATAGRAM
     assert P.decode_server(P.encode_challenge(b"abc")) == b"abc"
     assert P.decode_server(P.encode_error("full", "try later")) == "full: try later"
     # names: control characters dropped, cut to MAX_NAME bytes at a character
@@ -179,6 +182,7 @@ def test_fuzz_client_decoder_never_raises(data):
 
 @fuzz(300)
 @given(st.binary(max_size=120) | st.builds(lambda t, b: bytes([t]) + b, st.sampled_from([0x11, 0x12, 0x13, 0x14, 0x1F]), st.binary(max_size=100)))
+@example(b"\x15")
 def test_fuzz_client_side_never_raises(data):
     core = ClientCore("fuzz")
     core.receive(P.encode_welcome(World(WorldConfig(**SMALL)).welcome(World(WorldConfig(**SMALL)).add_player("a"))))
@@ -246,6 +250,7 @@ async def test_udp_players_see_each_other_move():
                 return pos is not None and pos[axis] > start + 40
 
             await wait_for(lambda: seen(bob, ann, 0, start_ann) and seen(ann, bob, 1, start_bob), what="each bot seeing the other move")
+            await wait_for(lambda: ann.core.names.get(bob.core.player) == "bob" and bob.core.names.get(ann.core.player) == "ann", what="the names")
             for p in (ann, bob):
                 assert p.core.bad == 0 and not p.core.errors
                 assert p.core.corrections <= 2  # honest clients: the prediction holds
@@ -406,7 +411,7 @@ async def test_browser_and_udp_bots_see_each_other_move(tmp_path):
     bots: list[UdpPlayer] = []
     try:
         async with serving(app, udp="127.0.0.1:0", ws="127.0.0.1:0", admin="127.0.0.1:0") as server:
-            bots = await _join(server, *(f"bot{i}" for i in range(8)))
+            bots = await _join(server, *(f"bot{i}" for i in range(12)))
             rng = random.Random(9)
             moves = {b: (lambda b=b: b.core.toward_nearest_pellet(rng)) for b in bots}
             driver = asyncio.ensure_future(_drive_players(moves, 30, stop))
@@ -432,6 +437,7 @@ async def test_browser_and_udp_bots_see_each_other_move(tmp_path):
             lag = await page.eval("game.tick - game.renderTick")
             assert 0.5 < lag < 8, lag
             assert await page.eval(f"game.rendered.has({bot_id})")
+            await page.wait_until(f"game.names.get({bot_id}) === 'bot0'", "the bots' names")
             assert "playing" in await page.eval("document.getElementById('status').textContent")
             shot = os.environ.get("WIREHUB_GAME_SCREENSHOT") or str(tmp_path / "game.png")
             await page.eval("game.setMove(null); true")
@@ -469,6 +475,30 @@ async def test_the_page_and_stats_are_served_on_the_admin_listener():
         assert stats["tick"] > 3 and stats["tick_budget_ms"] == pytest.approx(33.333) and stats["tick_ms"]["p50"] > 0
 
 
+async def test_a_tcp_player_speaks_the_same_protocol_with_length_framing():
+    app = GameApp(WorldConfig(**SMALL))
+    async with serving(app, tcp="127.0.0.1:0") as server:
+        reader, writer = await asyncio.open_connection(*addr(server))
+
+        async def message():
+            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), WAIT), "big")
+            return P.decode_server(await asyncio.wait_for(reader.readexactly(size), WAIT))
+
+        def send(data):
+            writer.write(len(data).to_bytes(4, "big") + data)
+
+        send(P.encode_hello("tcp"))
+        welcome = await message()
+        assert isinstance(welcome, P.Welcome)
+        send(P.encode_input(0, 1, [(300, 0)]))
+        snap = await message()
+        while not (isinstance(snap, P.Snapshot) and snap.ack == 1):
+            snap = await message()
+        assert welcome.player in dict(snap.records) and snap.base == 0
+        writer.close()
+        await wait_for(lambda: not app.world.players, what="the TCP player to leave")
+
+
 async def test_one_process_only():
     with pytest.raises(RuntimeError, match="without --workers"):
         async with serving(GameApp(WorldConfig(**SMALL)), udp="127.0.0.1:0", workers=2):
@@ -500,4 +530,5 @@ def test_the_readme_commands(tmp_path):
                                 cwd=REPO, capture_output=True, text=True, timeout=WAIT * 3)
         assert nobody.returncode == 1 and "is the game server running there?" in nobody.stderr
     finally:
-        assert server.stop() == 0
+        code = server.stop()
+    assert code == 0, server.log

@@ -25,7 +25,7 @@ from typing import Any, Coroutine
 from urllib.parse import urlsplit
 
 from .protocol import (
-    MAX_CMDS, PELLET_BIT, POS_SCALE, SNAPSHOT, SNAPSHOT_RING, Bad, Board, Snapshot, Welcome, apply_snapshot, decode_server,
+    MAX_CMDS, PELLET_BIT, POS_SCALE, SNAPSHOT, SNAPSHOT_RING, Bad, Board, Names, Snapshot, Welcome, apply_snapshot, decode_server,
     encode_bye, encode_hello, encode_input,
 )
 from .world import clamp_velocity, step_position
@@ -59,6 +59,7 @@ class ClientCore:
         self.x = self.y = 0.0  # predicted position of our player
         self.located = False  # True once a snapshot showed where our player is
         self.board: Board | None = None
+        self.names: dict[int, str] = {}
         self.errors: deque[str] = deque(maxlen=8)
         self.bad = 0  # server messages that did not decode
         self.snapshots = 0
@@ -85,6 +86,9 @@ class ClientCore:
             self.welcome = msg
         elif isinstance(msg, Board):
             self.board = msg
+            self.names.update((pid, name) for pid, _, name in msg.top)
+        elif isinstance(msg, Names):
+            self.names.update(msg.names)
         elif isinstance(msg, bytes):  # CHALLENGE: prove the address by echoing the cookie
             self.cookie = msg
             return [self.hello()]
@@ -259,7 +263,12 @@ def command_line(prog: str, doc: str) -> argparse.ArgumentParser:
 def run_command(main: Coroutine[Any, Any, None]) -> int:
     """Run a command's coroutine: 0, or 1 with the reason when the server never answered."""
     try:
-        asyncio.run(main)
+        try:
+            import uvloop  # a wirehub dependency on Linux: cheaper datagrams for many bots
+        except ImportError:
+            asyncio.run(main)
+        else:
+            uvloop.run(main)
     except KeyboardInterrupt:
         pass
     except ConnectionError as exc:

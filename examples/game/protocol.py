@@ -29,6 +29,7 @@ CHALLENGE = 0x11
 WELCOME = 0x12
 SNAPSHOT = 0x13
 BOARD = 0x14
+NAMES = 0x15
 ERROR = 0x1F
 
 #: no message the server sends is larger (snapshots are capped well below it: see MAX_SNAPSHOT)
@@ -51,6 +52,8 @@ MAX_VIEW_PLAYERS = 48
 MAX_VIEW_PELLETS = 48
 #: entries of a leaderboard
 BOARD_SIZE = 5
+#: entries of one NAMES message (each at most 19 bytes: it stays under MAX_DATAGRAM)
+MAX_NAMES = 60
 
 _HELLO_HEAD = struct.Struct("<BBB")  # type, version, cookie length (then cookie, name length, name)
 _INPUT_HEAD = struct.Struct("<BIIB")  # type, ack tick, seq of the newest command, command count
@@ -123,6 +126,10 @@ class Snapshot(NamedTuple):
 class Board(NamedTuple):
     players: int
     top: tuple[tuple[int, int, str], ...]  # (id, score, name), best first
+
+
+class Names(NamedTuple):
+    names: tuple[tuple[int, str], ...]  # (id, name) of players the client sees
 
 
 # ------------------------------------------------------------------------------ client -> server
@@ -225,6 +232,14 @@ def encode_board(board: Board) -> bytes:
     return b"".join(parts)
 
 
+def encode_names(names: Iterable[tuple[int, str]]) -> bytes:
+    parts = []
+    for pid, name in names:
+        raw = name.encode()[:MAX_NAME]
+        parts.append(struct.pack("<HB", pid, len(raw)) + raw)
+    return bytes((NAMES, len(parts))) + b"".join(parts)
+
+
 def encode_error(code: str, message: str) -> bytes:
     return bytes((ERROR,)) + f"{code}: {message}".encode()[:200]
 
@@ -294,8 +309,8 @@ def state_of(view: View) -> dict[int, tuple[int, ...]]:
 # ------------------------------------------------------------------------------ client side decoding
 
 
-def decode_server(data: bytes) -> Snapshot | Welcome | Board | bytes | str | Bad:
-    """One message from the server: a Snapshot, Welcome or Board; the cookie of a CHALLENGE
+def decode_server(data: bytes) -> Snapshot | Welcome | Board | Names | bytes | str | Bad:
+    """One message from the server: a Snapshot, Welcome, Board or Names; the cookie of a CHALLENGE
     (bytes); the text of an ERROR (str); or Bad. Never raises."""
     if not data:
         return Bad("empty message")
@@ -321,9 +336,16 @@ def decode_server(data: bytes) -> Snapshot | Welcome | Board | bytes | str | Bad
                 top.append((pid, score, bytes(data[at:at + n_name]).decode(errors="replace")))
                 at += n_name
             return Board(players, tuple(top))
+        if kind == NAMES:
+            at, names = 2, []
+            for _ in range(data[1]):
+                pid, n_name = struct.unpack_from("<HB", data, at)
+                names.append((pid, bytes(data[at + 3:at + 3 + n_name]).decode(errors="replace")))
+                at += 3 + n_name
+            return Names(tuple(names))
         if kind == ERROR:
             return bytes(data[1:]).decode(errors="replace")
-    except struct.error as exc:
+    except (struct.error, IndexError) as exc:
         return Bad(f"message type 0x{kind:02x} is cut short: {exc}")
     return Bad(f"unknown message type 0x{kind:02x}")
 

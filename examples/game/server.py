@@ -28,8 +28,8 @@ from typing import Any
 from wirehub import App, Connection, FrameError, Server
 
 from .protocol import (
-    SNAPSHOT_RING, Bye, Hello, Input, View, decode_client, encode_board, encode_error, encode_challenge, encode_snapshot,
-    encode_welcome, hello_cookie,
+    MAX_NAMES, PELLET_BIT, SNAPSHOT_RING, Bye, Hello, Input, View, decode_client, encode_board, encode_challenge, encode_error,
+    encode_names, encode_snapshot, encode_welcome, hello_cookie,
 )
 from .world import World, WorldConfig
 
@@ -49,7 +49,7 @@ _PAGE_TYPES = {"game.html": "text/html", "game.js": "text/javascript", "game.css
 class Session:
     """One client: its player, its delta bases, its budget."""
 
-    __slots__ = ("conn", "player", "udp", "credit", "ring", "acked", "bad", "error_at")
+    __slots__ = ("conn", "player", "udp", "credit", "ring", "acked", "bad", "error_at", "named")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -60,6 +60,8 @@ class Session:
         self.acked = 0  # the newest tick the client acknowledged that is still in the ring
         self.bad = 0
         self.error_at = 0.0
+        #: players whose name this client was sent (at most max_players ids)
+        self.named: set[int] = set()
 
 
 class GameApp(App):
@@ -68,8 +70,11 @@ class GameApp(App):
         super().__init__(framing="length", name="game")
         self.world = World(config)
         self.sessions: dict[str, Session] = {}
-        #: seconds each tick took: simulation, snapshots, and writing them to the sockets
+        #: seconds each tick took, and CPU seconds it used: simulation, snapshots, and writing
+        #: them to the sockets (the wall time also counts what else the machine ran meanwhile)
         self.tick_times: deque[float] = deque(maxlen=TICK_SAMPLES)
+        self.tick_cpu: deque[float] = deque(maxlen=TICK_SAMPLES)
+        self._flush_at = (0.0, 0.0)
         #: ticks that started more than a tick late (the loop was behind)
         self.late_ticks = 0
         self._task: asyncio.Task | None = None
@@ -103,14 +108,20 @@ class GameApp(App):
                 if delay < -5 * period:  # far behind: do not run a burst of ticks to catch up
                     due = loop.time()
                 await asyncio.sleep(0)
-            started = time.perf_counter()
+            # A tick's figure is its own run plus the framework's flush of the frames it
+            # queued (the sendto calls): that flush is a call_soon callback scheduled by the
+            # first send, so it runs between the two markers scheduled around the tick.
+            loop.call_soon(self._flush_starts)
+            wall, cpu = time.perf_counter(), time.thread_time()
             self.tick()
-            # the frames queued by this tick are written by the flush that call_soon already
-            # scheduled; this callback runs after it, so the figure includes the sendto calls
-            loop.call_soon(self._tick_done, started)
+            loop.call_soon(self._tick_done, time.perf_counter() - wall, time.thread_time() - cpu)
 
-    def _tick_done(self, started: float) -> None:
-        self.tick_times.append(time.perf_counter() - started)
+    def _flush_starts(self) -> None:
+        self._flush_at = (time.perf_counter(), time.thread_time())
+
+    def _tick_done(self, wall: float, cpu: float) -> None:
+        self.tick_times.append(wall + time.perf_counter() - self._flush_at[0])
+        self.tick_cpu.append(cpu + time.thread_time() - self._flush_at[1])
 
     # ------------------------------------------------------------------ the tick
 
@@ -120,6 +131,7 @@ class GameApp(App):
         world.step()
         tick = world.tick
         views = world.views()
+        board = None
         for session in self.sessions.values():
             player = session.player
             if player is None:
@@ -138,13 +150,22 @@ class GameApp(App):
             ring[tick] = view
             if len(ring) > SNAPSHOT_RING:
                 del ring[next(iter(ring))]
+            if tick % world.config.tick_hz == 0:  # once a second: the leaderboard, and names
+                if board is None:
+                    board = encode_board(world.board())
+                conn.send(board)
+                self._send_names(session, view)
         for view in set(views.values()):
             view.release()
-        if tick % world.config.tick_hz == 0:
-            board = encode_board(world.board())
-            for session in self.sessions.values():
-                if session.player is not None and (session.credit > 0 or not session.udp):
-                    session.conn.send(board)
+
+    def _send_names(self, session: Session, view: View) -> None:
+        """The names of the players in view that this client was not told yet."""
+        players = self.world.players
+        new = [(pid, players[pid].name) for pid in view.ids if not pid & PELLET_BIT and pid not in session.named and pid in players]
+        if new:
+            new = new[:MAX_NAMES]
+            session.named.update(pid for pid, _ in new)
+            session.conn.send(encode_names(new))
 
     # ------------------------------------------------------------------ connections
 
@@ -273,15 +294,19 @@ class GameApp(App):
         return web.json_response(self.stats())
 
     def stats(self) -> dict[str, Any]:
-        times = sorted(self.tick_times)
+        """Ticks so far, players, and the distribution of the last TICK_SAMPLES ticks' times
+        (wall and CPU, in ms) beside the budget of one tick."""
 
-        def pct(q: float) -> float | None:
-            return round(times[min(len(times) - 1, int(q * len(times)))] * 1000, 3) if times else None
+        def spread(samples: deque[float]) -> dict[str, Any]:
+            times = sorted(samples)
+            at = (lambda q: round(times[min(len(times) - 1, int(q * len(times)))] * 1000, 3)) if times else (lambda q: None)
+            return {"p50": at(0.5), "p99": at(0.99), "max": at(1.0), "samples": len(times)}
 
         return {
             "tick": self.world.tick,
             "players": len(self.world.players),
-            "tick_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0), "samples": len(times)},
+            "tick_ms": spread(self.tick_times),
+            "tick_cpu_ms": spread(self.tick_cpu),
             "tick_budget_ms": round(1000 / self.world.config.tick_hz, 3),
             "late_ticks": self.late_ticks,
         }

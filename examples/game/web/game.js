@@ -7,7 +7,7 @@
 // a snapshot disagrees.
 "use strict";
 
-const T = { HELLO: 0x01, INPUT: 0x02, BYE: 0x03, WELCOME: 0x12, SNAPSHOT: 0x13, BOARD: 0x14, ERROR: 0x1f };
+const T = { HELLO: 0x01, INPUT: 0x02, BYE: 0x03, WELCOME: 0x12, SNAPSHOT: 0x13, BOARD: 0x14, NAMES: 0x15, ERROR: 0x1f };
 const VERSION = 1;
 const HELLO_MIN = 32;
 const MAX_NAME = 16;
@@ -117,6 +117,7 @@ class Game {
       case T.WELCOME: return this.onWelcome(dv);
       case T.SNAPSHOT: return this.onSnapshot(dv);
       case T.BOARD: return this.onBoard(dv);
+      case T.NAMES: return this.onNames(dv);
       case T.ERROR: this.error = new TextDecoder().decode(new Uint8Array(dv.buffer, 1)); return;
     }
   }
@@ -182,6 +183,15 @@ class Game {
     }
     this.board = top;
     this.drawBoard();
+  }
+
+  onNames(dv) {
+    let at = 2;
+    for (let i = 0, n = dv.getUint8(1); i < n; i++) {
+      const len = dv.getUint8(at + 2);
+      this.names.set(dv.getUint16(at, true), new TextDecoder().decode(new Uint8Array(dv.buffer, at + 3, len)));
+      at += 3 + len;
+    }
   }
 
   // ------------------------------------------------------------------ our player: input, prediction
