@@ -512,6 +512,8 @@ async def test_one_process_only():
 def test_the_readme_commands(tmp_path):
     """``wirehub run examples.game.server:app`` and ``python -m examples.game.bots``, then the
     headless client, from the repository root."""
+    readme = (REPO / "examples" / "game" / "README.md").read_text()
+    assert "wirehub run examples.game.server:app" in readme and "python -m examples.game.bots --count 100" in readme
     port = free_port()
     server = ServerProcess("run", "examples.game.server:app", "--udp", f"127.0.0.1:{port}", "--ws", "off", "--tcp", "off", "--admin", "off", cwd=str(REPO))
     server.start(tmp_path)
