@@ -104,7 +104,9 @@ class Game {
   }
 
   hello() {
-    const name = new TextEncoder().encode(this.name).slice(0, MAX_NAME);
+    let text = [...this.name].filter((ch) => ch >= " ").join("").trim();
+    while (new TextEncoder().encode(text).length > MAX_NAME) text = [...text].slice(0, -1).join(""); // whole characters
+    const name = new TextEncoder().encode(text);
     const out = new Uint8Array(Math.max(HELLO_MIN, 4 + name.length));
     out.set([T.HELLO, VERSION, 0, name.length]);
     out.set(name, 4);
