@@ -11,7 +11,7 @@ seconds, then measure for ``--seconds``:
 - tick time p50 / p99 / max: one tick's simulation, snapshots for every player, and their
   writing to the socket (the flush after the tick), beside the 33.3 ms budget of 30 Hz; and
   the CPU time of the same (on a shared machine the wall time also counts other processes);
-- late ticks: ticks that started more than one period late (the loop was behind);
+- late ticks: ticks that started late (the previous tick, or other work, ran past their time);
 - per player and second: datagrams (30 snapshots and one leaderboard) and bytes sent (UDP payload; add 28 B of IP and UDP
   header per datagram on the wire), and bytes received;
 - CPU of the server process and of the bots' process (a saturated bot process sends fewer

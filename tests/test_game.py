@@ -504,6 +504,23 @@ async def test_a_tcp_player_speaks_the_same_protocol_with_length_framing():
         await wait_for(lambda: not app.world.players, what="the TCP player to leave")
 
 
+async def test_a_failing_tick_is_logged_and_the_world_goes_on(caplog):
+    app = GameApp(WorldConfig(**SMALL))
+    step = app.world.step
+    failures = []
+
+    def broken_once():
+        if not failures:
+            failures.append(app.world.tick)
+            raise ZeroDivisionError("a bug in the game")
+        step()
+
+    app.world.step = broken_once  # type: ignore[method-assign]
+    async with serving(app, udp="127.0.0.1:0"):
+        await wait_for(lambda: app.world.tick > 3, what="ticks after the failure")
+    assert failures and any(r.message.startswith("tick_failed") and r.exc_info for r in caplog.records)
+
+
 async def test_one_process_only():
     with pytest.raises(RuntimeError, match="without --workers"):
         async with serving(GameApp(WorldConfig(**SMALL)), udp="127.0.0.1:0", workers=2):

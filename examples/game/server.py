@@ -20,6 +20,7 @@ One process holds the world: run it without ``--workers`` (it refuses to start w
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections import deque
@@ -33,6 +34,7 @@ from .protocol import (
 )
 from .world import World, WorldConfig
 
+log = logging.getLogger("examples.game")
 WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 #: snapshots a validated UDP session earns per datagram it sends, and may hold in advance
 SNAPSHOT_CREDIT = 2
@@ -75,7 +77,7 @@ class GameApp(App):
         self.tick_times: deque[float] = deque(maxlen=TICK_SAMPLES)
         self.tick_cpu: deque[float] = deque(maxlen=TICK_SAMPLES)
         self._flush_at = (0.0, 0.0)
-        #: ticks that started more than a tick late (the loop was behind)
+        #: ticks that started late: the previous tick, or other work, ran past their due time
         self.late_ticks = 0
         self._task: asyncio.Task | None = None
 
@@ -113,7 +115,10 @@ class GameApp(App):
             # first send, so it runs between the two markers scheduled around the tick.
             loop.call_soon(self._flush_starts)
             wall, cpu = time.perf_counter(), time.thread_time()
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # a bug in the game must not stop the world for everyone
+                log.exception("tick_failed tick=%d", self.world.tick)
             loop.call_soon(self._tick_done, time.perf_counter() - wall, time.thread_time() - cpu)
 
     def _flush_starts(self) -> None:
