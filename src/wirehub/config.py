@@ -573,6 +573,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("reuse_port", "bool", False, "Set SO_REUSEPORT on listening sockets.", group=_SOCK),
     Option("reuse_address", "bool", True, "Set SO_REUSEADDR on listening sockets.", group=_SOCK),
     Option("backlog", "int", 2048, "Listen backlog per socket.", group=_SOCK, minimum=1),
+    Option("udp_receive_buffer", "size", 4194304,
+           "SO_RCVBUF of UDP listening sockets: datagrams that arrive while the event loop is busy wait "
+           "there instead of being dropped (the kernel caps it at net.core.rmem_max; 0 keeps the system's default).",
+           group=_SOCK, minimum=0),
     Option("nodelay", "bool", True, "Set TCP_NODELAY on TCP connections.", group=_SOCK),
     Option("keepalive", "bool", True, "Set SO_KEEPALIVE on TCP connections.", group=_SOCK),
     Option("handshake_timeout", "duration", 10.0,
@@ -679,6 +683,7 @@ class Config:
     reuse_port: bool = _DEFAULTS["reuse_port"]
     reuse_address: bool = _DEFAULTS["reuse_address"]
     backlog: int = _DEFAULTS["backlog"]
+    udp_receive_buffer: int = _DEFAULTS["udp_receive_buffer"]
     nodelay: bool = _DEFAULTS["nodelay"]
     keepalive: bool = _DEFAULTS["keepalive"]
     handshake_timeout: float = _DEFAULTS["handshake_timeout"]

@@ -174,6 +174,26 @@ async def test_length_framing_sends_raw_datagrams():
         client.close()
 
 
+def _rcvbuf(server) -> int:
+    return server.datagram_endpoints[0].transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+
+async def test_receive_buffer_is_set_on_udp_listeners():
+    """``udp_receive_buffer`` (4 MiB by default) is the listening socket's SO_RCVBUF, up to the
+    kernel's cap (Linux doubles the value asked for, for its bookkeeping); 0 keeps the system's."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        system = probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        one_mib = probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    async with serving(Recorder(), udp="127.0.0.1:0", udp_receive_buffer="1MiB") as server:
+        assert _rcvbuf(server) == one_mib
+    async with serving(Recorder(), udp="127.0.0.1:0", udp_receive_buffer=0) as server:
+        assert _rcvbuf(server) == system
+    if one_mib > system:  # the kernel allows more than its default: the default asks for it
+        async with serving(Recorder(), udp="127.0.0.1:0") as server:
+            assert _rcvbuf(server) >= one_mib
+
+
 async def test_ipv6():
     if not socket.has_ipv6:
         pytest.skip("no IPv6")

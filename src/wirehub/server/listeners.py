@@ -75,8 +75,10 @@ def bind_inet(
     backlog: int = 2048,
     reuse_address: bool = True,
     reuse_port: bool = False,
+    receive_buffer: int = 0,
 ) -> Endpoint:
-    """Bind a TCP (or, with ``datagram``, UDP) socket on ``host:port``."""
+    """Bind a TCP (or, with ``datagram``, UDP) socket on ``host:port``; ``receive_buffer``
+    (bytes, 0 for the system's default) sets a datagram socket's SO_RCVBUF."""
     socktype = socket.SOCK_DGRAM if datagram else socket.SOCK_STREAM
     family, sockaddr = _resolve(host, port, socktype)
     address = format_address(host, port)
@@ -88,6 +90,8 @@ def bind_inet(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if datagram and receive_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         sock.bind(sockaddr)
         if not datagram:
             sock.listen(backlog)

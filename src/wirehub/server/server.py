@@ -74,7 +74,8 @@ def bind_all(config: Config, *, reuse_port: bool | None = None, kinds: Iterable[
             if kind == "unix":
                 endpoints.append(bind_unix(where, backlog=config.backlog))
             else:
-                endpoints.append(bind_inet(kind, where[0], where[1], datagram=kind == "udp", **common))
+                udp = kind == "udp"
+                endpoints.append(bind_inet(kind, where[0], where[1], datagram=udp, receive_buffer=config.udp_receive_buffer if udp else 0, **common))
         except BindError as exc:
             errors.append(str(exc))
     if errors:
