@@ -712,3 +712,38 @@ async def test_presence_diffs_arrive_as_join_and_leave_events_and_the_mode_is_ke
                 assert (await d.join("chat")).presence_mode == "query"
                 await wait_for(lambda: room.presence_mode == "query", what="the room's switch to query")
             await ea.stop()
+
+
+async def test_after_bye_shutdown_the_backoff_stops_growing_at_the_restart_cap(monkeypatch, certs):
+    """A client told ``bye shutdown`` retries a restarting hub within RESTART_BACKOFF_CAP, not
+    its own (long) cap: every client of a drained hub is back soon after the hub is. Each
+    wait the client asks for is recorded and shortened, so no time passes in sleeps."""
+    from wirehub.client import core
+
+    windows: list[tuple[int, float, float]] = []
+
+    def recorded(attempt: int, low: float, high: float) -> float:
+        windows.append((attempt, low, high))
+        return 0.005
+
+    monkeypatch.setattr(core, "backoff_delay", recorded)
+    hub = Hub(**hub_options("tcp", certs))
+    await hub.start()
+    where = listen_address(hub, "tcp")
+    client = await wc.connect(url_for(hub, "tcp"), backoff=(0.5, 60.0), timeout=5.0)
+    try:
+        await asyncio.wait_for(hub.stop(), WAIT)  # bye shutdown; nobody listens for a while
+        await wait_for(lambda: len(windows) >= 3, what="three refused reconnects")
+        hub = Hub(**hub_options("tcp", certs, where=where))
+        await hub.start()
+        await wait_for(lambda: client.state == "connected" and client.reconnects == 1, what="the reconnect")
+        assert windows[:3] == [(0, 0.5, core.RESTART_BACKOFF_CAP), (1, 0.5, core.RESTART_BACKOFF_CAP),
+                               (2, 0.5, core.RESTART_BACKOFF_CAP)]
+        windows.clear()
+        for conn in list(hub.server.registry):  # a plain drop, no bye: the client's own cap
+            conn.abort()
+        await wait_for(lambda: client.reconnects == 2, what="the second reconnect")
+        assert windows[0] == (0, 0.5, 60.0)
+    finally:
+        await client.close()
+        await asyncio.wait_for(hub.stop(), WAIT)

@@ -15,6 +15,7 @@ export class HubError extends Error {
 
 const noop = () => {};
 const later = setTimeout;
+const RESTART_CAP = 2000; // ms: the largest reconnect wait while a hub that said bye shutdown restarts
 
 class Emitter {
   #on = {};
@@ -76,6 +77,7 @@ export class Hub extends Emitter {
   #pending = new Map(); // ref -> request, queued or sent
   #queue = []; // requests waiting for the connection, in call order
   #attempt = 0; // reconnect attempts since the last welcome
+  #restarting = false; // the last drop was a bye shutdown: retries are capped at RESTART_CAP
   #timer = null; // the reconnect wait, or the handshake deadline
   #renew = null; // the token refresh
   #beat = null; // the heartbeat interval
@@ -201,6 +203,7 @@ export class Hub extends Emitter {
   #welcome(w) {
     clearTimeout(this.#timer);
     this.#attempt = 0;
+    this.#restarting = false;
     this.#fresh = false;
     this.client = w.client;
     this.user = w.user;
@@ -284,8 +287,11 @@ export class Hub extends Emitter {
       }
     for (const room of this.rooms.values()) reconnect ? room._lost() : room._closed(lost);
     const o = this.options;
-    // full jitter: a random wait up to a cap that doubles per attempt (0.25 s after a drain's bye shutdown)
-    const delay = Math.random() * (reason == "shutdown" ? 250 : Math.min(o.maxReconnectDelay, o.minReconnectDelay * 2 ** this.#attempt++));
+    // full jitter: a random wait up to a cap that doubles per attempt (0.25 s after a drain's bye
+    // shutdown, then at most RESTART_CAP until the restarted hub answers)
+    if (reason == "shutdown") this.#restarting = true;
+    const cap = this.#restarting ? Math.min(o.maxReconnectDelay, RESTART_CAP) : o.maxReconnectDelay;
+    const delay = Math.random() * (reason == "shutdown" ? 250 : Math.min(cap, o.minReconnectDelay * 2 ** this.#attempt++));
     if (reconnect) {
       this.#set("connecting");
       this.#ws = Symbol(); // waiting

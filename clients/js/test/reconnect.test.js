@@ -80,3 +80,35 @@ test("a restart on the memory broker: the client reports a known gap", async () 
   assert.equal(await room.publish("new epoch"), 1);
   assert.equal((await got).data, "new epoch");
 });
+
+test("after bye shutdown the backoff window stops growing at 2 s while the hub restarts; after a plain drop it does not", async () => {
+  const random = Math.random;
+  Math.random = () => 0.999; // the top of each full-jitter window, so each delay shows its window
+  cleanup.push(() => { Math.random = random; });
+  const a = await startHub();
+  cleanup.push(() => a.stop("SIGKILL"));
+  const hub = new Hub(a.ws, { minReconnectDelay: 2500, maxReconnectDelay: 20000 });
+  cleanup.push(() => hub.disconnect());
+  const waits = record(hub, "reconnecting");
+  hub.connect();
+  await next(hub, "connected");
+  await a.stop("SIGTERM"); // bye shutdown, and nobody listens any more
+  await next(hub, "reconnecting", (e) => e.reason != "shutdown"); // the first retry was refused
+  hub.disconnect();
+  assert.equal(waits[0].reason, "shutdown");
+  assert.ok(waits[0].delay <= 250, `the first retry after a drain's bye: ${waits[0].delay} ms`);
+  assert.equal(Math.round(waits[1].delay), 1998, "the restart cap (2 s), not minReconnectDelay (2.5 s)");
+
+  const b = await startHub(); // the same without bye: SIGKILL drops the socket
+  cleanup.push(() => b.stop("SIGKILL"));
+  const other = new Hub(b.ws, { minReconnectDelay: 2500, maxReconnectDelay: 20000 });
+  cleanup.push(() => other.disconnect());
+  other.connect();
+  await next(other, "connected");
+  const dropped = next(other, "reconnecting");
+  await b.stop("SIGKILL");
+  const plain = await dropped;
+  other.disconnect();
+  assert.notEqual(plain.reason, "shutdown");
+  assert.equal(Math.round(plain.delay), 2498, "the client's own backoff window");
+});

@@ -68,7 +68,9 @@ dead: it is dropped and reconnected.
 **Reconnect and recovery** — when the connection drops, or the hub says ``bye`` with
 ``reconnect:true`` (``shutdown``, ``idle``, ``slow_consumer``, ``auth_expired``), the client
 waits ``backoff_delay(n)`` (full jitter: uniformly random in ``[backoff[0],
-min(backoff[1], backoff[0]·2^(n+1))]`` for the n-th attempt in a row), connects, says hello,
+min(backoff[1], backoff[0]·2^(n+1))]`` for the n-th attempt in a row; after ``bye``
+``shutdown``, a restarting hub, the window stops growing at ``RESTART_BACKOFF_CAP``, 2 s, so
+that every client is back about that soon after the hub), connects, says hello,
 and re-joins every room with ``since`` = the seq of the last message of that room it accepted
 and that room's ``epoch``. Every message that history still holds is then replayed in order;
 any ``msg`` whose seq is not above the last accepted one is dropped, so nothing is delivered

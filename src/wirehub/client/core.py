@@ -22,6 +22,11 @@ from .transports import Endpoint, Link, open_link, parse_url
 log = logging.getLogger("wirehub.client")
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+#: seconds: the largest reconnect wait after a ``bye`` ``shutdown`` (a draining hub that is
+#: restarting), instead of the backoff's own cap, so that a client refused while the hub is down
+#: is back within about this long of its return (Phoenix's socket caps its retries at 5 s)
+RESTART_BACKOFF_CAP = 2.0
+
 #: bye reasons after which the client never reconnects (the hub says reconnect:false for them)
 FATAL_HELLO_CODES = ("unauthorized", "forbidden")
 #: UDP: heartbeats that may go unanswered in a row before the session counts as dead
@@ -679,8 +684,11 @@ class Client:
                 return
             self._set_state("reconnecting", reason)
             attempt = 0
+            low, high = self.backoff
+            if reason == "shutdown":  # a restart: the hub spread its byes already; it is back soon
+                high = max(low, min(high, RESTART_BACKOFF_CAP))
             while True:
-                await asyncio.sleep(backoff_delay(attempt, *self.backoff))
+                await asyncio.sleep(backoff_delay(attempt, low, high))
                 attempt += 1
                 if self._closing:
                     return
