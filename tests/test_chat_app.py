@@ -16,7 +16,7 @@ import pytest
 
 from examples.chat_app import ChatApp
 from examples.chat_app.app import HISTORY_MAX, MAX_QUERY, MAX_TEXT
-from examples.chat_app.store import POOL_SIZE, open_store, pyformat
+from examples.chat_app.store import MAX_STORED, POOL_SIZE, TRIM_EVERY, open_store, pyformat
 from wirehub.hub.auth import mint_token
 
 from .helpers import LineClient, ServerProcess, free_port, reachable
@@ -185,6 +185,26 @@ async def test_messages_are_checked_stored_with_display_names_and_read_back(kind
         for method, data, message in bad_requests:
             assert await refused(alice, {"op": "rpc", "method": method, "data": data}) == ("app.bad_request", message)
         assert await refused(bob, {"op": "rpc", "method": "messages", "data": {"room": "team"}}) == ("not_member", "join team first")
+
+
+@pytest.mark.parametrize("kind", DATABASES)
+async def test_a_room_keeps_its_newest_messages_only(kind, tmp_path):
+    """What clients can make the database hold is bounded: past max_stored (MAX_STORED) a
+    room's oldest messages go, checked on a room's first message and every trim_every."""
+    async with database(kind, tmp_path) as url, chat_hub(url) as (hub, chat):
+        store = await chat.store()
+        assert (store.max_stored, store.trim_every) == (MAX_STORED, TRIM_EVERY)
+        store.max_stored, store.trim_every = 3, 2
+        alice = await hub.greeted("tcp", name="alice")
+        await alice.join("lobby")
+        await alice.join("team")
+        await reply(alice, {"op": "pub", "room": "team", "data": {"text": "in team"}})
+        for n in range(1, 9):  # trimmed after the 1st, 3rd, 5th and 7th: 3 kept, then one more
+            assert (await reply(alice, {"op": "pub", "room": "lobby", "data": {"text": f"m{n}"}}))["op"] == "ok"
+        assert [m["text"] for m in await rpc(alice, "messages", {"room": "lobby"})] == ["m5", "m6", "m7", "m8"]
+        assert [m["text"] for m in await rpc(alice, "messages", {"room": "team"})] == ["in team"]  # other rooms keep theirs
+        await reply(alice, {"op": "pub", "room": "lobby", "data": {"text": "m9"}})
+        assert [m["text"] for m in await store.messages("lobby", HISTORY_MAX)] == ["m7", "m8", "m9"]
 
 
 def test_the_sql_is_written_once_and_read_by_psycopg():

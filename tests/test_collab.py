@@ -399,6 +399,29 @@ async def test_a_document_past_its_size_limit_is_refused(tmp_path):
     store.close()
 
 
+async def test_a_new_document_past_the_stores_limit_is_refused(store_url):
+    """Anyone may write to a new document name: the number of documents is bounded (MAX_DOCS)."""
+    counter = DocStore(store_url)
+    store = DocStore(store_url, max_docs=counter.count() + 2)  # PostgreSQL's is shared: two more
+    counter.close()
+    first, second, third = doc_name(), doc_name(), doc_name()
+    async with editor_hub(store) as (hub, url):
+        async with wirehub.client.connect("tcp://" + hub.addresses["tcp"][0]) as client:
+            for doc in (first, second, third):
+                await client.join("doc:" + doc)
+            docs = {}
+            for doc in (first, second):
+                docs[doc], update = yjs_update(doc)
+                await client.publish("doc:" + doc, {"update": b64(update)})
+            with pytest.raises(HubError) as refused:
+                await client.publish("doc:" + third, {"update": b64(yjs_update("one too many")[1])})
+            assert refused.value.code == "limit" and "MAX_DOCS" in refused.value.message
+            await client.publish("doc:" + first, {"update": b64(yjs_update(" and more", docs[first])[1])})  # existing ones take updates
+    assert (store.text(first), store.text(second), store.text(third)) == (first + " and more", second, "")
+    assert store.stats(third) == (0, 0)
+    store.close()
+
+
 @pytest.mark.one_loop
 @pytest.mark.skipif(not reachable(6379), reason="no Redis at 127.0.0.1:6379")
 async def test_two_nodes_on_redis_share_the_document_through_the_store(store_url):

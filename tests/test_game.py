@@ -39,11 +39,11 @@ def test_messages_round_trip():
     assert len(P.encode_hello("x")) == P.HELLO_MIN
     assert P.hello_cookie(P.encode_hello("ann", b"c00kie")) == b"c00kie"
     assert P.hello_cookie(P.encode_hello("ann")) is None
-    assert P.decode_client(P.encode_input(7, 12, [(1, 2), (-3, 4)])) == P.Input(7, 12, ((1, 2), (-3, 4)))
-    assert P.decode_client(P.encode_bye()) == P.Bye()
+    assert P.decode_client(P.encode_input(0xDEADBEEF, 7, 12, [(1, 2), (-3, 4)])) == P.Input(0xDEADBEEF, 7, 12, ((1, 2), (-3, 4)))
+    assert P.decode_client(P.encode_bye(0xCAFE)) == P.Bye(0xCAFE)
     world = World(WorldConfig(obstacles=3))
     player = world.add_player("ann")
-    welcome = world.welcome(player)
+    welcome = world.welcome(player)._replace(token=0xFEEDF00D)
     assert P.decode_server(P.encode_welcome(welcome)) == welcome
     board = P.Board(3, ((1, 9, "ann"), (2, 4, "bob")))
     assert P.decode_server(P.encode_board(board)) == board
@@ -61,9 +61,10 @@ def test_bad_client_messages_say_what_is_wrong():
     assert "unknown message type 0x7f" in P.decode_client(b"\x7f").reason
     assert "padded to at least 32" in P.decode_client(b"\x01\x01\x00\x00").reason
     assert "version 9" in P.decode_client(b"\x01\x09" + bytes(30)).reason
-    assert "1 to 4" in P.decode_client(P.encode_input(0, 9, [(0, 0)])[:9] + b"\x05" + bytes(20)).reason
-    assert "must be 14 bytes" in P.decode_client(P.encode_input(0, 9, [(0, 0)]) + b"x").reason
-    assert "start at 1" in P.decode_client(P.encode_input(0, 1, [(0, 0), (0, 0)])).reason
+    assert "1 to 4" in P.decode_client(P.encode_input(5, 0, 9, [(0, 0)])[:13] + b"\x05" + bytes(20)).reason
+    assert "must be 18 bytes" in P.decode_client(P.encode_input(5, 0, 9, [(0, 0)]) + b"x").reason
+    assert "start at 1" in P.decode_client(P.encode_input(5, 0, 1, [(0, 0), (0, 0)])).reason
+    assert "BYE must be 5 bytes" in P.decode_client(b"\x03").reason
 
 
 def _moving_world(players: int, config: dict, seed: int = 3) -> tuple[World, list, random.Random]:
@@ -282,7 +283,7 @@ async def test_udp_address_validation_and_the_snapshot_budget():
             raw.sendto(hello)
             challenge = await asyncio.wait_for(got.get(), WAIT)
             assert challenge[0] == P.CHALLENGE and len(challenge) <= 3 * len(hello)
-            raw.sendto(P.encode_input(0, 1, [(300, 0)]))  # inputs from an unvalidated address: no session
+            raw.sendto(P.encode_input(0, 0, 1, [(300, 0)]))  # inputs from an unvalidated address: no session
             assert (await asyncio.wait_for(got.get(), WAIT))[0] == P.CHALLENGE
             dropped = server.datagram_endpoints[0].stats["dropped"]
             raw.sendto(b"\x01tiny")  # too small to answer within 3x: nothing
@@ -292,7 +293,7 @@ async def test_udp_address_validation_and_the_snapshot_budget():
             raw.sendto(P.encode_hello("quiet", challenge[1:]))
             welcome = P.decode_server(await asyncio.wait_for(got.get(), WAIT))
             assert isinstance(welcome, P.Welcome) and len(app.world.players) == 1
-            raw.sendto(P.encode_input(0, 1, [(0, 0)]))
+            raw.sendto(P.encode_input(welcome.token, 0, 1, [(0, 0)]))
             # then silence: at most MAX_CREDIT snapshots (and a board), then nothing, while the world ticks on
             start = app.world.tick
             await wait_for(lambda: app.world.tick >= start + 3 * MAX_CREDIT, what="three credits' worth of ticks")
@@ -367,7 +368,7 @@ async def test_a_cheating_bot_is_corrected():
             raw, _ = await asyncio.get_running_loop().create_datagram_endpoint(asyncio.DatagramProtocol, remote_addr=addr(server, "udp"))
             ox = other.x
             for seq in range(1, 30):
-                raw.sendto(P.encode_input(0, seq, [(300, 0)]))
+                raw.sendto(P.encode_input(0, 0, seq, [(300, 0)]))
             raw.close()
             start_tick = app.world.tick
             await wait_for(lambda: app.world.tick > start_tick + 5, what="a few ticks")
@@ -379,24 +380,72 @@ async def test_a_cheating_bot_is_corrected():
             honest.close()
 
 
-async def test_garbage_from_a_player_gets_errors_then_a_close_and_spares_the_others():
+async def test_garbage_from_a_udp_player_gets_errors_and_spares_the_others():
+    """Bad datagrams get an ERROR (at most one a second) but never end a UDP session: its
+    source address can be forged, and a stranger must not end someone else's game."""
     app = GameApp(WorldConfig(**SMALL))
     async with serving(app, udp="127.0.0.1:0") as server:
         bad, good = await _join(server, "bad", "good")
-        bad_id = bad.core.player
+        session = next(s for s in app.sessions.values() if s.player is not None and s.player.id == bad.core.player)
         rng = random.Random(5)
         for _ in range(MAX_BAD_MESSAGES + 5):
             bad.send(bytes([rng.choice([0, 2, 7, 0x13, 0xFF])]) + rng.randbytes(rng.randint(0, 40)))
-        await wait_for(lambda: any(e.startswith("too_many_errors") for e in bad.core.errors), what="the closing error")
-        assert any(e.startswith("bad_message") for e in bad.core.errors)
-        await wait_for(lambda: bad_id not in app.world.players, what="the bad player to be gone")
-        # (its next garbage from the same address is answered with a challenge, which the
-        # client answers as any client whose session ended: it may come back as a new player)
+        await wait_for(lambda: session.bad + session.forged == MAX_BAD_MESSAGES + 5, what="every bad datagram handled")
+        await wait_for(lambda: any(e.startswith("bad_message") for e in bad.core.errors), what="an error")
+        assert len(bad.core.errors) <= 2  # at most one a second
+        assert bad.core.player in app.world.players and not any(e.startswith("too_many_errors") for e in bad.core.errors)
         ticks = good.core.snapshots
         good.move(0, 0)
         await wait_for(lambda: good.core.snapshots > ticks, what="the good player's next snapshot")
-        bad.transport.close()
+        bad.close()
         good.close()
+
+
+async def test_forged_datagrams_from_a_players_address_move_close_and_earn_nothing():
+    """What a datagram with a forged source address (a player's) looks like to the server: no
+    token, or the wrong one. It does not move the player, end its session, earn snapshots for
+    its address, or get a WELCOME (bigger than a HELLO) sent there."""
+    app = GameApp(WorldConfig(**SMALL))
+    async with serving(app, udp="127.0.0.1:0") as server:
+        (victim,) = await _join(server, "victim")
+        me = app.world.players[victim.core.player]
+        session = next(s for s in app.sessions.values() if s.player is me)
+        welcomes = []
+        receive = victim.core.receive
+        victim.core.receive = lambda data: (welcomes.append(data) if data[:1] == bytes((P.WELCOME,)) else None, receive(data))[1]
+        await wait_for(lambda: session.credit == 0, what="the quiet player's snapshots to stop")
+        x, last_seq, token = me.x, me.last_seq, victim.core.token
+        for seq in range(1, 11):  # a stranger who knows the address, not the token
+            victim.send(P.encode_input(token ^ 0x5A5A, 0, seq, [(300, 0)]))
+        victim.send(P.encode_bye(token ^ 1))
+        victim.send(P.encode_hello("victim", b"A" * 22))  # a cookie, not the one that opened the session
+        await wait_for(lambda: session.forged == 12, what="the forged datagrams dropped")
+        assert session.credit == 0 and session.bad == 0  # no snapshots earned, no error sent
+        victim.send(victim.core.hello())  # the real client repeating its HELLO: answered
+        await wait_for(lambda: len(welcomes) == 1, what="the WELCOME to the real HELLO")
+        assert P.decode_server(welcomes[0]).token == token and session.credit <= SNAPSHOT_CREDIT
+        start = app.world.tick
+        await wait_for(lambda: app.world.tick > start + 3, what="a few ticks")
+        assert (me.x, me.last_seq) == (x, last_seq) and me.id in app.world.players and len(welcomes) == 1
+        victim.close()  # the real BYE
+        await wait_for(lambda: not app.world.players, what="the player to leave on its BYE")
+
+
+async def test_garbage_on_a_stream_gets_errors_then_a_close():
+    app = GameApp(WorldConfig(**SMALL))
+    async with serving(app, tcp="127.0.0.1:0") as server:
+        reader, writer = await asyncio.open_connection(*addr(server))
+        for _ in range(MAX_BAD_MESSAGES + 1):
+            writer.write((1).to_bytes(4, "big") + b"\x7f")
+        received = await asyncio.wait_for(reader.read(), WAIT)  # up to the close
+        messages = []
+        while received:
+            size = int.from_bytes(received[:4], "big")
+            messages.append(P.decode_server(received[4:4 + size]))
+            received = received[4 + size:]
+        assert messages[0] == "bad_message: unknown message type 0x7f"
+        assert messages[-1] == f"too_many_errors: {MAX_BAD_MESSAGES} bad messages; closing"
+        writer.close()
 
 
 # ----------------------------------------------------------------------------- the browser, in the same world
@@ -495,7 +544,11 @@ async def test_a_tcp_player_speaks_the_same_protocol_with_length_framing():
         send(P.encode_hello("tcp"))
         welcome = await message()
         assert isinstance(welcome, P.Welcome)
-        send(P.encode_input(0, 1, [(300, 0)]))
+        send(P.encode_input(welcome.token ^ 1, 0, 1, [(300, 0)]))  # not this session's token: told, not applied
+        while not isinstance(error := await message(), str):
+            pass
+        assert error == "bad_token: INPUT must carry the token of this session's WELCOME"
+        send(P.encode_input(welcome.token, 0, 1, [(300, 0)]))
         snap = await message()
         while not (isinstance(snap, P.Snapshot) and snap.ack == 1):
             snap = await message()

@@ -8,7 +8,8 @@ two RPCs that read the stored messages back.
   or with the user in ``members`` (else ``app.not_invited``).
 - ``{"op":"pub","room":R,"data":{"text":T}}``: T is 1 to :data:`MAX_TEXT` characters (else
   ``app.bad_message``) and R a joined room (else ``not_member``). The message is stored, then
-  published as ``{"id","user","name","text","ts"}``, ``name`` being the display name.
+  published as ``{"id","user","name","text","ts"}``, ``name`` being the display name. A room
+  keeps its newest ``store.MAX_STORED`` messages (the older ones are deleted).
 - ``{"op":"rpc","method":"messages","data":{"room":R,"limit":N,"before":ID}}``: the newest N
   (default :data:`HISTORY_DEFAULT`, at most :data:`HISTORY_MAX`) stored messages of R, with
   an id below ID when given, oldest first.

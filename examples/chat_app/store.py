@@ -37,6 +37,12 @@ POOL_SIZE = 10
 CONNECT_TIMEOUT = 60
 #: the longest display name: the hub's limit for a connection's name
 MAX_DISPLAY_NAME = 64
+#: messages kept per room: past it the oldest are deleted, so that what clients can make the
+#: database hold is bounded (rooms are the admin's: rooms x MAX_STORED x MAX_TEXT at most).
+#: A process trims a room on its first message there, then every TRIM_EVERY messages it
+#: stores in it: a room holds at most MAX_STORED + TRIM_EVERY - 1 per process storing in it.
+MAX_STORED = 10_000
+TRIM_EVERY = 100
 
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS users (name TEXT PRIMARY KEY, display_name TEXT NOT NULL)",
@@ -76,6 +82,9 @@ MESSAGES = """SELECT id, user_name, display_name, text, ts FROM (
                   SELECT * FROM messages WHERE room = $1 AND id < $3 AND lower(text) LIKE lower($4) ESCAPE '\\'
                   ORDER BY id DESC LIMIT $2) AS newest
               ORDER BY id"""
+# the oldest messages of room $1 beyond the newest $2
+TRIM = """DELETE FROM messages WHERE room = $1 AND id <= (
+              SELECT id FROM messages WHERE room = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)"""
 NO_ID_LIMIT = 2**62  # "before" when none is given: after every id
 
 
@@ -97,6 +106,13 @@ def like_pattern(text: str) -> str:
 
 class Store:
     """The queries, on whichever database :meth:`_fetch` runs them."""
+
+    #: messages kept per room, and how often this process trims a room (tests lower them)
+    max_stored = MAX_STORED
+    trim_every = TRIM_EVERY
+    def __init__(self) -> None:
+        #: room -> messages this process stored there since it last trimmed it (rooms are the admin's)
+        self._since_trim: dict[str, int] = {}
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
         """The rows ``sql`` returns (sequences of column values)."""
@@ -139,8 +155,13 @@ class Store:
         return bool(rows[0][0]) if rows else None
 
     async def add_message(self, room: str, user: str, display_name: str, text: str, ts: int) -> int:
-        """Store a message; its id (ids rise in the order messages are stored)."""
+        """Store a message; its id (ids rise in the order messages are stored). The room's
+        oldest messages beyond :attr:`max_stored` go (see :data:`MAX_STORED`)."""
         rows = await self._fetch(ADD_MESSAGE, room, user, display_name, text, ts)
+        since = self._since_trim.get(room, 0)
+        if since == 0:
+            await self._fetch(TRIM, room, self.max_stored)
+        self._since_trim[room] = (since + 1) % self.trim_every
         return rows[0][0]
 
     async def messages(self, room: str, limit: int, *, before: int | None = None, contains: str = "") -> list[dict[str, Any]]:
@@ -155,6 +176,7 @@ class SqliteStore(Store):
     """The tables in a SQLite file, through one connection in one thread of its own."""
 
     def __init__(self, path: str) -> None:
+        super().__init__()
         self.path = path
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="chat-sqlite")
         self._db: sqlite3.Connection | None = None
@@ -257,6 +279,7 @@ class PostgresStore(Store):
     (``?search_path=chat``) apply to every connection."""
 
     def __init__(self, pool: ConnectionPool) -> None:
+        super().__init__()
         self._pool = pool
 
     @classmethod

@@ -39,7 +39,7 @@ from wirehub.config import load, parse_addr
 from wirehub.hub import Hooks, Hub, Reject
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # docstore, beside this file
-from docstore import DocStore, DocTooLarge, check_state_vector, check_update  # noqa: E402
+from docstore import DocStore, StoreLimit, check_state_vector, check_update  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEB = os.path.join(HERE, "web")
@@ -96,7 +96,7 @@ def make_hooks(store: DocStore | None = None) -> Hooks:
             raise Reject("app.bad_update", f"the update does not decode as a Yjs update: {exc}") from None
         try:
             store.append(room[4:], raw)
-        except DocTooLarge as exc:
+        except StoreLimit as exc:  # the document's size, or the number of documents
             raise Reject("limit", str(exc)) from None
         # None: published as sent, once stored
 

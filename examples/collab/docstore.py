@@ -26,10 +26,23 @@ from pycrdt import Doc, Text, get_state
 MAX_DOC_BYTES = 512 * 1024
 #: Updates a document collects before they are merged into one.
 COMPACT_AFTER = 200
+#: Documents the store holds at most: anyone who may publish to ``doc:*`` creates one by
+#: writing to a new name, so this bounds what clients can make the store hold (MAX_DOCS x
+#: MAX_DOC_BYTES, 512 MiB). Nodes creating documents at the same moment may pass it by as
+#: many as they create at once.
+MAX_DOCS = 1000
 
 
-class DocTooLarge(Exception):
+class StoreLimit(Exception):
+    """An update the store refuses for a limit (the hooks answer ``limit``)."""
+
+
+class DocTooLarge(StoreLimit):
     """An update would take a document past ``max_doc_bytes``."""
+
+
+class TooManyDocs(StoreLimit):
+    """An update would create a document past ``max_docs``."""
 
 
 def check_update(update: bytes) -> None:
@@ -62,10 +75,12 @@ class DocStore:
     The connection opens on first use. One connection per process, used by one thread at a
     time (a lock): each call is a few short statements."""
 
-    def __init__(self, url: str, *, max_doc_bytes: int = MAX_DOC_BYTES, compact_after: int = COMPACT_AFTER) -> None:
+    def __init__(self, url: str, *, max_doc_bytes: int = MAX_DOC_BYTES, compact_after: int = COMPACT_AFTER,
+                 max_docs: int = MAX_DOCS) -> None:
         self.url = url
         self.kind = "postgres" if url.startswith(("postgresql://", "postgres://")) else "sqlite"
         self.max_doc_bytes = max_doc_bytes
+        self.max_docs = max_docs
         self.compact_after = compact_after
         self._db: Any = None
         self._lock = threading.Lock()
@@ -118,7 +133,8 @@ class DocStore:
     # ------------------------------------------------------------------ documents
 
     def append(self, name: str, update: bytes) -> None:
-        """Store a (checked) update of document ``name``; DocTooLarge past ``max_doc_bytes``."""
+        """Store a (checked) update of document ``name``; DocTooLarge past ``max_doc_bytes``,
+        TooManyDocs when ``name`` is new and the store holds ``max_docs`` already."""
         size, count = self._run(self._append, name, update, False)
         if size > self.max_doc_bytes:  # the log may hold much that merging drops: merge, then judge
             self._run(self._compact, name)
@@ -127,6 +143,10 @@ class DocStore:
             self._run(self._compact, name)
 
     def _append(self, execute: Any, name: str, update: bytes, final: bool) -> tuple[int, int]:
+        if execute("SELECT 1 FROM collab_docs WHERE name = ?", (name,)).fetchone() is None:
+            (docs,) = execute("SELECT count(*) FROM collab_docs").fetchone()
+            if docs >= self.max_docs:
+                raise TooManyDocs(f"the store holds {self.max_docs} documents (MAX_DOCS): write to an existing one")
         size, count = self._lock_doc(execute, name)
         if size + len(update) > self.max_doc_bytes:
             if final:
@@ -164,8 +184,13 @@ class DocStore:
         return str(self.doc(name).get(field, type=Text))
 
     def stats(self, name: str) -> tuple[int, int]:
-        """(stored bytes, stored updates) of a document."""
-        return self._run(self._lock_doc, name)
+        """(stored bytes, stored updates) of a document ((0, 0) when it was never written)."""
+        row = self._run(lambda execute: execute("SELECT bytes, updates FROM collab_docs WHERE name = ?", (name,)).fetchone())
+        return tuple(row) if row is not None else (0, 0)
+
+    def count(self) -> int:
+        """How many documents the store holds."""
+        return self._run(lambda execute: execute("SELECT count(*) FROM collab_docs").fetchone()[0])
 
     def close(self) -> None:
         with self._lock:

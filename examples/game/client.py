@@ -70,6 +70,11 @@ class ClientCore:
     def player(self) -> int:
         return self.welcome.player if self.welcome is not None else 0
 
+    @property
+    def token(self) -> int:
+        """The session's token from the WELCOME, which every INPUT and BYE carries."""
+        return self.welcome.token if self.welcome is not None else 0
+
     def hello(self) -> bytes:
         return encode_hello(self.name, self.cookie)
 
@@ -144,10 +149,10 @@ class ClientCore:
         self._recent.append((vx, vy))
         if self.located and not self.blind:
             self.x, self.y = self._step(self.x, self.y, vx, vy)
-        return encode_input(self.tick, self.seq, self._recent)
+        return encode_input(self.token, self.tick, self.seq, self._recent)
 
     def bye(self) -> bytes:
-        return encode_bye()
+        return encode_bye(self.token)
 
     # ------------------------------------------------------------------ what it sees
 

@@ -56,12 +56,13 @@ BOARD_SIZE = 5
 MAX_NAMES = 60
 
 _HELLO_HEAD = struct.Struct("<BBB")  # type, version, cookie length (then cookie, name length, name)
-_INPUT_HEAD = struct.Struct("<BIIB")  # type, ack tick, seq of the newest command, command count
+_INPUT_HEAD = struct.Struct("<BIIIB")  # type, session token, ack tick, seq of the newest command, command count
+_BYE = struct.Struct("<BI")  # type, session token
 _CMD = struct.Struct("<hh")  # vx, vy: wanted velocity in world units per second
 _SNAP_HEAD = struct.Struct("<BIIIBB")  # type, tick, base tick, last applied input seq, removed, records
 PLAYER = struct.Struct("<HHHH")  # id, x, y, score
 PELLET = struct.Struct("<HHH")  # id, x, y
-_WELCOME = struct.Struct("<BBHBHHBBHHB")
+_WELCOME = struct.Struct("<BBHIBHHBBHHB")  # type, version, player, session token, ... obstacle count
 _RECT = struct.Struct("<HHHH")
 _BOARD_HEAD = struct.Struct("<BHB")  # type, players in the game, entries
 _BOARD_ENTRY = struct.Struct("<HHB")  # id, score, name length (then the name)
@@ -87,13 +88,14 @@ class Hello(NamedTuple):
 
 
 class Input(NamedTuple):
+    token: int  # the session's token, from its WELCOME
     ack: int  # the newest snapshot tick the client decoded (0: none)
     seq: int  # the sequence number of the last command; the others are seq-1, seq-2...
     cmds: tuple[tuple[int, int], ...]  # (vx, vy) in world units per second, oldest first
 
 
 class Bye(NamedTuple):
-    pass
+    token: int
 
 
 class Rect(NamedTuple):
@@ -113,6 +115,9 @@ class Welcome(NamedTuple):
     max_speed: int
     view: int  # the side of an area-of-interest cell: a client sees at least this far around it
     obstacles: tuple[Rect, ...]
+    #: the session's secret: INPUT and BYE carry it back, so that a datagram with a forged
+    #: source address (which never saw the WELCOME) moves, closes and earns nothing
+    token: int = 0
 
 
 class Snapshot(NamedTuple):
@@ -141,13 +146,13 @@ def encode_hello(name: str, cookie: bytes = b"") -> bytes:
     return data.ljust(HELLO_MIN, b"\0")
 
 
-def encode_input(ack: int, seq: int, cmds: Iterable[tuple[int, int]]) -> bytes:
+def encode_input(token: int, ack: int, seq: int, cmds: Iterable[tuple[int, int]]) -> bytes:
     cmds = list(cmds)[-MAX_CMDS:]
-    return _INPUT_HEAD.pack(INPUT, ack, seq, len(cmds)) + b"".join(_CMD.pack(vx, vy) for vx, vy in cmds)
+    return _INPUT_HEAD.pack(INPUT, token, ack, seq, len(cmds)) + b"".join(_CMD.pack(vx, vy) for vx, vy in cmds)
 
 
-def encode_bye() -> bytes:
-    return bytes((BYE,))
+def encode_bye(token: int) -> bytes:
+    return _BYE.pack(BYE, token)
 
 
 def clean_name(name: str) -> str:
@@ -166,7 +171,7 @@ def decode_client(data: bytes) -> Hello | Input | Bye | Bad:
     if kind == INPUT:
         if len(data) < _INPUT_HEAD.size:
             return Bad(f"INPUT of {len(data)} bytes is shorter than its {_INPUT_HEAD.size}-byte header")
-        _, ack, seq, n = _INPUT_HEAD.unpack_from(data)
+        _, token, ack, seq, n = _INPUT_HEAD.unpack_from(data)
         if not 1 <= n <= MAX_CMDS:
             return Bad(f"INPUT carries {n} commands; send 1 to {MAX_CMDS}")
         if len(data) != _INPUT_HEAD.size + n * _CMD.size:
@@ -174,11 +179,13 @@ def decode_client(data: bytes) -> Hello | Input | Bye | Bad:
         if seq < n:
             return Bad("INPUT sequence numbers start at 1")
         cmds = tuple(_CMD.iter_unpack(memoryview(data)[_INPUT_HEAD.size:]))
-        return Input(ack, seq, cmds)
+        return Input(token, ack, seq, cmds)
     if kind == HELLO:
         return _decode_hello(data)
     if kind == BYE:
-        return Bye()
+        if len(data) != _BYE.size:
+            return Bad(f"BYE must be {_BYE.size} bytes (its type and the session token), got {len(data)}")
+        return Bye(_BYE.unpack(data)[1])
     return Bad(f"unknown message type 0x{kind:02x}")
 
 
@@ -220,7 +227,7 @@ def encode_challenge(cookie: bytes) -> bytes:
 
 
 def encode_welcome(w: Welcome) -> bytes:
-    head = _WELCOME.pack(WELCOME, VERSION, w.player, w.tick_hz, w.width, w.height, w.radius, w.pellet_radius, w.max_speed, w.view, len(w.obstacles))
+    head = _WELCOME.pack(WELCOME, VERSION, w.player, w.token, w.tick_hz, w.width, w.height, w.radius, w.pellet_radius, w.max_speed, w.view, len(w.obstacles))
     return head + b"".join(_RECT.pack(*r) for r in w.obstacles)
 
 
@@ -326,7 +333,7 @@ def decode_server(data: bytes) -> Snapshot | Welcome | Board | Names | bytes | s
             rects = tuple(Rect(*_RECT.unpack_from(data, _WELCOME.size + i * _RECT.size)) for i in range(n))
             if fields[1] != VERSION:
                 return Bad(f"the server speaks protocol version {fields[1]}, this client {VERSION}")
-            return Welcome(*fields[2:-1], obstacles=rects)
+            return Welcome(fields[2], *fields[4:-1], obstacles=rects, token=fields[3])
         if kind == BOARD:
             _, players, n = _BOARD_HEAD.unpack_from(data)
             at, top = _BOARD_HEAD.size, []

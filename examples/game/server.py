@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import time
 from collections import deque
 from typing import Any
@@ -39,7 +40,9 @@ WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 #: snapshots a validated UDP session earns per datagram it sends, and may hold in advance
 SNAPSHOT_CREDIT = 2
 MAX_CREDIT = 30
-#: malformed messages a session may send before it is closed (each gets an ERROR, at most one a second)
+#: malformed messages a stream (WebSocket, TCP) session may send before it is closed (each
+#: gets an ERROR, at most one a second). A UDP session is never closed for them: its source
+#: address can be forged, and a stranger must not be able to end someone else's game
 MAX_BAD_MESSAGES = 20
 #: seconds of silence after which a player leaves (a UDP client that vanished)
 PLAYER_IDLE_TIMEOUT = 10.0
@@ -51,7 +54,7 @@ _PAGE_TYPES = {"game.html": "text/html", "game.js": "text/javascript", "game.css
 class Session:
     """One client: its player, its delta bases, its budget."""
 
-    __slots__ = ("conn", "player", "udp", "credit", "ring", "acked", "bad", "error_at", "named")
+    __slots__ = ("conn", "player", "udp", "credit", "ring", "acked", "bad", "error_at", "named", "token", "cookie", "forged")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -64,6 +67,13 @@ class Session:
         self.error_at = 0.0
         #: players whose name this client was sent (at most max_players ids)
         self.named: set[int] = set()
+        #: the secret its WELCOME carries, which INPUT and BYE must carry back: the source
+        #: address of a datagram proves nothing, the token proves it came from the client
+        self.token = secrets.randbits(32)
+        #: the cookie of the HELLO that opened a UDP session: a repeated HELLO must carry it
+        self.cookie: bytes | None = None
+        #: datagrams dropped for a wrong token or cookie (forged, or a confused client)
+        self.forged = 0
 
 
 class GameApp(App):
@@ -188,6 +198,9 @@ class GameApp(App):
             if player is None:
                 self._refuse(session, "hello_first", "send HELLO before INPUT")
                 return
+            if msg.token != session.token:
+                self._forged(session, "INPUT")
+                return
             if session.udp:
                 session.credit = min(MAX_CREDIT, session.credit + SNAPSHOT_CREDIT)
             if msg.ack > session.acked and msg.ack in session.ring:  # only a snapshot this session was sent
@@ -195,6 +208,11 @@ class GameApp(App):
             self.world.input(player, msg.seq, msg.cmds)
         elif isinstance(msg, Hello):
             if session.udp:
+                if session.cookie is None:  # the HELLO that opened the session: the server checked its cookie
+                    session.cookie = msg.cookie
+                elif msg.cookie != session.cookie:  # a WELCOME is bigger than a HELLO: no answer to a stranger
+                    self._forged(session, "HELLO")
+                    return
                 session.credit = min(MAX_CREDIT, session.credit + SNAPSHOT_CREDIT)
             if session.player is None:
                 session.player = self.world.add_player(msg.name)
@@ -202,17 +220,29 @@ class GameApp(App):
                     conn.send(encode_error("full", f"the game holds {self.world.config.max_players} players; try again later"))
                     conn.close("full")
                     return
-            conn.send(encode_welcome(self.world.welcome(session.player)))  # again when a client repeats HELLO (a lost WELCOME)
+            welcome = self.world.welcome(session.player)._replace(token=session.token)
+            conn.send(encode_welcome(welcome))  # again when a client repeats HELLO (a lost WELCOME)
         elif isinstance(msg, Bye):
+            if msg.token != session.token:
+                self._forged(session, "BYE")
+                return
             conn.close("closed")
         else:
             self._refuse(session, "bad_message", msg.reason)
 
+    def _forged(self, session: Session, what: str) -> None:
+        """A message without this session's token (or cookie). Over UDP it may come from a
+        forged source address: it gets no answer, so that nobody can use the server to send
+        bytes at a player's address. On a stream it is a confused client, and told so."""
+        session.forged += 1
+        if not session.udp:
+            self._refuse(session, "bad_token", f"{what} must carry the token of this session's WELCOME")
+
     def _refuse(self, session: Session, code: str, message: str) -> None:
-        """An ERROR, at most one a second; past MAX_BAD_MESSAGES the session is closed."""
+        """An ERROR, at most one a second; past MAX_BAD_MESSAGES a stream session is closed."""
         session.bad += 1
         conn = session.conn
-        if session.bad > MAX_BAD_MESSAGES:
+        if session.bad > MAX_BAD_MESSAGES and not session.udp:
             conn.send(encode_error("too_many_errors", f"{MAX_BAD_MESSAGES} bad messages; closing"))
             conn.close("too_many_errors")
             return

@@ -126,13 +126,13 @@ class Game {
 
   onWelcome(dv) {
     const rects = [];
-    for (let i = 0, n = dv.getUint8(15); i < n; i++) {
-      const at = 16 + i * 8;
+    for (let i = 0, n = dv.getUint8(19); i < n; i++) {
+      const at = 20 + i * 8;
       rects.push([dv.getUint16(at, true), dv.getUint16(at + 2, true), dv.getUint16(at + 4, true), dv.getUint16(at + 6, true)]);
     }
     this.welcome = {
-      player: dv.getUint16(2, true), tickHz: dv.getUint8(4), width: dv.getUint16(5, true), height: dv.getUint16(7, true),
-      radius: dv.getUint8(9), pelletRadius: dv.getUint8(10), maxSpeed: dv.getUint16(11, true), view: dv.getUint16(13, true), obstacles: rects,
+      player: dv.getUint16(2, true), token: dv.getUint32(4, true), tickHz: dv.getUint8(8), width: dv.getUint16(9, true), height: dv.getUint16(11, true),
+      radius: dv.getUint8(13), pelletRadius: dv.getUint8(14), maxSpeed: dv.getUint16(15, true), view: dv.getUint16(17, true), obstacles: rects,
     };
     this.names.set(this.welcome.player, this.name);
     if (!this.timer) this.timer = setInterval(() => this.sendInput(), 1000 / this.welcome.tickHz);
@@ -229,12 +229,13 @@ class Game {
     this.recent.push([vx, vy]);
     if (this.recent.length > MAX_CMDS) this.recent.shift();
     if (this.me) this.me = this.step(this.me[0], this.me[1], vx, vy);
-    const out = new DataView(new ArrayBuffer(10 + 4 * this.recent.length));
+    const out = new DataView(new ArrayBuffer(14 + 4 * this.recent.length));
     out.setUint8(0, T.INPUT);
-    out.setUint32(1, this.tick, true);
-    out.setUint32(5, this.seq, true);
-    out.setUint8(9, this.recent.length);
-    this.recent.forEach(([cx, cy], i) => { out.setInt16(10 + 4 * i, cx, true); out.setInt16(12 + 4 * i, cy, true); });
+    out.setUint32(1, this.welcome.token, true); // the session's token, from its WELCOME
+    out.setUint32(5, this.tick, true);
+    out.setUint32(9, this.seq, true);
+    out.setUint8(13, this.recent.length);
+    this.recent.forEach(([cx, cy], i) => { out.setInt16(14 + 4 * i, cx, true); out.setInt16(16 + 4 * i, cy, true); });
     this.ws.send(out.buffer);
   }
 
