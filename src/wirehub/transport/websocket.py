@@ -316,22 +316,28 @@ class WebSocketConnection(Connection):
 
 
 class _Listener(WSListener):
-    """picows's callbacks, forwarded to the connection."""
+    """picows's callbacks, forwarded to the connection. Slots, no ``__dict__`` (memory per
+    connection): ``on_ws_frame`` is a slot, not a method, that holds the connection's own
+    ``_frame``: picows looks its callbacks up on the listener, so a frame costs no
+    forwarding call."""
+
+    __slots__ = ("conn", "on_ws_frame")
 
     def __init__(self, conn: WebSocketConnection) -> None:
         super().__init__()
         self.conn = conn
-        # picows looks its callbacks up on the listener: the connection's own method, as an
-        # instance attribute, spares a forwarding call per frame
         self.on_ws_frame = conn._frame
 
     def on_ws_connected(self, transport: Any) -> None:
-        self.conn._protocol.upgraded = True
-        self.conn._ctx.registry.handshake_ended(self.conn._protocol, registered=True)
-        self.conn._connected(transport)
-
-    def on_ws_frame(self, transport: Any, frame: Any) -> None:  # replaced per instance
-        self.conn._frame(transport, frame)
+        conn = self.conn
+        conn._protocol.upgraded = True
+        conn._ctx.registry.handshake_ended(conn._protocol, registered=True)
+        # The upgrade's request and response stay on picows's transport for as long as the
+        # connection lives; their headers (about 2.5 KB) are not needed after the upgrade.
+        for message in (transport.request, transport.response):
+            if message is not None:
+                message.headers = None
+        conn._connected(transport)
 
     def on_ws_disconnected(self, transport: Any) -> None:
         self.conn._disconnected()
@@ -395,6 +401,8 @@ _get_buffer = WSProtocol.get_buffer
 class _Protocol(WSProtocol):
     """picows's protocol, plus what the server needs before the upgrade: the peer, the
     handshake bookkeeping, and giving the accept slot back if the upgrade never happens."""
+
+    __slots__ = ("ctx", "now", "conn", "kind", "peer", "peer_ip", "proxied_by", "upgraded")  # no __dict__
 
     def __init__(self, ctx: Context, transport_name: str) -> None:
         settings = ctx.settings
