@@ -23,6 +23,7 @@ Node ``ws`` package is not installed yet.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -91,7 +92,7 @@ class ServerSpec:
     name: str
     argv: list[str]
     ports: tuple[str, ...] = ("tcp",)
-    needs: str = ""  # an executable that must exist (redis-server, nats-server, node)
+    needs: str = ""  # an executable that must exist (redis-server, nats-server, node), or py:MODULE
     #: a broker started first, on port ``{broker}``, and measured as part of the server
     #: (``"redis"`` or ``"nats"``, the latter with JetStream)
     broker: str = ""
@@ -145,7 +146,8 @@ SERVERS: dict[str, ServerSpec] = {
                            needs="node"),
     "node-ws": ServerSpec("Node.js ws echo server", ["node", os.path.join(PEERS, "ws_echo.js"), "{tcp}"],
                           needs="node"),
-    "picows": ServerSpec("picows echo server", [sys.executable, os.path.join(PEERS, "picows_echo.py"), "{tcp}"]),
+    "picows": ServerSpec("picows echo server", [sys.executable, os.path.join(PEERS, "picows_echo.py"), "{tcp}"],
+                         needs="py:picows"),  # pip install -e '.[bench]'
     "websockets": ServerSpec("websockets echo server",
                              [sys.executable, os.path.join(PEERS, "websockets_echo.py"), "{tcp}"]),
     "redis": ServerSpec("redis-server", ["redis-server", "--port", "{tcp}", "--bind", HOST, "--save", "", "--appendonly",
@@ -1214,7 +1216,10 @@ def missing(row: Row) -> str:
     """Why a row cannot run here ('' when it can)."""
     for key in row.sides:
         need = SERVERS[SIDES[key].server].needs
-        if need and not shutil.which(need):
+        if need.startswith("py:"):
+            if importlib.util.find_spec(need[3:]) is None:
+                return f"the Python package {need[3:]} is not installed (pip install -e '.[bench]')"
+        elif need and not shutil.which(need):
             return f"{need} is not installed"
     return ""
 
