@@ -339,7 +339,7 @@ ROWS = [
     Row("ws-conns-tcp", "ws-conns", "WebSocket hub connections joined to a room, RSS per connection at {conns} — vs "
         "the same over TCP (default settings)", "wh-ws-conns", "wh-conns", "B/conn", ("<=", 2.0)),
     Row("ws-conns-picows", "ws-conns", "WebSocket hub connections, RSS per connection — vs bare picows echo server "
-        "(context: the library under wirehub's WebSocket transport)", "wh-ws-conns", "picows-conns", "B/conn"),
+        "(context: the library wirehub's WebSocket transport used before)", "wh-ws-conns", "picows-conns", "B/conn"),
     Row("ws-accept", "ws-conns", "WebSocket connections opened per second while opening {conns}, each upgrading, "
         "saying hello and joining one room (default settings) — vs Node ws echo server (upgrade, one frame echoed)",
         "wh-ws-conns", "node-ws-conns", "conns/s", (">=", 1.0)),
@@ -348,6 +348,8 @@ ROWS = [
         "node-ws-conns", "conns/s"),
     Row("ws-conns-nopresence", "ws-conns", "WebSocket hub connections joined to a room with presence off, RSS per "
         "connection — vs Node ws echo server (context)", "wh-ws-conns-nopresence", "node-ws-conns", "B/conn"),
+    Row("ws-conns-nopresence-tcp", "ws-conns", "WebSocket hub connections joined to a room with presence off, RSS per "
+        "connection — vs the same over TCP (context)", "wh-ws-conns-nopresence", "wh-conns-nopresence", "B/conn"),
 ]
 ROW_IDS = [r.id for r in ROWS]
 SCALE_NOTE = ("The 19,000-connection rows assume the open-file limit of this machine (20,000); "
