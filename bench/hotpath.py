@@ -66,7 +66,7 @@ class CountingTransport(asyncio.Transport):
         self.written = 0
         self.writes = 0
         self._closing = False
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # for picows's setsockopt
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # get_extra_info("socket")
 
     def write(self, data: Any) -> None:
         self.written += len(data)
@@ -116,7 +116,12 @@ def masked_text(payload: bytes) -> bytes:
 
 
 def feed_buffered(proto: Any, data: bytes) -> None:
-    """What the loop does for an asyncio.BufferedProtocol (picows's) when data arrives."""
+    """What the loop does when data arrives: ``data_received``, or for an
+    asyncio.BufferedProtocol (the WebSocket transport on picows, before 2026-12, which a
+    ``--baseline`` may measure) ``get_buffer`` and ``buffer_updated``."""
+    if not hasattr(proto, "get_buffer"):
+        proto.data_received(data)
+        return
     buf = proto.get_buffer(len(data))
     buf[: len(data)] = data
     proto.buffer_updated(len(data))

@@ -23,6 +23,7 @@ Node ``ws`` package is not installed yet.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -91,7 +92,7 @@ class ServerSpec:
     name: str
     argv: list[str]
     ports: tuple[str, ...] = ("tcp",)
-    needs: str = ""  # an executable that must exist (redis-server, nats-server, node)
+    needs: str = ""  # an executable that must exist (redis-server, nats-server, node), or py:MODULE
     #: a broker started first, on port ``{broker}``, and measured as part of the server
     #: (``"redis"`` or ``"nats"``, the latter with JetStream)
     broker: str = ""
@@ -149,7 +150,8 @@ SERVERS: dict[str, ServerSpec] = {
                            needs="node"),
     "node-ws": ServerSpec("Node.js ws echo server", ["node", os.path.join(PEERS, "ws_echo.js"), "{tcp}"],
                           needs="node"),
-    "picows": ServerSpec("picows echo server", [sys.executable, os.path.join(PEERS, "picows_echo.py"), "{tcp}"]),
+    "picows": ServerSpec("picows echo server", [sys.executable, os.path.join(PEERS, "picows_echo.py"), "{tcp}"],
+                         needs="py:picows"),  # pip install -e '.[bench]'
     "websockets": ServerSpec("websockets echo server",
                              [sys.executable, os.path.join(PEERS, "websockets_echo.py"), "{tcp}"]),
     "redis": ServerSpec("redis-server", ["redis-server", "--port", "{tcp}", "--bind", HOST, "--save", "", "--appendonly",
@@ -210,6 +212,22 @@ def _conns(join: bool) -> Callable[[Settings], list[str]]:
     return args
 
 
+#: what a peer WebSocket server (an echo server) is sent by each connection in the
+#: WebSocket connection rows: one frame, answered by its echo
+WS_FIRST_FRAME = '{"op":"ping"}'
+
+
+def _ws_conns(join: bool) -> Callable[[Settings], list[str]]:
+    """The WebSocket connection rows: each connection upgrades, then joins (the hub) or
+    sends one frame and gets its echo (a peer), then holds."""
+
+    def args(s: Settings) -> list[str]:
+        first = ["--join", IDLE_ROOM] if join else ["--send", WS_FIRST_FRAME]
+        return ["--count", str(s.conns)] + first + ["--warmup", f"{s.conns_settle:g}", "--timeout", "30"]
+
+    return args
+
+
 TCP, WS = "tcp://" + HOST + ":{tcp}", "ws://" + HOST + ":{ws}/"
 PEER_WS = "ws://" + HOST + ":{tcp}/"  # the peers' WebSocket servers listen on their one port
 
@@ -248,6 +266,11 @@ SIDES = {s.key: s for s in [
     Side("node-conns", "node-net", "conns", TCP, _conns(False), "Node net server, idle"),
     Side("redis-conns", "redis", "conns", TCP, _conns(False), "redis-server, idle"),
     Side("nats-conns", "nats", "conns", TCP, _conns(False), "nats-server, idle (no CONNECT sent)"),
+    Side("wh-ws-conns", "wirehub-hub", "conns", WS, _ws_conns(True), "wirehub hub over WebSocket, joined, default settings"),
+    Side("wh-ws-conns-nopresence", "wirehub-hub-nopresence", "conns", WS, _ws_conns(True),
+         "wirehub hub over WebSocket, joined, presence off for the room"),
+    Side("node-ws-conns", "node-ws", "conns", PEER_WS, _ws_conns(False), "Node ws echo server, one frame echoed"),
+    Side("picows-conns", "picows", "conns", PEER_WS, _ws_conns(False), "picows echo server, one frame echoed"),
 ]}
 
 
@@ -258,8 +281,8 @@ class Row:
     figure: str
     wirehub: str  # side keys
     peer: str | None
-    unit: str  # msgs/s | deliveries/s | B/conn
-    target: tuple[str, float] | None = None  # (">=", ratio) or ("<=KB", kilobytes)
+    unit: str  # msgs/s | deliveries/s | B/conn | conns/s (a conns run's rate of opening)
+    target: tuple[str, float] | None = None  # (">=", ratio), ("<=", ratio) or ("<=KB", kilobytes)
     note: str = ""
 
     @property
@@ -319,6 +342,23 @@ ROWS = [
         "wh-conns-nopresence", "redis-conns", "B/conn"),
     Row("conns-nats", "conns", "idle connections, RSS per connection — vs nats-server (context)",
         "wh-conns-nopresence", "nats-conns", "B/conn"),
+    Row("ws-conns", "ws-conns", "WebSocket hub connections joined to a room, RSS per connection at {conns} (default "
+        "settings) — vs Node ws echo server, each connection having sent one frame (lower is better)",
+        "wh-ws-conns", "node-ws-conns", "B/conn", ("<=", 1.0)),
+    Row("ws-conns-tcp", "ws-conns", "WebSocket hub connections joined to a room, RSS per connection at {conns} — vs "
+        "the same over TCP (default settings)", "wh-ws-conns", "wh-conns", "B/conn", ("<=", 2.0)),
+    Row("ws-conns-picows", "ws-conns", "WebSocket hub connections, RSS per connection — vs bare picows echo server "
+        "(context: the library wirehub's WebSocket transport used before)", "wh-ws-conns", "picows-conns", "B/conn"),
+    Row("ws-accept", "ws-conns", "WebSocket connections opened per second while opening {conns}, each upgrading, "
+        "saying hello and joining one room (default settings) — vs Node ws echo server (upgrade, one frame echoed)",
+        "wh-ws-conns", "node-ws-conns", "conns/s", (">=", 1.0)),
+    Row("ws-accept-nopresence", "ws-conns", "WebSocket connections opened per second, joining a room with presence "
+        "off (the transport's own cost) — vs Node ws echo server (context)", "wh-ws-conns-nopresence",
+        "node-ws-conns", "conns/s"),
+    Row("ws-conns-nopresence", "ws-conns", "WebSocket hub connections joined to a room with presence off, RSS per "
+        "connection — vs Node ws echo server (context)", "wh-ws-conns-nopresence", "node-ws-conns", "B/conn"),
+    Row("ws-conns-nopresence-tcp", "ws-conns", "WebSocket hub connections joined to a room with presence off, RSS per "
+        "connection — vs the same over TCP (context)", "wh-ws-conns-nopresence", "wh-conns-nopresence", "B/conn"),
 ]
 ROW_IDS = [r.id for r in ROWS]
 SCALE_NOTE = ("The 19,000-connection rows assume the open-file limit of this machine (20,000); "
@@ -573,7 +613,8 @@ def summarise(side: Side, doc: dict | None, error: str) -> Run:
         else:
             run.error = run.error or (f"opened {opened:,} of {wanted:,}, {r['closed_by_server']:,} closed by the server: "
                                       f"{r['error']}")
-        run.detail = {"opened": opened, "open_seconds": r["open_seconds"], "rss_after": r["rss_after"]}
+        run.detail = {"opened": opened, "open_seconds": r["open_seconds"], "rss_after": r["rss_after"],
+                      "opened_per_s": r["opened_per_s"] if run.value is not None else None}
     if cpu:
         run.loader_cpu = cpu["loader"]["total"]
         run.loader_saturated = bool(cpu["loader"]["saturated"])
@@ -648,6 +689,9 @@ def judge(row: Row, w: float | None, p: float | None) -> tuple[str, str, str]:
     if kind == ">=":
         met = "—" if w is None or not p else ("**yes**" if w / p >= bound else "**no**")
         return ratio, f"≥ {bound:g}×", met
+    if kind == "<=":  # lower is better (RSS per connection against a peer's)
+        met = "—" if w is None or not p else ("**yes**" if w / p <= bound else "**no**")
+        return ratio, f"≤ {bound:g}×", met
     met = "—" if w is None else ("**yes**" if w / 1024 <= bound else "**no**")
     return ratio, f"≤ {bound:g} KiB ({bound * 1024:,.0f} B)", met
 
@@ -672,13 +716,21 @@ def measured(rows: list[Row]) -> list[Key]:
     return out
 
 
+def row_median(by_side: dict[Key, list[Run]], key: Key, unit: str) -> float | None:
+    """The median of a side's runs in a row's unit: a conns run's figure is its RSS per
+    connection, and its rate of opening for a ``conns/s`` row."""
+    runs = by_side.get(key, [])
+    if unit == "conns/s":
+        return median([r.detail["opened_per_s"] for r in runs if r.detail.get("opened_per_s")])
+    return median([r.value for r in runs if r.value is not None])
+
+
 def table(rows: list[Row], by_side: dict[Key, list[Run]], s: Settings) -> list[str]:
     lines = ["| figure | wirehub | peer | ratio | target | met? |", "| --- | ---: | ---: | ---: | --- | --- |"]
     for row in rows:
         figure = row.figure.format(subs=f"{s.subscribers:,}", conns=f"{s.conns:,}")
-        w = median([r.value for r in by_side.get((row.group, row.wirehub), []) if r.value is not None])
-        p = (median([r.value for r in by_side.get((row.group, row.peer), []) if r.value is not None])
-             if row.peer else None)
+        w = row_median(by_side, (row.group, row.wirehub), row.unit)
+        p = row_median(by_side, (row.group, row.peer), row.unit) if row.peer else None
         ratio, target, met = judge(row, w, p)
         peer = fmt_value(p, row.unit) if row.peer else "—"
         lines.append(f"| {figure} ({row.unit}) | {fmt_value(w, row.unit)} | {peer} | {ratio} | {target} | {met} |")
@@ -823,11 +875,9 @@ def plots(img_dir: str, rows: list[Row], by_side: dict[Key, list[Run]], docs_dir
     out: list[str] = []
     rel = os.path.relpath(img_dir, docs_dir)
 
-    def med(key: Key) -> float | None:
-        return median([r.value for r in by_side.get(key, []) if r.value is not None])
-
     # every row with a peer: wirehub / peer, with its target
-    ratio_rows = [(r, med((r.group, r.wirehub)), med((r.group, r.peer))) for r in rows if r.peer and r.unit != "B/conn"]
+    ratio_rows = [(r, row_median(by_side, (r.group, r.wirehub), r.unit), row_median(by_side, (r.group, r.peer), r.unit))
+                  for r in rows if r.peer and r.unit != "B/conn"]
     ratio_rows = [(r, w / p) for r, w, p in ratio_rows if w is not None and p]
     if ratio_rows:
         fig, ax = plt.subplots(figsize=(10, 0.42 * len(ratio_rows) + 1.5))
@@ -1177,7 +1227,10 @@ def missing(row: Row) -> str:
     """Why a row cannot run here ('' when it can)."""
     for key in row.sides:
         need = SERVERS[SIDES[key].server].needs
-        if need and not shutil.which(need):
+        if need.startswith("py:"):
+            if importlib.util.find_spec(need[3:]) is None:
+                return f"the Python package {need[3:]} is not installed (pip install -e '.[bench]')"
+        elif need and not shutil.which(need):
             return f"{need} is not installed"
     return ""
 

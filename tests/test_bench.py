@@ -394,6 +394,20 @@ def test_conns_reports_bytes_per_connection(tmp_path):
         server.stop()
 
 
+def test_conns_send_waits_for_the_reply_to_one_frame(tmp_path):
+    """--send (a server that is not the hub, such as an echo server): each connection sends
+    one frame and counts as opened once a frame comes back (here the hub's pong)."""
+    server, urls = start_hub(tmp_path)
+    try:
+        doc = bench_json(tmp_path, "conns", "--url", urls["ws"], "--count", "40", "--send", '{"op":"ping"}',
+                         "--warmup", "0", "--quiet")
+        assert doc["parameters"]["send"] == '{"op":"ping"}'
+        assert doc["results"]["opened"] == 40 and doc["results"]["failed"] == 0
+        assert doc["results"]["opened_per_s"] > 0
+    finally:
+        server.stop()
+
+
 # ----------------------------------------------------------------------------- plot
 
 

@@ -213,8 +213,7 @@ async def test_row9_unrelayable_data_is_a_counted_bad_frame_without_traceback(tm
         honest = Honest(reader, writer)
         honest_run = asyncio.ensure_future(honest.run(asyncio.get_running_loop().time() + 1.0))
         # exactly enough to be cut off: a WebSocket client that keeps sending after the server
-        # closed may get a reset that discards the frames before it (picows closes without
-        # a lingering read)
+        # closed may get a reset that discards the frames before it
         frames = MAX_ERRORS + 1
 
         got: list[dict] = []

@@ -130,8 +130,8 @@ async def test_protocol_violation_closes_with_its_code_and_nothing_follows(viola
 
 async def test_too_large_error_comes_before_the_1009_close():
     """A message over max_frame (refused, the connection stays) and, in the same read, a
-    frame beyond the hard limit (the connection closes with 1009): picows parses the second
-    before it hands over the first, yet the error for the first is sent before the close."""
+    frame beyond the hard limit (the connection closes with 1009): the error for the first is
+    sent before the close."""
     app = WsRecorder()
     async with serving(app, ws="127.0.0.1:0", max_frame="1KiB") as server:
         reader, writer = await upgraded(server)
@@ -191,8 +191,8 @@ def _rss() -> int:
 async def test_ping_flood_without_reading_ends_as_slow_consumer_with_bounded_memory():
     """A peer that sends pings and never reads: the pongs wait in the connection's send
     buffer like any frame, so the connection ends as a slow consumer, and the server's send
-    buffer for it never passes max_send_buffer by more than one frame. (Before, picows wrote
-    the pongs to the socket's transport itself: +616 MB in 2.6 s against a 1 MiB limit.)"""
+    buffer for it never passes max_send_buffer by more than one frame. (Once, picows wrote the
+    pongs to the socket's transport itself: +616 MB in 2.6 s against a 1 MiB limit.)"""
     limit = 256 * 1024
     app = WsRecorder()
     async with serving(app, ws="127.0.0.1:0", max_send_buffer=limit, close_timeout=0.3) as server:
@@ -268,7 +268,7 @@ async def test_protocol_error_is_logged_with_its_code_and_reason(caplog):
     caplog.set_level(logging.INFO, logger="wirehub.websocket")
     async with serving(app, ws="127.0.0.1:0", max_frame="1KiB") as server:
         reader, writer = await upgraded(server)
-        writer.write(client_frame(0x2, b"z" * (4 * 1024 + 1)))  # picows's parser refuses it
+        writer.write(client_frame(0x2, b"z" * (4 * 1024 + 1)))  # refused from its header
         await closing_frames(reader)
         writer.close()
         await app.disconnected()
@@ -279,47 +279,40 @@ async def test_protocol_error_is_logged_with_its_code_and_reason(caplog):
 
 
 async def test_a_flood_of_small_frames_does_not_grow_the_read_buffer():
-    """picows doubles its read buffer whenever a read fills most of it and never shrinks it:
-    reads that always fill it (a peer flooding small frames faster than they are handled)
-    grew one connection's buffer to 14 MiB in 14 reads. Reads are capped at WS_READ_SIZE."""
+    """Reads full of small frames, handled as fast as they come (picows, used before, doubled
+    its read buffer whenever a read filled most of it and never shrank it: 14 MiB after 14
+    reads). The decoder holds at most one unfinished frame between reads: memory stays flat
+    whatever the reads' size."""
     import tracemalloc
 
     from wirehub import Server
-    from wirehub.transport.websocket import WS_READ_SIZE, websocket_factory
+    from wirehub.transport.websocket import websocket_factory
 
     from ..fuzz.test_fuzz_websocket import Echo, RecordingTransport
     from ..helpers import make_config
 
     server = Server(Echo(), make_config(max_frame="1KiB"))
     await server.start()
-    proto = websocket_factory(server.ctx, "ws")()
+    conn = websocket_factory(server.ctx, "ws")()
     transport = RecordingTransport()
-    proto.connection_made(transport)
+    conn.connection_made(transport)
+    conn.data_received(UPGRADE)
     tracemalloc.start()
     try:
-        stream = client_frame(0x2, b"x" * 10) * (1 << 20)  # 16 MiB of 16-byte frames
-        frame_size = 16
-        for chunk in (UPGRADE,):
-            buf = proto.get_buffer(-1)
-            buf[: len(chunk)] = chunk
-            proto.buffer_updated(len(chunk))
+        frame = client_frame(0x2, b"x" * 10)  # 16 bytes
+        read = frame * 4096 + frame[:7]  # 64 KiB of whole frames and the start of one more
         start, _ = tracemalloc.get_traced_memory()
-        pos = 0
-        for _ in range(14):  # each read fills what picows offers, with whole frames
-            buf = proto.get_buffer(-1)
-            n = min(len(buf), len(stream) - pos)
-            n -= n % frame_size
-            buf[:n] = stream[pos : pos + n]
-            pos += n
-            proto.buffer_updated(n)
+        for _ in range(14):
+            conn.data_received(read[7:] if _ else read)  # each read ends inside a frame
+            assert conn._decoder.buffered == 7
             transport.data.clear()
             await asyncio.sleep(0)
         grown = tracemalloc.get_traced_memory()[0] - start
-        assert pos > 5 * WS_READ_SIZE  # the reads were full ones
-        assert grown < 4 * WS_READ_SIZE, grown
+        assert conn.frames_in == 14 * 4096 and conn.open
+        assert grown < 64 * 1024, grown
     finally:
         tracemalloc.stop()
-        proto.connection_lost(None)
+        conn.connection_lost(None)
         transport._sock.close()
         await server.shutdown()
 

@@ -6,6 +6,9 @@
 - Valid client frames (messages, fragmented messages, pings) cut into arbitrary reads, fed to
   the server's WebSocket protocol exactly as the event loop does: the same replies, in order,
   as the frames sent in one read.
+- The frame decoder alone: on any bytes in any reads it never raises, gives the items of one
+  read, and holds at most one unfinished frame; on frames serialized by the ``websockets``
+  library (an independent encoder) it gives back their messages.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wirehub import App, Server
+from wirehub.protocol.websocket import WebSocketDecoder
 
 from ..helpers import WAIT, addr, make_config, wait_for
+from ..protocol.test_websocket import kinds
 from ..transport.test_websocket import UPGRADE
 from . import fuzz
 
@@ -250,7 +255,7 @@ class RecordingTransport(asyncio.Transport):
         super().__init__()
         self.data = bytearray()
         self._closing = False
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # for picows's setsockopt
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # get_extra_info("socket")
 
     def write(self, data: Any) -> None:
         self.data += data
@@ -298,18 +303,12 @@ def offline():
 async def replies_to(server: Server, chunks: list[bytes]) -> list[tuple[int, bool, bytes]]:
     from wirehub.transport.websocket import websocket_factory
 
-    proto = websocket_factory(server.ctx, "ws")()
+    conn = websocket_factory(server.ctx, "ws")()
     transport = RecordingTransport()
-    proto.connection_made(transport)
+    conn.connection_made(transport)
     try:
         for chunk in [UPGRADE, *chunks]:
-            buf = proto.get_buffer(-1)
-            while chunk:  # a read fills at most the buffer picows offers
-                n = min(len(chunk), len(buf))
-                buf[:n] = chunk[:n]
-                proto.buffer_updated(n)
-                chunk = chunk[n:]
-                buf = proto.get_buffer(-1)
+            conn.data_received(chunk)
             await asyncio.sleep(0)  # the loop turn: the flush
         await asyncio.sleep(0)
         head, _, frames = bytes(transport.data).partition(b"\r\n\r\n")
@@ -318,7 +317,7 @@ async def replies_to(server: Server, chunks: list[bytes]) -> list[tuple[int, boo
         assert rest == b""
         return parsed
     finally:
-        proto.connection_lost(None)
+        conn.connection_lost(None)
         transport._sock.close()
 
 
@@ -356,3 +355,61 @@ def test_valid_frames_in_any_reads_get_the_replies_of_one_read(offline, talk, cu
     chunks = [wire[a:b] for a, b in zip(bounds, bounds[1:])]
     assert loop.run_until_complete(replies_to(server, chunks)) == expected
     assert loop.run_until_complete(replies_to(server, [wire])) == expected
+
+
+# ------------------------------------------------------------------ the decoder alone
+
+HARD = 4 * 64
+
+
+def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(data)}), len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+frame_bytes = st.lists(
+    st.builds(client_frame, st.sampled_from([0x0, 0x1, 0x2, 0x3, 0x8, 0x9, 0xA]), st.binary(max_size=300),
+              fin=st.booleans(), rsv=st.sampled_from([0, 0, 0, 1, 4]),
+              mask=st.sampled_from([b"\x0f\xf0\x55\xaa", b"\0\0\0\0", b""])),
+    max_size=8,
+).map(b"".join)
+
+
+@fuzz(300)
+@given(data=frame_bytes | st.binary(max_size=600), cuts=st.lists(st.integers(0, 2500), max_size=25))
+def test_decoder_on_any_bytes_in_any_reads(data, cuts):
+    expected = kinds(WebSocketDecoder(64, HARD).feed(data))
+    d = WebSocketDecoder(64, HARD)
+    got = []
+    for piece in _pieces(data, cuts):
+        got += kinds(d.feed(piece))
+        assert d.buffered <= HARD + 14
+    assert got == expected
+    ends = [i for i, item in enumerate(got) if isinstance(item, tuple) and item[0] in ("close", "error")]
+    assert ends in ([], [len(got) - 1])  # nothing after a close or a protocol error
+
+
+@fuzz(200)
+@given(messages=st.lists(st.tuples(st.booleans(), st.binary(max_size=200) | st.text(max_size=60).map(str.encode),
+                                   st.integers(1, 3)), max_size=6),
+       cuts=st.lists(st.integers(0, 2000), max_size=10))
+def test_decoder_reads_what_websockets_serializes(messages, cuts):
+    from websockets.frames import Frame, Opcode
+
+    wire = b""
+    expected = []
+    for binary, payload, parts in messages:
+        if not binary:
+            payload = payload.decode("utf-8", "replace").encode()
+        size = -(-len(payload) // parts) or 1
+        chunks = [payload[i : i + size] for i in range(0, len(payload), size)] or [b""]
+        for i, chunk in enumerate(chunks):
+            opcode = (Opcode.BINARY if binary else Opcode.TEXT) if i == 0 else Opcode.CONT
+            wire += Frame(opcode, chunk, fin=i == len(chunks) - 1).serialize(mask=True)
+        expected.append(payload)
+    wire += Frame(Opcode.CLOSE, (1000).to_bytes(2, "big") + b"done").serialize(mask=True)
+    d = WebSocketDecoder(1000, 4000)
+    got = []
+    for piece in _pieces(wire, cuts):
+        got += kinds(d.feed(piece))
+    assert got == expected + [("close", 1000, "done")]

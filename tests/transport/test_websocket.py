@@ -350,3 +350,30 @@ async def test_wss_echo(tls_certs):
             assert server.connections()[0].transport == "wss"
         (event,) = await app.disconnected()
         assert event[2] == "closed"
+
+
+async def test_frames_sent_with_the_upgrade_request_are_read():
+    app = WsRecorder()
+    async with serving(app, ws="127.0.0.1:0") as server:
+        reader, writer = await asyncio.open_connection(*addr(server, "ws"))
+        masked = bytes((0x81, 0x80 | 5)) + b"\0\0\0\0" + b"early"  # the all-zero mask
+        writer.write(UPGRADE + masked)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert await asyncio.wait_for(reader.readexactly(7), WAIT) == b"\x81\x05early"
+        writer.close()
+        await app.disconnected()
+
+
+async def test_an_upgrade_request_over_the_limit_gets_431():
+    from wirehub.protocol.websocket import MAX_UPGRADE_SIZE
+
+    app = WsRecorder()
+    async with serving(app, ws="127.0.0.1:0") as server:
+        reader, writer = await asyncio.open_connection(*addr(server, "ws"))
+        writer.write(b"GET / HTTP/1.1\r\nX-Filler: " + b"x" * MAX_UPGRADE_SIZE)
+        response = await read_until_eof(reader)
+        assert response.startswith(b"HTTP/1.1 431 "), response[:100]
+        writer.close()
+        await wait_for(lambda: server.gate.count == 0, what="gate released")
+        assert app.log == [] and server.connections() == []

@@ -160,6 +160,9 @@ def fanout_cmd(**params: Any) -> None:
 @click.option("--join", default=None, metavar="ROOM",
               help="Hub: each connection says hello and joins ROOM (turn presence off for it, e.g. --rooms 'ROOM:presence=false', "
                    "or every join is announced to every member).")
+@click.option("--send", default=None, metavar="TEXT",
+              help="Not the hub (an echo server): each connection sends TEXT as one frame (a WebSocket text message, "
+                   "or a line) and waits for the first frame back. Ignored with --join.")
 @click.option("--concurrency", type=click.IntRange(1, 100_000), default=256, show_default=True, metavar="K",
               help="Connections being opened at once (per process).")
 @_common(0.0, "Seconds to hold the connections open after measuring (checking the server keeps them).",

@@ -5,7 +5,9 @@ connection and again once all are open and the server has settled (``--warmup``)
 difference divided by the connections opened is the figure. Connections are spread over
 several loopback source addresses (``--sources``), each with its own ~28,000 ephemeral
 ports, so that no single (source, destination) pair runs out. With ``--join ROOM`` each
-connection says hello and joins ROOM first, as a real hub client would.
+connection says hello and joins ROOM first, as a real hub client would; with ``--send TEXT``
+(a server that is not the hub, such as an echo server) it sends TEXT as one frame and waits for
+the first frame back. ``opened/s`` counts connections that finished all of that.
 """
 
 from __future__ import annotations
@@ -97,9 +99,10 @@ def listener_pids(port: int) -> list[int]:
 
 
 class _Idle(Client):
-    def __init__(self, target: Target, join: str | None) -> None:
+    def __init__(self, target: Target, join: str | None, send: bytes | None = None) -> None:
         super().__init__(target)
         self.join = join
+        self.send = send
         self.joined = self.new_future()
         self.closed_by_server = False
 
@@ -109,8 +112,16 @@ class _Idle(Client):
         room = json.dumps(self.join).encode()
         self.transport.write(self.frame(b'{"op":"hello","name":"bench"}') + self.frame(b'{"op":"join","room":%s}' % room))  # type: ignore[union-attr]
 
+    def start_send(self) -> None:
+        self.transport.write(self.frame(self.send))  # type: ignore[union-attr,arg-type]
+
     def setup_frame(self, payload: bytes, opcode: int) -> None:
-        self.hub_join_reply(payload, self.joined)
+        if self.join:
+            self.hub_join_reply(payload, self.joined)
+        else:  # the answer to --send: any frame
+            self.end_setup()
+            if not self.joined.done():
+                self.joined.set_result(None)
 
     def setup_failed(self, message: str) -> None:
         if not self.joined.done():
@@ -127,6 +138,7 @@ async def worker(ctl: Control, p: dict) -> None:
     offset = sum(share(p["count"], i, ctl.count) for i in range(ctl.index))  # this worker's first global index
     sources = p["sources"]
     join = p["join"]
+    send = p["send"].encode() if p.get("send") and not join else None
     conns: list[_Idle] = []
     state = {"opened": 0, "failed": 0, "error": ""}
     sem = asyncio.Semaphore(p["concurrency"])
@@ -135,9 +147,12 @@ async def worker(ctl: Control, p: dict) -> None:
         local = (sources[k % len(sources)], 0) if sources else None
         async with sem:
             try:
-                c = await open_connection(target, lambda: _Idle(target, join), local_addr=local, timeout=p["timeout"])
-                if join:
-                    c.start_join()
+                c = await open_connection(target, lambda: _Idle(target, join, send), local_addr=local, timeout=p["timeout"])
+                if join or send:
+                    if join:
+                        c.start_join()
+                    else:
+                        c.start_send()
                     await asyncio.wait_for(asyncio.shield(c.joined), p["timeout"])
                 else:
                     c.end_setup()

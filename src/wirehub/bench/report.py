@@ -205,6 +205,7 @@ def conns_table(p: dict[str, Any], r: dict[str, Any]) -> str:
     title = (
         f"wirehub bench conns  {p['url']}: {p['count']:,} idle connections"
         + (f", each joined to {p['join']!r}" if p["join"] else "")
+        + (f", each sent {p['send']!r} and got a reply" if p.get("send") and not p["join"] else "")
         + f", server pid {', '.join(map(str, r['server_pids']))}"
     )
     mib = lambda b: "-" if b is None else f"{b / 2**20:,.1f} MiB"  # noqa: E731

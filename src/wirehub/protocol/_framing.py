@@ -1,4 +1,5 @@
-"""Sans-I/O frame codecs: newline-delimited and 4-byte length-prefixed.
+"""Sans-I/O frame codecs: newline-delimited, 4-byte length-prefixed, and WebSocket's
+(client frames as a server reads them: :class:`WebSocketDecoder`).
 
 Decoders take raw chunks as they arrive and return complete frames
 interleaved with :class:`FrameError` values.  They never raise on peer
@@ -33,6 +34,7 @@ __all__ = [
     "Framing",
     "LengthPrefixDecoder",
     "LineDecoder",
+    "WebSocketDecoder",
     "decode_datagram",
     "get_framing",
 ]
@@ -269,6 +271,239 @@ def decode_datagram(data: bytes, max_size: int, *, strip_newline: bool) -> bytes
     if n > max_size:
         return FrameError("too_large", f"datagram of {n} bytes exceeds max_frame {max_size}")
     return data
+
+
+# ----------------------------------------------------------------------------- WebSocket
+
+# close codes a peer may send (RFC 6455 7.4.1 and the IANA registry); 3000-4999 are too
+_WS_CLOSE_CODES = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+
+
+class Ping:
+    """A WebSocket ping: answer it with a pong carrying ``payload``."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+class Close:
+    """The peer's WebSocket close frame: ``code`` (1005 when it carried none) and ``reason``."""
+
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+class ProtocolError:
+    """The peer broke RFC 6455: close the connection with ``code`` (1002, 1007 or 1009)."""
+
+    __slots__ = ("code", "message")
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"ProtocolError({self.code}, {self.message!r})"
+
+
+def unmask(data: bytes, mask: bytes) -> bytes:
+    """``data`` XOR the 4-byte ``mask`` repeated (RFC 6455 5.3)."""
+    n = len(data)
+    if not n:
+        return b""
+    key = (mask * ((n >> 2) + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+class WebSocketDecoder:
+    """Client WebSocket frames (RFC 6455, server side, no extensions) to items, in order:
+
+    - ``bytes``: a whole data message (text or binary, fragments joined; text is valid UTF-8);
+    - :class:`Ping`: a ping, to be answered with a pong carrying its payload;
+    - :class:`Close`: the peer's close frame; nothing after it is read;
+    - :class:`FrameError` ``too_large``: a message over ``max_size`` but within
+      ``hard_limit`` (read whole, then dropped; the connection may go on);
+    - :class:`ProtocolError`: the peer broke the protocol; the connection must close with
+      its code. Nothing after it is read.
+
+    Pongs are read and dropped. Never raises on peer input. Between calls it holds at most
+    one unfinished frame: its header (at most 14 bytes) and at most ``hard_limit`` payload
+    bytes, because a frame or message longer than ``hard_limit`` is refused from its header,
+    before its payload arrives (1009); and a fragmented message's parts, at most
+    ``hard_limit`` bytes in all. An unfinished frame is copied once, when it is complete.
+    """
+
+    __slots__ = ("_max", "_hard", "_buf", "_need", "_fragments", "_fragment_size", "_text", "_done", "messages_only")
+
+    def __init__(self, max_size: int, hard_limit: int) -> None:
+        self._max = _check_max(max_size)
+        self._hard = _check_max(hard_limit)
+        self._buf: bytearray | None = None  # an unfinished frame (None: none, the usual case)
+        self._need = 0  # the bytes _buf must hold before it is worth parsing again
+        self._fragments: list[bytes] | None = None  # the parts of a fragmented message
+        self._fragment_size = 0
+        self._text = False  # the fragmented message is text
+        self._done = False  # a close frame or a protocol error was read: nothing more is
+        #: the last ``feed`` returned messages and ``FrameError`` values only (no control
+        #: item): what ``Connection._dispatch`` takes as it is
+        self.messages_only = True
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held between calls: an unfinished frame and a fragmented message's parts."""
+        return (len(self._buf) if self._buf is not None else 0) + self._fragment_size
+
+    def feed(self, data: bytes) -> list:
+        """Consume a chunk; return the items it completes, in order."""
+        self.messages_only = True
+        if self._done or not data:
+            return []
+        buf = self._buf
+        if buf is not None:
+            buf += data
+            if len(buf) < self._need:
+                return []
+            chunk = bytes(buf)
+            self._buf = None
+        else:
+            chunk = data if type(data) is bytes else bytes(data)  # typed bytes when compiled
+        out: list = []
+        n = len(chunk)
+        pos = 0
+        need = 2
+        while n - pos >= 2:
+            b0 = chunk[pos]
+            b1 = chunk[pos + 1]
+            opcode = b0 & 0x0F
+            length = b1 & 0x7F
+            at = pos + 2
+            if length == 126:
+                if n - pos < 4:
+                    need = 4
+                    break
+                length = (chunk[at] << 8) | chunk[at + 1]
+                at += 2
+            elif length == 127:
+                if n - pos < 10:
+                    need = 10
+                    break
+                big = int.from_bytes(chunk[at : at + 8], "big")
+                if big >> 63:  # RFC 6455 5.2
+                    out.append(ProtocolError(1002, "64-bit frame length with its most significant bit set"))
+                    return self._end(out)
+                length = big if big <= _MAX_SIZE - 14 else _MAX_SIZE - 14  # beyond any limit either way
+                at += 8
+            if b0 & 0x70 or not b1 & 0x80 or opcode == 0 or opcode > 2 or self._fragments is not None or length > self._hard:
+                error = self._check(b0, b1, opcode, length)  # the rare cases, and control frames
+                if error is not None:
+                    out.append(error)
+                    return self._end(out)
+            end = at + 4 + length
+            if end > n:
+                need = end - pos
+                break
+            payload = unmask(chunk[at + 4 : end], chunk[at : at + 4]) if length else b""
+            pos = end
+            if opcode == 0x1 or opcode == 0x2:
+                if b0 & 0x80:
+                    if length <= self._max and (opcode == 0x2 or payload.isascii()):
+                        out.append(payload)  # the usual case: a whole message, in one frame
+                    elif self._message(opcode == 0x1, payload, out):
+                        return self._end(out)
+                else:
+                    self._fragments = [payload]
+                    self._fragment_size = length
+                    self._text = opcode == 0x1
+            elif opcode == 0x0:
+                fragments = self._fragments
+                fragments.append(payload)  # type: ignore[union-attr]  # _check: a message is open
+                self._fragment_size += length
+                if b0 & 0x80:
+                    message = b"".join(fragments)  # type: ignore[arg-type]
+                    self._fragments = None
+                    self._fragment_size = 0
+                    if self._message(self._text, message, out):
+                        return self._end(out)
+            elif opcode == 0x9:
+                out.append(Ping(payload))
+                self.messages_only = False
+            elif opcode == 0x8:
+                out.append(_ws_close(payload))
+                return self._end(out)
+            # 0xA, a pong: nothing to do
+        if pos < n:
+            self._buf = bytearray(chunk[pos:])
+            self._need = need
+        return out
+
+    def _check(self, b0: int, b1: int, opcode: int, length: int) -> ProtocolError | None:
+        """What is wrong with a frame from its header alone, if anything."""
+        if b0 & 0x70:
+            return ProtocolError(1002, "reserved bit set without a negotiated extension")
+        if not b1 & 0x80:
+            return ProtocolError(1002, "unmasked client frame")
+        if opcode & 0x8:
+            if opcode > 0xA:
+                return ProtocolError(1002, f"unknown opcode {opcode:#x}")
+            if not b0 & 0x80:
+                return ProtocolError(1002, "fragmented control frame")
+            if length > 125:
+                return ProtocolError(1002, f"control frame of {length} bytes (at most 125)")
+            return None
+        if opcode > 0x2:
+            return ProtocolError(1002, f"unknown opcode {opcode:#x}")
+        if opcode == 0x0:
+            if self._fragments is None:
+                return ProtocolError(1002, "continuation frame without a message")
+            length += self._fragment_size
+        elif self._fragments is not None:
+            return ProtocolError(1002, "new message inside a fragmented message")
+        if length > self._hard:
+            return ProtocolError(1009, f"message of {length}+ bytes exceeds the limit of {self._hard}")
+        return None
+
+    def _message(self, text: bool, message: bytes, out: list) -> bool:
+        """Append a whole message, or what stands for it; True when it was invalid text."""
+        if len(message) > self._max:
+            out.append(FrameError("too_large", f"message of {len(message)} bytes exceeds max_frame {self._max}"))
+            return False
+        if text and not message.isascii():
+            try:
+                message.decode()
+            except UnicodeDecodeError:  # RFC 6455 8.1
+                out.append(ProtocolError(1007, "invalid UTF-8 in a text message"))
+                return True
+        out.append(message)
+        return False
+
+    def _end(self, out: list) -> list:
+        self.messages_only = False  # it ends with a Close or a ProtocolError
+        self._done = True
+        self._buf = None
+        self._fragments = None
+        self._fragment_size = 0
+        return out
+
+
+def _ws_close(payload: bytes) -> Close | ProtocolError:
+    """A close frame's body, checked (RFC 6455 5.5.1, 7.4)."""
+    if not payload:
+        return Close(1005, "")
+    if len(payload) < 2:
+        return ProtocolError(1002, "close frame with a 1-byte body")
+    code = (payload[0] << 8) | payload[1]
+    if code not in _WS_CLOSE_CODES and not 3000 <= code <= 4999:
+        return ProtocolError(1002, f"close code {code} may not be sent")
+    try:
+        reason = payload[2:].decode()
+    except UnicodeDecodeError:
+        return ProtocolError(1007, "invalid UTF-8 in a close reason")
+    return Close(code, reason)
 
 
 class Framing:

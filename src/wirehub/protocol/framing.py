@@ -1,4 +1,4 @@
-"""Sans-I/O frame codecs: newline-delimited and 4-byte length-prefixed.
+"""Sans-I/O frame codecs: newline-delimited, 4-byte length-prefixed, and WebSocket's.
 
 Decoders take raw chunks as they arrive and return complete frames interleaved with
 :class:`FrameError` values. They never raise on peer input and never buffer more than a
@@ -22,6 +22,11 @@ __all__ = list(_impl.__all__)
 FrameError = _impl.FrameError
 LineDecoder = _impl.LineDecoder
 LengthPrefixDecoder = _impl.LengthPrefixDecoder
+WebSocketDecoder = _impl.WebSocketDecoder
+Ping = _impl.Ping
+Close = _impl.Close
+ProtocolError = _impl.ProtocolError
+unmask = _impl.unmask
 decode_datagram = _impl.decode_datagram
 Framing = _impl.Framing
 LINE = _impl.LINE
