@@ -9,7 +9,8 @@ clients in this process (so each side has its own open-file limit):
    jittered batches (src/wirehub/server/server.py) and exits; it is started again on the
    same port as soon as it has exited;
 3. **storm**: each client reconnects as ``wirehub.client`` does (full-jitter backoff from
-   0.1 s, capped at 10 s, after every failed attempt) and re-joins with ``since``/``epoch``;
+   0.1 s after every failed attempt, its window capped at 2 s after ``bye shutdown``, at 10 s
+   otherwise) and re-joins with ``since``/``epoch``;
    the publisher publishes ``--messages`` more as soon as the new hub answers. A client is
    back once it has joined again, and recovered once it has every message up to the
    publisher's last, with no gap.
@@ -33,7 +34,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import resource
 import signal
 import socket
@@ -45,16 +45,20 @@ from typing import Any
 
 import msgspec
 
+from wirehub.client import backoff_delay
+from wirehub.client.core import RESTART_BACKOFF_CAP
+
 MAX_CLIENTS = 19_000
 BACKOFF = (0.1, 10.0)  # wirehub.client's default reconnect backoff
 PRESENCE_OPS = frozenset(("join", "leave", "presence_diff"))
 _decode = msgspec.json.Decoder().decode
 
 
-def backoff_delay(attempt: int) -> float:
-    """wirehub.client's delay (src/wirehub/client/backoff.py): full jitter, doubling."""
+def reconnect_delay(attempt: int, restarting: bool) -> float:
+    """wirehub.client's wait (src/wirehub/client/core.py): full jitter, doubling, capped at
+    RESTART_BACKOFF_CAP after a ``bye shutdown``."""
     base, cap = BACKOFF
-    return random.uniform(base, min(cap, base * 2.0 ** min(attempt + 1, 60)))
+    return backoff_delay(attempt, base, min(cap, RESTART_BACKOFF_CAP) if restarting else cap)
 
 
 class Run:
@@ -92,6 +96,7 @@ class StormClient(asyncio.Protocol):
         self.joined = False
         self.ever_joined = False
         self.attempt = 0
+        self.restarting = False  # told bye shutdown, not joined again yet
         self.frames = {"fill": 0, "storm": 0}
         self.presence = {"fill": 0, "storm": 0}
         self.gaps = 0
@@ -110,7 +115,7 @@ class StormClient(asyncio.Protocol):
             await asyncio.get_running_loop().create_connection(lambda: self, "127.0.0.1", self.run.port)
         except OSError:
             self.attempt += 1
-            asyncio.get_running_loop().call_later(backoff_delay(self.attempt), self.connect)
+            asyncio.get_running_loop().call_later(reconnect_delay(self.attempt, self.restarting), self.connect)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -125,7 +130,7 @@ class StormClient(asyncio.Protocol):
         self.joined = False
         if not self.run.stopping:
             self.attempt = 0
-            asyncio.get_running_loop().call_later(backoff_delay(0), self.connect)
+            asyncio.get_running_loop().call_later(reconnect_delay(0, self.restarting), self.connect)
 
     # -------------------------------------------------------------- frames
 
@@ -150,6 +155,8 @@ class StormClient(asyncio.Protocol):
                 self._joined(f)
             elif op == "bye" and f.get("reason") == "slow_consumer":
                 self.cut = True
+            elif op == "bye" and f.get("reason") == "shutdown":
+                self.restarting = True
 
     def _joined(self, f: dict) -> None:
         if self.epoch is not None and not f.get("recovered"):
@@ -158,6 +165,7 @@ class StormClient(asyncio.Protocol):
             self.seq = f["seq"]  # from where the room is now (a known gap when it was a re-join)
         self.epoch = f["epoch"]
         self.joined = True
+        self.restarting = False
         if not self.ever_joined:
             self.ever_joined = True
             self.joined_once.set_result(None)
