@@ -304,6 +304,7 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
         procs.append(hub)
         await wait_listening(port, hub, loop.time() + 30)
         listening_s = loop.time() - t0
+        hub_cpu, our_cpu = cpu_seconds(hub.pid), time.process_time()
         run.target = await Publisher(port, room).publish(args.messages, loop.time() + args.timeout)
         for c in clients:
             run.settle(c)
@@ -311,6 +312,7 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
         back_s = loop.time() - t0
         await asyncio.wait_for(run.done.wait(), args.timeout)
         recovered_s = loop.time() - t0
+        hub_cpu, our_cpu = cpu_seconds(hub.pid) - hub_cpu, time.process_time() - our_cpu
         run.stopping = True
         return {
             "clients": args.clients,
@@ -322,6 +324,10 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
             "restart_listening_s": round(listening_s, 3),
             "all_back_s": round(back_s, 3),
             "all_recovered_s": round(recovered_s, 3),
+            "recovered_after_restart_s": round(recovered_s - listening_s, 3),
+            # CPU from the restarted hub's listening until every client recovered: which side
+            # was the limit (a side near the wall time was)
+            "storm_cpu_s": {"hub": round(hub_cpu, 2), "clients": round(our_cpu, 2)},
             "frames_per_client_fill": per_client([c.frames["fill"] for c in clients]),
             "presence_frames_per_client_fill": per_client([c.presence["fill"] for c in clients]),
             "frames_per_client_storm": per_client([c.frames["storm"] for c in clients]),
@@ -336,6 +342,13 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def raise_fd_limit(need: int) -> None:
