@@ -15,6 +15,10 @@ clients in this process (so each side has its own open-file limit):
    back once it has joined again, and recovered once it has every message up to the
    publisher's last, with no gap.
 
+With ``--handover`` the new hub is started first, beside the old one on the same port (both
+with ``--reuse-port``, on the shared broker), and the old one is then drained: a restart without
+downtime, where a client told ``bye`` is taken at once by the new hub.
+
 It reports the time from SIGTERM until every client is back and recovered, the frames each
 client received in each phase (presence frames apart), clients cut as slow consumers, and
 messages lost: a gap in a client's ``seq``, or a re-join history could not recover
@@ -23,6 +27,7 @@ epoch — use ``--broker redis://...`` or ``nats://...`` to see recovery).
 
     python bench/storm.py --clients 500                                  # a quick look
     python bench/storm.py --clients 19000 --broker redis://127.0.0.1:6379/12 --json storm.json
+    python bench/storm.py --clients 19000 --broker redis://127.0.0.1:6379/12 --handover
 
 Bounded: at most ``--timeout`` seconds per phase, loopback only, and N at most 19,000
 (each side needs N file descriptors; the machine's limit is 20,000).
@@ -223,12 +228,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_hub(args: argparse.Namespace, port: int) -> subprocess.Popen:
+def start_hub(args: argparse.Namespace, port: int, admin: int | None = None) -> subprocess.Popen:
+    """``wirehub serve`` on ``port`` (with ``--handover``: SO_REUSEPORT, and an admin listener
+    on ``admin`` to tell when this one is up while another holds the port)."""
     cmd = [
         sys.executable, "-m", "wirehub", "serve", "--tcp", f"127.0.0.1:{port}", "--ws", "off", "--udp", "off",
-        "--admin", "off", "--broker", args.broker, "--history-size", str(max(100, 2 * args.messages)),
+        "--admin", f"127.0.0.1:{admin}" if admin else "off", "--broker", args.broker,
+        "--history-size", str(max(100, 2 * args.messages)),
         "--max-connections", str(args.clients + 100), "--drain-timeout", str(args.drain_timeout),
-        "--log-level", "warning", *args.serve_arg,
+        "--log-level", "warning", *(["--reuse-port"] if args.handover else []), *args.serve_arg,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WIREHUB_")}
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -296,15 +304,24 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
         run.done.clear()
         run.waiting = set(clients)
         run.target = (None, 0)  # not reachable until the publisher says where the room is
+        if args.handover:  # the new hub first, on the same port: clients told bye reach it at once
+            admin = free_port()
+            new_hub = start_hub(args, port, admin)
+            procs.append(new_hub)
+            await wait_listening(admin, new_hub, loop.time() + 30)
+            hub_cpu, our_cpu = cpu_seconds(new_hub.pid), time.process_time()
         t0 = loop.time()
         hub.send_signal(signal.SIGTERM)
         await wait_exit(hub, t0 + args.drain_timeout + 30)
         exited_s = loop.time() - t0
-        hub = start_hub(args, port)
-        procs.append(hub)
-        await wait_listening(port, hub, loop.time() + 30)
-        listening_s = loop.time() - t0
-        hub_cpu, our_cpu = cpu_seconds(hub.pid), time.process_time()
+        if args.handover:
+            hub = new_hub
+        else:
+            hub = start_hub(args, port)
+            procs.append(hub)
+            await wait_listening(port, hub, loop.time() + 30)
+            hub_cpu, our_cpu = cpu_seconds(hub.pid), time.process_time()
+        listening_s = 0.0 if args.handover else loop.time() - t0
         run.target = await Publisher(port, room).publish(args.messages, loop.time() + args.timeout)
         for c in clients:
             run.settle(c)
@@ -317,6 +334,7 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
         return {
             "clients": args.clients,
             "broker": args.broker.split("://")[0],
+            "handover": args.handover,
             "serve_args": args.serve_arg,
             "fill_s": round(fill_s, 3),
             "fill_joins_per_s": round(args.clients / fill_s),
@@ -370,10 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=1000, help="clients connecting at once during the fill")
     p.add_argument("--timeout", type=float, default=120.0, help="the longest each phase may take (seconds)")
     p.add_argument("--serve-arg", action="append", default=[], help="one more argument for wirehub serve (repeatable), e.g. --serve-arg=--presence-max=0")
+    p.add_argument("--handover", action="store_true", help="start the new hub beside the old one (both with "
+                   "--reuse-port) before the drain, as a restart without downtime does (needs a shared --broker)")
     p.add_argument("--json", help="write the figures to this file too")
     args = p.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:
         p.error(f"--clients must be 1 to {MAX_CLIENTS:,}")
+    if args.handover and args.broker.startswith("memory:"):
+        p.error("--handover runs two hubs at once: give them a shared --broker (redis://... or nats://...)")
     raise_fd_limit(args.clients + 200)
     try:
         import uvloop  # type: ignore[import-not-found]
