@@ -15,6 +15,7 @@ import socket
 import pytest
 
 from wirehub._log import TextFormatter
+from wirehub.bench.net import ws_parse
 
 from ..helpers import WAIT, addr, serving, wait_for
 from ..transport.test_websocket import UPGRADE, WsRecorder
@@ -37,21 +38,27 @@ def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: in
 
 
 def server_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
-    """Parse unmasked server frames: ``[(opcode, payload)]`` and what is left over."""
-    frames = []
-    pos = 0
-    while len(data) - pos >= 2:
-        opcode, n = data[pos] & 0x0F, data[pos + 1] & 0x7F
-        at = pos + 2
-        if n == 126:
-            n, at = int.from_bytes(data[pos + 2 : pos + 4], "big"), pos + 4
-        elif n == 127:
-            n, at = int.from_bytes(data[pos + 2 : pos + 10], "big"), pos + 10
-        if len(data) < at + n:
-            break
-        frames.append((opcode, data[at : at + n]))
-        pos = at + n
-    return frames, data[pos:]
+    """Unmasked server frames, ``[(opcode, payload)]``, and what is left over."""
+    buf = bytearray(data)
+    return ws_parse(buf), bytes(buf)
+
+
+async def ping_until_closed(writer: asyncio.StreamWriter, conn, budget: float | None = None) -> tuple[int, int]:
+    """Write 125-byte pings (33 kB a write) and never read, until ``conn`` is closed (at most
+    256 MB, and ``budget`` seconds when given); the bytes sent and the largest send buffer seen."""
+    pings = client_frame(0x9, b"p" * 125) * 256
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget if budget is not None else None
+    peak = sent = 0
+    while conn.open and sent < 256 * 1024 * 1024 and (deadline is None or loop.time() < deadline):
+        writer.write(pings)
+        sent += len(pings)
+        try:
+            await asyncio.wait_for(writer.drain(), 0.05)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        peak = max(peak, conn.send_buffer)
+    return sent, peak
 
 
 async def upgraded(server):
@@ -206,19 +213,8 @@ async def test_ping_flood_without_reading_ends_as_slow_consumer_with_bounded_mem
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)).startswith(b"HTTP/1.1 101 ")
         await wait_for(lambda: len(server.connections()) == 2, what="both upgraded")
         flooder = [c for c in server.connections() if c is not app.conns[0]][0]
-        pings = client_frame(0x9, b"p" * 125) * 256  # 33 kB a write
         rss_before = _rss()
-        peak = sent = 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT
-        while flooder.open and sent < 256 * 1024 * 1024 and loop.time() < deadline:
-            writer.write(pings)
-            sent += len(pings)
-            try:
-                await asyncio.wait_for(writer.drain(), 0.05)
-            except (asyncio.TimeoutError, ConnectionError):
-                pass
-            peak = max(peak, flooder.send_buffer)
+        sent, peak = await ping_until_closed(writer, flooder, WAIT)
         assert not flooder.open, f"still open after {sent} bytes of pings; send_buffer={flooder.send_buffer}"
         assert flooder.close_reason == "slow_consumer"
         assert peak <= limit + 127, peak  # one pong is 127 bytes
@@ -335,16 +331,7 @@ async def test_hub_on_its_defaults_ends_a_ping_flood_with_bye_slow_consumer():
         await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
         await wait_for(lambda: len(h.server.connections()) == 1, what="upgraded")
         (conn,) = h.server.connections()
-        pings = client_frame(0x9, b"p" * 125) * 256
-        peak = sent = 0
-        while conn.open and sent < 256 * 1024 * 1024:
-            writer.write(pings)
-            sent += len(pings)
-            try:
-                await asyncio.wait_for(writer.drain(), 0.05)
-            except (asyncio.TimeoutError, ConnectionError):
-                pass
-            peak = max(peak, conn.send_buffer)
+        _, peak = await ping_until_closed(writer, conn)
         assert conn.close_reason == "slow_consumer" and peak <= limit + 127, (conn.close_reason, peak)
         # now read all that was written: pongs, then the bye, then the close frame, nothing after
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)  # a fast reader now
