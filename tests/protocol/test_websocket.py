@@ -154,6 +154,19 @@ def test_fragments_with_a_ping_between_are_joined():
     assert d.buffered == 0
 
 
+def test_empty_continuation_frames_hold_nothing_more():
+    """A peer that keeps a message open with empty continuation frames (6 bytes each) makes the
+    decoder hold only the message's bytes: nothing grows per frame."""
+    d = decoder()
+    assert d.feed(client_frame(0x1, b"abc", fin=False)) == []
+    held = d.buffered
+    for _ in range(20):
+        assert d.feed(client_frame(0x0, b"", fin=False) * 5_000) == []
+        assert d.buffered == held == 3
+    assert d.feed(client_frame(0x0, b"d")) == [b"abcd"]
+    assert d.buffered == 0
+
+
 def test_every_length_form_in_one_byte_reads():
     d = decoder(70000)
     payloads = [b"a" * 125, b"b" * 126, b"c" * 65535, b"d" * 65536]

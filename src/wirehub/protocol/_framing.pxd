@@ -28,13 +28,12 @@ cdef class WebSocketDecoder:
     cdef Py_ssize_t _hard
     cdef bytearray _buf
     cdef Py_ssize_t _need
-    cdef list _fragments
-    cdef Py_ssize_t _fragment_size
+    cdef bytearray _fragments
     cdef bint _text
     cdef bint _done
     cdef public bint messages_only
 
     @cython.locals(buf=bytearray, chunk=bytes, out=list, n=Py_ssize_t, pos=Py_ssize_t, need=Py_ssize_t,
                    b0=Py_ssize_t, b1=Py_ssize_t, opcode=Py_ssize_t, length=Py_ssize_t, at=Py_ssize_t,
-                   end=Py_ssize_t, payload=bytes, fragments=list, message=bytes)
+                   end=Py_ssize_t, payload=bytes, fragments=bytearray, message=bytes)
     cpdef list feed(self, data)

@@ -338,15 +338,16 @@ class WebSocketDecoder:
     ``hard_limit`` bytes in all. An unfinished frame is copied once, when it is complete.
     """
 
-    __slots__ = ("_max", "_hard", "_buf", "_need", "_fragments", "_fragment_size", "_text", "_done", "messages_only")
+    __slots__ = ("_max", "_hard", "_buf", "_need", "_fragments", "_text", "_done", "messages_only")
 
     def __init__(self, max_size: int, hard_limit: int) -> None:
         self._max = _check_max(max_size)
         self._hard = _check_max(hard_limit)
         self._buf: bytearray | None = None  # an unfinished frame (None: none, the usual case)
         self._need = 0  # the bytes _buf must hold before it is worth parsing again
-        self._fragments: list[bytes] | None = None  # the parts of a fragmented message
-        self._fragment_size = 0
+        #: a fragmented message so far, in one buffer (its length is what the limits count, so
+        #: that empty continuation frames cost the peer its bytes, not the server a list slot)
+        self._fragments: bytearray | None = None
         self._text = False  # the fragmented message is text
         self._done = False  # a close frame or a protocol error was read: nothing more is
         #: the last ``feed`` returned messages and ``FrameError`` values only (no control
@@ -356,7 +357,7 @@ class WebSocketDecoder:
     @property
     def buffered(self) -> int:
         """Bytes held between calls: an unfinished frame and a fragmented message's parts."""
-        return (len(self._buf) if self._buf is not None else 0) + self._fragment_size
+        return (len(self._buf) if self._buf is not None else 0) + (len(self._fragments) if self._fragments is not None else 0)
 
     def feed(self, data: bytes) -> list:
         """Consume a chunk; return the items it completes, in order."""
@@ -416,17 +417,14 @@ class WebSocketDecoder:
                     elif self._message(opcode == 0x1, payload, out):
                         return self._end(out)
                 else:
-                    self._fragments = [payload]
-                    self._fragment_size = length
+                    self._fragments = bytearray(payload)
                     self._text = opcode == 0x1
             elif opcode == 0x0:
                 fragments = self._fragments
-                fragments.append(payload)  # type: ignore[union-attr]  # _check: a message is open
-                self._fragment_size += length
+                fragments += payload  # type: ignore[operator]  # _check: a message is open
                 if b0 & 0x80:
-                    message = b"".join(fragments)  # type: ignore[arg-type]
+                    message = bytes(fragments)  # type: ignore[arg-type]
                     self._fragments = None
-                    self._fragment_size = 0
                     if self._message(self._text, message, out):
                         return self._end(out)
             elif opcode == 0x9:
@@ -460,7 +458,7 @@ class WebSocketDecoder:
         if opcode == 0x0:
             if self._fragments is None:
                 return ProtocolError(1002, "continuation frame without a message")
-            length += self._fragment_size
+            length += len(self._fragments)
         elif self._fragments is not None:
             return ProtocolError(1002, "new message inside a fragmented message")
         if length > self._hard:
@@ -486,7 +484,6 @@ class WebSocketDecoder:
         self._done = True
         self._buf = None
         self._fragments = None
-        self._fragment_size = 0
         return out
 
 
