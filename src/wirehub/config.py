@@ -349,6 +349,8 @@ def _list_of(item: Callable[[Any], Any], *, split_items: bool) -> Parser:
 
 
 #: what a room pattern may change (``[rooms."chat.*"]`` in TOML, ``--room 'chat.*:presence=off'``)
+#: the longest ``presence_window`` a setting may ask for, in seconds
+MAX_PRESENCE_WINDOW_S = 10.0
 ROOM_KEYS = ("history_size", "history_ttl", "presence", "max_room_members", "presence_threshold", "presence_max", "presence_window")
 
 RoomRules = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
@@ -522,7 +524,7 @@ OPTIONS: tuple[Option, ...] = (
            "Members of a room on this node above which no presence changes are sent at all; presence "
            "queries still answer (0: never any).", group=_HUB, minimum=0),
     Option("presence_window", "duration", "100ms",
-           "How long presence changes are gathered into one presence_diff.", group=_HUB, maximum=10.0),
+           "How long presence changes are gathered into one presence_diff.", group=_HUB, maximum=MAX_PRESENCE_WINDOW_S),
     Option("max_room_members", "int", 0, "Members a room may have (0 = unlimited); more get room_full.",
            group=_HUB, minimum=0),
     Option("max_rooms_per_connection", "int", 128,

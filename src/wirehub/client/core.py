@@ -552,7 +552,7 @@ class Client:
             members = frame.get(op + "s")
             for member in members if isinstance(members, list) else ():
                 if isinstance(member, dict) and "client" in member:
-                    self._event({"op": op, "room": name, **member})
+                    self._event({**member, "op": op, "room": name})
 
     def _tap(self, frame: dict) -> None:
         if self._on_frame_tap is not None:

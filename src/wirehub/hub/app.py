@@ -333,9 +333,10 @@ class HubApp(App):
         local = self.broker.local and not hooks.need_task
         self.connect = self._connect_inline if local else self._connect_async  # type: ignore[method-assign]
         self.frame = self._frame_inline if local else self._frame_async  # type: ignore[method-assign]
+        self._frames = InlineFrames(self)
         if local and not hooks and not self.config.rate_limit:
-            # ping and the common pub in the compiled accelerator's code (the rest in _frame_command)
-            self.frame = InlineFrames(self)  # type: ignore[method-assign]
+            # ping and pub in the compiled accelerator's code (the rest in _frame_command)
+            self.frame = self._frames  # type: ignore[method-assign]
         self.disconnect = self._disconnect_inline if local else self._disconnect_async  # type: ignore[method-assign]
         return super().handlers()
 
@@ -858,26 +859,8 @@ class HubApp(App):
         return data
 
     def _pub_local(self, s: Session, cmd: Pub) -> None:
-        """``pub`` on a local broker: published (and fanned out) now."""
-        room = cmd.room
-        table = self._room_table
-        if table is not None and room in table and (not self._gate or s.greeted) and (s.claims is None or s.claims.may_publish(room)):
-            # the common case, a room that exists and a client who may: only the data to check
-            data = wire.data_bytes(cmd.data)
-            if type(data) is str:
-                self._error(s, "bad_frame", data, cmd.ref)
-                self.stats.pub_refused += 1
-                return
-        else:
-            data = self._pub_data(s, cmd)
-            if data is None:
-                self.stats.pub_refused += 1
-                return
-        self.stats.published += 1
-        policy = self._policies.get(room) or self.policy(room)
-        pub = self.broker.publish_now(room, data, sender=s.client, ts=time.time_ns() // 1_000_000, history=policy.history)  # type: ignore[attr-defined]
-        if cmd.ref is not None:
-            s.conn.send(wire.ok(cmd.ref, pub.seq))
+        """``pub`` on a local broker: published (and fanned out) now (hub/_frames.py)."""
+        self._frames.pub(s, cmd)
 
     async def _pub_pipelined(self, s: Session, cmd: Pub, data: bytes | None = None, info: bytes | None = None) -> None:
         """``pub`` on a remote broker: started without waiting for the broker's answer, so a

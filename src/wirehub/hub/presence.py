@@ -63,8 +63,6 @@ DIFF_FRAME_BYTES = 60_000
 #: the frames of presence events, as the hub encodes them (a room event that starts
 #: otherwise is not presence)
 FRAME_PREFIXES = (b'{"op":"join",', b'{"op":"leave",', b'{"op":"presence_diff",')
-#: the longest window a setting may ask for, in seconds
-MAX_WINDOW_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,10 +175,6 @@ class RoomPresence:
         self._drive = drive  # runs a local broker's call to completion now
         self._rooms: dict[str, _RoomPresence] = {}
         self._tasks: set[asyncio.Future[Any]] = set()
-
-    def mode(self, name: str) -> str:
-        state = self._rooms.get(name)
-        return MODES[state.level] if state is not None else EVENTS
 
     def counted(self, room: Room, levels: PresenceLevels | None) -> str:
         """``room`` has this many members here now (``levels`` None: presence is off for

@@ -673,17 +673,20 @@ class RedisBroker:
     def _send_batches(self) -> None:
         batches, self._batches = self._batches, {}
         for batch in batches.values():
-            try:
-                self._send_batch(batch)
-            except Exception as exc:  # a bug (a value that does not encode): this batch fails alone
-                log.exception("redis_publish_failed", room=batch.room)
-                self.in_flight -= len(batch.answers)
-                self._settle()
-                for future, _ in batch.answers:
-                    if not future.done():
-                        future.set_exception(exc)
+            self._send_batch(batch)
 
     def _send_batch(self, batch: _Batch) -> None:
+        try:
+            self._send_batch_now(batch)
+        except Exception as exc:  # a bug (a value that does not encode): this batch fails alone
+            log.exception("redis_publish_failed", room=batch.room)
+            self.in_flight -= len(batch.answers)
+            self._settle()
+            for future, _ in batch.answers:
+                if not future.done():
+                    future.set_exception(exc)
+
+    def _send_batch_now(self, batch: _Batch) -> None:
         room, history, bodies, answers = batch.room, batch.history, batch.bodies, batch.answers
         what = f"publish to {room!r}"
         ttl_ms = self._ttl_ms(history)
