@@ -202,3 +202,22 @@ async def test_drain_from_the_admin_api(n):
     finally:
         if not serving.done():
             serving.cancel()
+
+
+async def test_live_streams_waiting_for_their_token_count_toward_max_live():
+    """MAX_LIVE bounds every open /api/live stream, those that have not sent their token yet
+    included: the next one gets 503 ``limit``; once one goes, a new one is taken again."""
+    from wirehub.server.live import MAX_LIVE
+
+    async with Hub(tcp="off", ws="off", udp="off", admin="127.0.0.1:0", admin_token="s3cret") as hub, aiohttp.ClientSession() as http:
+        url = "ws://" + hub.addresses["admin"][0] + "/api/live"
+        silent = [await http.ws_connect(url) for _ in range(MAX_LIVE)]  # upgraded, no token sent
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(url)
+        assert refused.value.status == 503
+        await silent.pop().close()
+        async with http.ws_connect(url) as ws:
+            await ws.send_json({"token": "s3cret"})
+            assert (await ws.receive_json(timeout=WAIT))["type"] == "welcome"
+        for ws in silent:
+            await ws.close()

@@ -7,7 +7,8 @@ when the server has ``admin_token``; never in the URL). A wrong or missing token
 app's part (the hub: rooms and nodes), and one page of the connection table as the page last
 asked for it (``{"conns": QUERY}``, the parameters of ``/api/connections``, at most
 :data:`LIVE_PAGE_MAX` rows). The totals are computed once per tick for every open stream;
-at most :data:`MAX_LIVE` streams are open at once.
+at most :data:`MAX_LIVE` streams are open at once, counting those still waiting for their
+first message.
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import WSMsgType, web
 
-from .._log import get_logger
 from .._version import __version__
 from .query import ConnQuery, QueryError, parse_query, run_query
 
 if TYPE_CHECKING:
     from .server import Server
 
-log = get_logger("wirehub.admin")
 
 #: seconds between two ticks of the live stream
 LIVE_INTERVAL = 1.0
@@ -113,6 +112,7 @@ class LiveFeed:
         self.server = server
         self.token = token
         self.viewers: set[_Viewer] = set()
+        self.opening = 0  # streams upgraded, their first message (the token) not read yet
         self.snapshot: dict[str, Any] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -126,17 +126,20 @@ class LiveFeed:
         return parse_query(params, ignore=(), page_max=LIVE_PAGE_MAX)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if len(self.viewers) >= MAX_LIVE:
+        if len(self.viewers) + self.opening >= MAX_LIVE:
             from .admin import error_response
 
             return error_response(503, "limit", f"{MAX_LIVE} dashboards are open on this node, the most it serves (MAX_LIVE); close one")
-        ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=LIVE_MAX_MESSAGE)
-        await ws.prepare(request)
+        self.opening += 1
         try:
+            ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=LIVE_MAX_MESSAGE)
+            await ws.prepare(request)
             first = await ws.receive(timeout=LIVE_AUTH_TIMEOUT)
         except asyncio.TimeoutError:
             await ws.close(code=4408, message=b"send the first message (the token) sooner")
             return ws
+        finally:
+            self.opening -= 1
         hello: Any = None
         if first.type == WSMsgType.TEXT:
             try:
@@ -149,7 +152,6 @@ class LiveFeed:
         if self.token:
             given = hello.get("token")
             if not isinstance(given, str) or not hmac.compare_digest(given.encode(), self.token.encode()):
-                log.info("admin_refused", reason="bad_token", route="/api/live", peer=request.remote)
                 await self._refuse(ws, "unauthorized", "the admin token is wrong or missing: enter the server's admin_token", 4401)
                 return ws
         try:
