@@ -377,3 +377,37 @@ async def test_an_upgrade_request_over_the_limit_gets_431():
         writer.close()
         await wait_for(lambda: server.gate.count == 0, what="gate released")
         assert app.log == [] and server.connections() == []
+
+
+class SlowWsRecorder(WsRecorder):
+    """Frames handled in the connection's task (an async handler) that waits for ``go``."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.go = asyncio.Event()
+
+    async def frame(self, conn, data):
+        self._add("frame", conn.id, data)
+        await self.go.wait()
+        conn.send(data)
+
+
+async def test_a_peer_gone_without_a_close_frame_while_an_async_handler_runs_is_let_go():
+    """The peer sends a message and closes TCP (FIN, no close frame) while the async handler
+    still works on it: the server answers, sends its close frame, closes the socket, and the
+    connection ends (disconnect, the accept gate released), not a half-open socket kept."""
+    app = SlowWsRecorder()
+    async with serving(app, ws="127.0.0.1:0") as server:
+        reader, writer = await asyncio.open_connection(*addr(server, "ws"))
+        writer.write(UPGRADE)
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        mask = b"\x01\x02\x03\x04"
+        writer.write(bytes((0x81, 0x80 | 1)) + mask + bytes((ord("x") ^ mask[0],)))
+        await app.wait(lambda log: any(e[0] == "frame" for e in log))
+        writer.write_eof()  # the peer is done: FIN while the handler waits
+        await wait_for(lambda: app.conns[0]._eof, what="the server saw the FIN")
+        app.go.set()
+        (event,) = await app.disconnected()
+        assert event[2] == "closed"
+        await wait_for(lambda: server.gate.count == 0, what="gate released")
+        writer.close()

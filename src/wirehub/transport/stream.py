@@ -46,6 +46,26 @@ class SocketConnection(Connection, asyncio.Protocol):
         settings = self._ctx.settings
         transport.set_write_buffer_limits(high=settings.send_buffer_high, low=settings.send_buffer_low)  # type: ignore[attr-defined]
 
+    def _linger_close(self) -> None:
+        """Lingering close: send FIN once the buffer is flushed, then keep reading (and
+        discarding) until the peer closes too. Closing a socket with unread input sends RST
+        instead, and an RST can destroy replies the peer has not read yet. A peer that has
+        already closed its side, or a transport that cannot half-close (TLS), is closed."""
+        t = self._transport
+        if t is None or t.is_closing():
+            return
+        if self._eof or not t.can_write_eof():
+            t.close()
+            return
+        try:
+            t.write_eof()
+        except OSError:  # the peer is already gone
+            t.abort()
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            t.resume_reading()
+
     def _transport_buffered(self) -> int:
         t = self._transport
         return t.get_write_buffer_size() if t is not None else 0
@@ -99,20 +119,4 @@ class StreamConnection(SocketConnection):
     # Connection transport hooks ---------------------------------------------------
 
     def _close_transport(self) -> None:
-        # Lingering close: send FIN once the buffer is flushed, then keep reading (and
-        # discarding) until the peer closes too. Closing a socket with unread input sends
-        # RST instead, and an RST can destroy replies the peer has not read yet.
-        t = self._transport
-        if t is None or t.is_closing():
-            return
-        if self._eof or not t.can_write_eof():
-            t.close()
-            return
-        try:
-            t.write_eof()
-        except OSError:  # the peer is already gone
-            t.abort()
-            return
-        if self._reading_paused:
-            self._reading_paused = False
-            t.resume_reading()
+        self._linger_close()

@@ -247,16 +247,7 @@ class WebSocketConnection(SocketConnection):
         self._pending.append(data)
         self._pending_size += len(data)
         self._flush(force=True)
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        if transport.can_write_eof():
-            transport.write_eof()
-            if self._reading_paused:  # behind async handlers: the rest is read and discarded
-                self._reading_paused = False
-                transport.resume_reading()
-        else:
-            transport.close()  # after the buffer is written
+        self._linger_close()
 
     def _fail(self, code: int, why: str) -> None:
         """A fatal protocol error: an ordinary close (the app's last frame — the hub's bye —
