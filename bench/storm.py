@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -50,8 +49,10 @@ from typing import Any
 
 import msgspec
 
+from wirehub.bench.runner import process_cpu_seconds
 from wirehub.client import backoff_delay
 from wirehub.client.core import RESTART_BACKOFF_CAP
+from wirehub.server.supervisor import raise_open_file_limit
 
 MAX_CLIENTS = 19_000
 BACKOFF = (0.1, 10.0)  # wirehub.client's default reconnect backoff
@@ -363,17 +364,12 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of process ``pid`` so far."""
+    return process_cpu_seconds(pid) or 0.0
 
 
 def raise_fd_limit(need: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < need <= hard or (hard == resource.RLIM_INFINITY and soft < need):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-        soft = need
+    soft = raise_open_file_limit()  # to the hard limit, as the hub does for itself
     if soft < need:
         raise SystemExit(f"storm: {need - 200} clients need {need} open files here and in the hub; the limit is {soft}: "
                          f"use fewer --clients or raise ulimit -n")

@@ -10,7 +10,7 @@ hub = Hooks()
 
 @hub.on_publish("chat.*")
 async def clean(ctx, room, data):
-    if not isinstance(data, dict) or len(data.get("text", "")) > 500:
+    if not isinstance(data, dict) or not isinstance(data.get("text"), str) or len(data["text"]) > 500:
         raise Reject("app.bad_message", 'send {"text": ...} of at most 500 characters')
     return Publish(data={**data, "by": ctx.name or ctx.user})
 

@@ -293,12 +293,10 @@ class Telemetry:
         broker = hub.broker
 
         async def describe(name: str) -> dict[str, Any]:
-            policy = hub.policy(name)
-            position = await broker.position(name)
-            held = await broker.history(name, history=policy.history)
+            held = await broker.history(name, history=hub.policy(name).history)  # its position too
             room = rooms.get(name)
-            return {"room": name, "members": len(room.members) if room else 0, "seq": position.seq, "epoch": position.epoch,
-                    "history_size": len(held.publications)}
+            return {"room": name, "members": len(room.members) if room else 0, "seq": held.position.seq,
+                    "epoch": held.position.epoch, "history_size": len(held.publications)}
 
         room_rows = list(await asyncio.gather(*(describe(n) for n in names)))
         scheme = hub.config.broker.split(":", 1)[0]
