@@ -320,7 +320,7 @@ async def test_gap_in_live_delivery_is_filled_from_history(prefix):
         for i in range(2, 5):
             await a.broker.publish("r", raw(i), sender="", ts=now_ms(), history=POLICY)
         rs.sub = await a.broker._nc.subscribe(a.broker._fanout_subject("r"), cb=functools.partial(a.broker._on_room_msg, rs))
-        await a.broker._nc.flush()
+        await a.broker._flush()  # the SUB in place (not nc.flush(): see NatsBroker._flush)
         await a.broker.publish("r", b"5", sender="", ts=now_ms(), history=POLICY)
         got = await a.handler.wait_publications(5, "r")
         assert [p.seq for p in got] == [1, 2, 3, 4, 5]

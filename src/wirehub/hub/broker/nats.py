@@ -683,11 +683,27 @@ class NatsBroker:
             future.set_result(msg)
 
     async def _flush(self) -> None:
+        """Return once NATS has processed every command this connection sent before the call
+        (a subscription is in place, a publish is routed).
+
+        Not ``nc.flush()``: nats-py (2.16) writes its PING straight to the socket while the
+        commands before it (a SUB) may still wait in its pending buffer for the flusher task,
+        so the PONG can come back before the server has seen the SUB, and a publication from
+        another connection right after is not delivered (seen as a flaky two-node test). A
+        message to this connection's own inbox goes through the same buffer as the commands
+        before it, so its return proves the server processed them.
+        """
         nc = self._conn()
+        token = "f" + str(next(self._ack_ids))
+        future = asyncio.get_running_loop().create_future()
+        self._acks[token] = future
         try:
-            await nc.flush(timeout=self._timeout)
-        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            await nc.publish(self._ack_prefix + token, b"")
+            await asyncio.wait_for(future, self._timeout)
+        except (nats.errors.Error, OSError, TimeoutError, _Lost) as exc:
             raise self._wrap("a flush", exc) from exc
+        finally:
+            self._acks.pop(token, None)
 
     async def _last(self, stream: str, subject: str) -> tuple[int, bytes, dict[str, str]] | None:
         """The last message on ``subject``: (stream seq, data, headers), or None."""
