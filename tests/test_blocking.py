@@ -20,8 +20,10 @@ pytestmark = pytest.mark.one_loop
 
 
 def sleepy_app(state: dict) -> wirehub.App:
+    """``sleep S`` sleeps S seconds in the pool; ``wait`` blocks until ``state["gate"]`` is set."""
     app = wirehub.App(framing="line")
     lock = threading.Lock()
+    state["gate"] = threading.Event()
 
     @app.on_frame(blocking=True)
     def frame(conn, data):
@@ -32,6 +34,8 @@ def sleepy_app(state: dict) -> wirehub.App:
         try:
             if data.startswith(b"sleep"):
                 time.sleep(float(data.split()[1]))
+            elif data == b"wait":
+                state["gate"].wait(WAIT)
             conn.send(b"done " + data)
         finally:
             with lock:
@@ -47,17 +51,17 @@ async def test_a_blocking_frame_handler_runs_beside_pings_in_order():
         host, port = addr(server)
         slow_r, slow_w = await asyncio.open_connection(host, port)
         other_r, other_w = await asyncio.open_connection(host, port)
-        slow_w.write(b"sleep 0.5\nafter-1\nafter-2\n")
+        slow_w.write(b"wait\nafter-1\nafter-2\n")
         await slow_w.drain()
-        await wait_for(lambda: state.get("running") == 1, what="the handler to sleep")
-        started = time.monotonic()
-        for i in range(5):  # another connection is answered at once, five times over
+        await wait_for(lambda: state.get("running") == 1, what="the handler to block")
+        for i in range(5):  # another connection is answered while it blocks, five times over
             other_w.write(b"ping %d\n" % i)
             await other_w.drain()
             assert await asyncio.wait_for(other_r.readline(), WAIT) == b"done ping %d\n" % i
-        assert time.monotonic() - started < 0.4
+        assert state["running"] == 1  # still blocked: the gate is not set yet
+        state["gate"].set()
         lines = [await asyncio.wait_for(slow_r.readline(), WAIT) for _ in range(3)]
-        assert lines == [b"done sleep 0.5\n", b"done after-1\n", b"done after-2\n"]
+        assert lines == [b"done wait\n", b"done after-1\n", b"done after-2\n"]
         for w in (slow_w, other_w):
             w.close()
 
@@ -96,9 +100,13 @@ def test_blocking_is_for_plain_functions():
 
 async def test_blocking_hub_hooks_keep_order_and_time_out():
     hooks = Hooks()
+    gate = threading.Event()
 
     @hooks.on_rpc("sleep", blocking=True)
     def sleep(ctx, data):
+        if data == "gate":  # blocks until the test sets the gate
+            gate.wait(WAIT)
+            data = 0
         time.sleep(data)
         ctx.state["slept"] = ctx.state.get("slept", 0) + data
         return {"slept": ctx.state["slept"], "thread": threading.current_thread().name}
@@ -106,14 +114,14 @@ async def test_blocking_hub_hooks_keep_order_and_time_out():
     async with hub_server("tcp", hooks=hooks, hook_timeout=1.0, heartbeat=0.2) as hub:
         c = await hub.greeted()
         other = await hub.greeted()
-        await c.send({"op": "rpc", "method": "sleep", "data": 0.4, "ref": 1})
+        await c.send({"op": "rpc", "method": "sleep", "data": "gate", "ref": 1})
         await c.send({"op": "ping", "ref": 2})
         await c.send({"op": "rpc", "method": "sleep", "data": 0, "ref": 3})
-        started = time.monotonic()
+        # answered while c's hook is blocked in the pool (it cannot end before the gate opens)
         await other.request({"op": "ping", "ref": "o"}, "pong", ref="o")
-        assert time.monotonic() - started < 0.3
+        gate.set()
         first = await c.expect("result", ref=1)
-        assert first["data"]["slept"] == 0.4 and first["data"]["thread"].startswith("wirehub-blocking")
+        assert first["data"]["slept"] == 0 and first["data"]["thread"].startswith("wirehub-blocking")
         await c.expect("pong", ref=2)
         await c.expect("result", ref=3)
         await c.request({"op": "rpc", "method": "sleep", "data": 1.5, "ref": 4}, "error", code="timeout", ref=4)
