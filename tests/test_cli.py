@@ -369,6 +369,31 @@ def test_serve_warns_about_a_non_loopback_listener():
     assert "warning" not in quiet.stderr
 
 
+def test_serve_does_not_warn_when_the_app_authenticates_in_on_connect(tmp_path):
+    # An app whose on_connect hook decides who may connect is auth: no exposure warning.
+    # One without on_connect still gets it. (Bind fails as above: nothing opens beyond loopback.)
+    app = tmp_path / "gate_app.py"
+    app.write_text(
+        "from wirehub.hub import Hooks, Reject\n"
+        "hooks = Hooks()\n"
+        "@hooks.on_connect\n"
+        "def connect(ctx, hello):\n"
+        "    raise Reject('unauthorized', 'no')\n"
+        "other = Hooks()\n"
+        "@other.on_rpc('x')\n"
+        "def x(ctx, data):\n"
+        "    return data\n"
+    )
+    with listening_socket() as busy:
+        port = busy.getsockname()[1]
+        gated = wirehub_cli("serve", "--tcp", f"0.0.0.0:{port}", *ONLY_TCP, "--app", f"{app}:hooks")
+        open_app = wirehub_cli("serve", "--tcp", f"0.0.0.0:{port}", *ONLY_TCP, "--app", f"{app}:other")
+    assert gated.returncode == EXIT_BIND, gated.stderr
+    assert "warning" not in gated.stderr
+    assert open_app.returncode == EXIT_BIND, open_app.stderr
+    assert "is reachable from other machines without TLS or auth" in open_app.stderr
+
+
 def test_serve_refuses_workers_on_the_memory_broker():
     port = free_port()
     result = wirehub_cli("serve", "--workers", "2", "--tcp", f"127.0.0.1:{port}", "--ws", "off", "--udp", "off", "--admin", "off")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import config as cfg
 from ._version import __version__
 from .app import App
+
+if TYPE_CHECKING:
+    from .hub import Hooks
 
 EXIT_CONFIG = 2
 
@@ -27,9 +30,10 @@ def _load_config(params: dict[str, Any]) -> cfg.Config:
         sys.exit(EXIT_CONFIG)
 
 
-def exposure_warnings(config: cfg.Config) -> list[str]:
-    """Listeners reachable from other machines that have neither TLS nor auth."""
-    if config.secret:
+def exposure_warnings(config: cfg.Config, hooks: Hooks | None = None) -> list[str]:
+    """Listeners reachable from other machines that have neither TLS nor auth (a ``--secret``,
+    or an app whose ``on_connect`` hook decides who may connect)."""
+    if config.secret or (hooks is not None and hooks.single.get("connect") is not None):
         return []
     out = []
     for kind in ("tcp", "ws", "udp"):
@@ -137,9 +141,9 @@ def serve(**params: Any) -> None:
             err=True,
         )
         sys.exit(EXIT_CONFIG)
-    for warning in exposure_warnings(config):
-        click.echo(f"wirehub: warning: {warning}", err=True)
     hooks = load_hooks(config.app) if config.app else None
+    for warning in exposure_warnings(config, hooks):
+        click.echo(f"wirehub: warning: {warning}", err=True)
     try:
         app = HubApp(config, hooks=hooks)
     except (BrokerError, ValueError, OSError) as exc:
