@@ -518,10 +518,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("history_ttl", "duration", 3600.0, "How long a room's history keeps a message.", group=_HUB),
     Option("presence", "bool", True, "Track room members and send join/leave events.", group=_HUB),
     Option("presence_threshold", "int", 100,
-           "Members of a room on this node above which its presence changes go out as one presence_diff "
+           "Members of a room (on every node) above which its presence changes go out as one presence_diff "
            "per window instead of one join/leave frame each (0: always).", group=_HUB, minimum=0),
     Option("presence_max", "int", 1000,
-           "Members of a room on this node above which no presence changes are sent at all; presence "
+           "Members of a room (on every node) above which no presence changes are sent at all; presence "
            "queries still answer (0: never any).", group=_HUB, minimum=0),
     Option("presence_window", "duration", "100ms",
            "How long presence changes are gathered into one presence_diff.", group=_HUB, maximum=MAX_PRESENCE_WINDOW_S),

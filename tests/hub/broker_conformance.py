@@ -588,6 +588,18 @@ class BrokerConformance:
         assert await broker.presence(a) == []
         assert await broker.presence(b) == [alice]
 
+    async def test_presence_count_is_what_presence_lists(self, broker, ns):
+        room, other = f"{ns}:r", f"{ns}:other"
+        assert await broker.presence_count(room) == 0
+        for i in range(3):
+            await broker.presence_add(room, Member(client=f"{ns}-c{i}", user="u"))
+        await broker.presence_add(room, Member(client=f"{ns}-c0", user="u", name="again"))  # replaced, not added
+        await broker.presence_add(other, Member(client=f"{ns}-c9", user="u"))
+        assert await broker.presence_count(room) == len(await broker.presence(room)) == 3
+        await broker.presence_remove(room, f"{ns}-c1")
+        assert await broker.presence_count(room) == 2
+        assert await broker.presence_count(other) == 1
+
     # -- direct messages ---------------------------------------------------------------------
     async def test_send_to_added_client(self, broker, handler, ns):
         client = f"{ns}-c1"
@@ -745,8 +757,12 @@ class BrokerConformance:
         alice = Member(client=f"{ns}-c1", user="alice", name="Alice")
         await broker.presence_add(room, alice)
         assert await node_b.broker.presence(room) == [alice]
+        await node_b.broker.presence_add(room, Member(client=f"{ns}-c2", user="bob"))
+        assert await broker.presence_count(room) == await node_b.broker.presence_count(room) == 2  # every node's
+        await node_b.broker.presence_remove(room, f"{ns}-c2")
         await node_b.broker.presence_remove(room, alice.client)
         assert await broker.presence(room) == []
+        assert await broker.presence_count(room) == 0
 
     async def test_direct_send_reaches_the_other_node(self, broker, handler, node_b, ns):
         client = f"{ns}-c1"

@@ -176,7 +176,9 @@ async def test_presence_lease_runs_out_when_a_node_stops_refreshing(prefix):
         clock.advance(30)  # b's lease runs to exactly now: still listed
         assert sorted(await a.broker.presence(room), key=lambda m: m.client) == [alice, bob]
         clock.advance(1)
+        assert await a.broker.presence_count(room) == 2  # the count does not check leases...
         assert await a.broker.presence(room) == [alice]
+        assert await a.broker.presence_count(room) == 1  # ...a read deletes the dead node's entries
         assert room in await a.broker.rooms()
         await a.broker.presence_remove(room, alice.client)
         assert await a.broker.presence(room) == []

@@ -258,6 +258,7 @@ class TestRedisOnly:
             elapsed = time.monotonic() - t0
             # bob was added at the same time; only the live node's refresh kept him
             assert members == [bob]
+            assert await alive.broker.presence_count(room) == 1  # the live leases only
             assert elapsed < lease + 2
             assert room in await alive.broker.rooms()
             await eventually(lambda: _is_false(alive.broker.send(alice.client, b'"x"')), "alice's registration to run out")

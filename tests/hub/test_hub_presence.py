@@ -207,3 +207,122 @@ async def test_a_join_on_one_node_reaches_the_other_nodes_members_as_a_diff():
                 assert await small.recv() == {"op": "join", "room": "r", "client": newcomer.client_id, "user": newcomer.user, "name": "new"}
     finally:
         await drop_redis(prefix)
+
+
+async def past_presence(c, command: dict, op: str) -> dict:
+    """Send ``command`` and return the reply ``op``, skipping the presence frames before it."""
+    await c.send(command)
+    while (frame := await c.recv())["op"] != op:
+        assert frame["op"] in ("join", "leave", "presence_diff"), frame
+    return frame
+
+
+def fleet_broker(kind: str, prefix: str):
+    """A broker of ``kind`` for one node of a fleet sharing ``prefix``, and how to drop it."""
+    if kind == "redis":
+        return RedisBroker(REDIS_URL, prefix=prefix), drop_redis
+    from wirehub.hub.broker.nats import NatsBroker
+
+    from .test_broker_nats import URL as NATS_URL  # (skips the test when NATS is not there)
+    from .test_broker_nats import drop_prefix as drop_nats
+
+    return NatsBroker(NATS_URL, prefix=prefix, storage="memory"), drop_nats
+
+
+@pytest.mark.one_loop
+@pytest.mark.parametrize("kind", ["redis", "nats"])
+async def test_a_room_has_the_fleets_mode_on_a_node_with_few_of_its_members(kind):
+    """A handover in small: node A holds most of a room, node B gets its first member. B
+    takes the room's mode from every node's members, so A's coalesced diffs reach B's member
+    as diffs (before, B counted its own single member, put the room in ``events`` mode and
+    split every diff into a frame per change), and the mode follows the fleet down again."""
+    prefix = f"wht{uuid.uuid4().hex[:12]}"
+    window = 1.0
+    rooms = [f"big.*:presence_threshold=3,presence_max=100,presence_window={window}s", "huge.*:presence_threshold=1,presence_max=3"]
+    broker_a, drop = fleet_broker(kind, prefix)
+    try:
+        async with hub_server("tcp", broker=broker_a, rooms=rooms) as node_a, \
+                hub_server("tcp", broker=fleet_broker(kind, prefix)[0], rooms=rooms) as node_b:
+            on_a = [await node_a.greeted() for _ in range(5)]
+            for c in on_a:
+                for room in ("big.r", "huge.r"):
+                    await past_presence(c, {"op": "join", "room": room}, "joined")
+            # B has no member of either room yet: its first joiner gets the fleet's mode
+            b1 = await node_b.greeted(name="on-b")
+            assert (await b1.join("huge.r"))["presence"] == "query"  # 5 on A > presence_max 3
+            assert (await b1.join("big.r"))["presence"] == "diff"  # 5 on A > presence_threshold 3
+            await diff_with(b1, "joins", b1.client_id, timeout=WAIT + window)  # its own join, as a diff
+
+            # more joins on A, faster than a window: B's member gets them as diffs, coalesced
+            started = time.monotonic()
+            more = [await node_a.greeted() for _ in range(3)]
+            for c in more:
+                await past_presence(c, {"op": "join", "room": "big.r"}, "joined")
+            elapsed = time.monotonic() - started
+            frames: list[dict] = []
+            while not {c.client_id for c in more} <= set(clients_of(frames, "joins")):
+                frame = await b1.recv(timeout=WAIT + window)
+                assert frame["op"] == "presence_diff" and frame["room"] == "big.r", frame  # never split into join frames
+                frames.append(frame)
+            assert len(frames) <= 2 + elapsed / window, (len(frames), elapsed)
+
+            # A's members leave: the fleet's room is small again, B's member is told, and
+            # the next change comes to it as an event
+            for c in on_a + more:
+                await past_presence(c, {"op": "leave", "room": "big.r"}, "left")
+            while (frame := await b1.recv(timeout=WAIT + window)).get("presence") != "events":
+                assert frame["op"] == "presence_diff", frame
+            assert frame["op"] == "presence_diff"
+            newcomer = await node_a.greeted(name="new")
+            assert (await newcomer.join("big.r"))["presence"] == "events"
+            while (frame := await b1.recv(timeout=WAIT + window))["op"] == "leave":
+                pass  # the last of A's leaves, as events now
+            assert frame == {"op": "join", "room": "big.r", "client": newcomer.client_id, "user": newcomer.user, "name": "new"}
+    finally:
+        await drop(prefix)
+
+
+@pytest.mark.one_loop
+@pytest.mark.parametrize("kind", ["redis", "nats"])
+async def test_a_join_storm_costs_a_node_one_count_read_per_window(kind):
+    """The fleet's count is read from the broker when the changes heard may have moved the
+    room's mode: at most once per window however many join, and not at all once the mode is
+    certain (a room far above presence_max)."""
+    prefix = f"wht{uuid.uuid4().hex[:12]}"
+    window, n = 0.5, 40
+    rooms = [f"storm.*:presence_threshold=5,presence_max=20,presence_window={window}s"]
+    broker_a, drop = fleet_broker(kind, prefix)
+    broker_b = fleet_broker(kind, prefix)[0]
+    reads = []
+    count = broker_b.presence_count
+
+    async def counting(room: str) -> int:
+        reads.append(room)
+        return await count(room)
+
+    broker_b.presence_count = counting
+    try:
+        async with hub_server("tcp", broker=broker_a, rooms=rooms) as node_a, \
+                hub_server("tcp", broker=broker_b, rooms=rooms) as node_b:
+            watcher = await node_b.greeted()
+            assert (await watcher.join("storm.r"))["presence"] == "events"
+            assert reads == ["storm.r"]  # the first join here reads the fleet's count
+            started = time.monotonic()
+            joiners = [await node_a.greeted() for _ in range(n)]
+            for c in joiners:
+                await past_presence(c, {"op": "join", "room": "storm.r"}, "joined")
+            # the watcher is told each mode in turn, then nothing: the room is in query mode
+            modes = []
+            while not modes or modes[-1] != "query":
+                frame = await watcher.recv(timeout=WAIT + window)
+                assert frame["op"] in ("join", "presence_diff"), frame
+                if "presence" in frame:
+                    modes.append(frame["presence"])
+            elapsed = time.monotonic() - started
+            assert modes == ["diff", "query"]
+            assert len(reads) <= 2 + elapsed / window, (len(reads), elapsed)
+            # every node agrees on the mode: the last joiner on A and a new one on B
+            assert (await past_presence(await node_a.greeted(), {"op": "join", "room": "storm.r"}, "joined"))["presence"] == "query"
+            assert (await past_presence(await node_b.greeted(), {"op": "join", "room": "storm.r"}, "joined"))["presence"] == "query"
+    finally:
+        await drop(prefix)

@@ -680,9 +680,12 @@ class HubApp(App):
         # live publications wait until the join reply and history are out
         s.joining[name] = held = _Held(s.conn, self.config.max_send_buffer)
         room.changed()
+        levels = policy.presence_levels if policy.presence else None
+        counting = None  # the room's size on every node, read beside the history (hub/presence.py)
         try:
             if first_here:
                 await self.broker.subscribe(name)
+                counting = self.presence.prime(room, levels)
             recovered = False
             backlog: list[Publication] = []
             if cmd.since is not None:
@@ -705,7 +708,9 @@ class HubApp(App):
             raise
         conn = s.conn
         self.stats.joins += 1
-        mode = self.presence.counted(room, policy.presence_levels if policy.presence else None)
+        if counting is not None:
+            await counting
+        mode = self.presence.counted(room, levels)
         joined = {"op": "joined", "room": name, "seq": position.seq, "epoch": position.epoch, "recovered": recovered, "presence": mode}
         if accepted is not None and accepted.data is not None:
             joined["data"] = accepted.data

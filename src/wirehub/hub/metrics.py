@@ -50,7 +50,7 @@ HEARTBEAT_PREFIX = b'{"op":"node",'
 #: by the heartbeat's round trip instead, not one by one)
 TIMED_OPS = (
     "subscribe", "unsubscribe", "publish", "room_event", "history", "position", "presence",
-    "presence_add", "presence_remove", "add_client", "remove_client", "send", "rooms",
+    "presence_count", "presence_add", "presence_remove", "add_client", "remove_client", "send", "rooms",
 )
 LATENCY_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 RECOVERY_OUTCOMES = ("recovered", "not_in_history", "epoch_changed")

@@ -154,6 +154,12 @@ class Broker(Protocol):
 
     async def presence(self, room: str) -> list[Member]: ...
 
+    async def presence_count(self, room: str) -> int:
+        """How many members ``room`` has on every node: what :meth:`presence` would list, read
+        without the entries (one bounded request, whatever the room's size). The hub reads it
+        to choose a room's presence mode (hub/presence.py), so it may count a member a moment
+        after :meth:`presence` would have dropped it (a dead node's entries)."""
+
     async def rooms(self) -> list[str]:
         """Rooms with a stream or members, as far as this broker knows, each once, in no
         particular order."""

@@ -328,6 +328,9 @@ class MemoryBroker:
     async def presence(self, room: str) -> list[Member]:
         return list(self._presence.get(room, {}).values())
 
+    async def presence_count(self, room: str) -> int:
+        return len(self._presence.get(room, ()))
+
     async def rooms(self) -> list[str]:
         rooms = [r for r, s in self._streams.items() if s.seq]
         rooms.extend(r for r in self._presence if r not in self._streams or not self._streams[r].seq)

@@ -134,6 +134,7 @@ _TRIM_EVERY = 32  # trim a room at least every this many publications
 _HEADS_CACHED = 10_000  # rooms whose head this node remembers from its own publishes
 _NODES_TTL = 3600.0  # the node-lease bucket's own max age: leases of long-dead nodes go away
 _RESYNC_BATCH = 256
+_PAST_ANY_PAGE = 1 << 30  # a STREAM.INFO subjects offset past every page: the total, no subjects
 _BATCH_MAX = 1024  # publications in one history message at most
 _BATCH_BYTES = 65536  # publication bytes in one history message at most (one larger publication goes alone)
 _WINDOW = 256  # history messages this node keeps unacknowledged at once, all rooms together
@@ -1427,6 +1428,20 @@ class NatsBroker:
         self._conn()
         prefix = f"$KV.{self._presence_bucket}.{_token(room)}.*"
         return [Member(client=e.client, user=e.user, name=e.name, info=e.info) for e in await self._entries(prefix) if e.room == room]
+
+    async def presence_count(self, room: str) -> int:
+        # The stream's count of the room's keys (a removal purges its key: no tombstones),
+        # asked for a page past the end so that the answer lists none of them. Entries of a
+        # dead node count until a ``presence`` read deletes them.
+        self._conn()
+        request = {"subjects_filter": f"$KV.{self._presence_bucket}.{_token(room)}.*", "offset": _PAST_ANY_PAGE}
+        try:
+            info = await self._api(f"STREAM.INFO.KV_{self._presence_bucket}", request)
+        except _ApiError as exc:
+            if exc.err_code == _STREAM_NOT_FOUND:
+                return 0
+            raise
+        return int(info.get("total") or 0)
 
     # ------------------------------------------------------------------ rooms
 
