@@ -5,6 +5,7 @@ answers every publication (ok or error), none lost silently."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -202,3 +203,28 @@ async def test_error_replies_held_behind_publications_count_against_the_send_buf
             assert 0 < hub.app.stats.errors.get("bad_frame", 0) <= limit // len(big)
     finally:
         await own.stop()
+
+
+@pytest.mark.one_loop
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+async def test_a_client_that_publishes_then_closes_gets_every_ack(remote, transport):
+    """Publications in flight at the broker when the client finishes (FIN on TCP, a close
+    frame on WebSocket): their acks still come, in order, before the server closes. (The
+    frame handler has returned for each: the framework waits for what the hub still owes.)"""
+    n = 50
+    async with hub_server(transport, broker=remote) as hub:
+        pub = await hub.greeted()
+        frames = [{"op": "pub", "room": "r", "data": i, "ref": i} for i in range(n)]
+        if transport == "tcp":
+            await pub.send_raw(lines(frames), newline=False)
+            pub.writer.write_eof()
+            got = await pub.closed()
+        else:
+            for f in frames:
+                await pub.send(f)
+            closing = asyncio.ensure_future(pub.ws.close())
+            got = await pub.closed()
+            await asyncio.wait_for(closing, WAIT)
+            assert pub.close_code == 1000
+        assert [(f["op"], f["ref"]) for f in got] == [("ok", i) for i in range(n)]
+        assert [f["seq"] for f in got] == list(range(1, n + 1))

@@ -342,7 +342,10 @@ class HubApp(App):
             # ping and pub in the compiled accelerator's code (the rest in _frame_command)
             self.frame = self._frames  # type: ignore[method-assign]
         self.disconnect = self._disconnect_inline if local else self._disconnect_async  # type: ignore[method-assign]
-        return super().handlers()
+        handlers = super().handlers()
+        if self.broker.local:
+            handlers.pending = None  # no publication is ever in flight: nothing owed
+        return handlers
 
     async def startup(self, server: Server) -> None:
         self.server = server
@@ -490,6 +493,14 @@ class HubApp(App):
                 self._broker_failed(session, cmd, exc)
             except Exception:
                 self._failed(session, cmd)
+
+    def pending(self, conn: Connection) -> Any:
+        """The acks the hub owes ``conn`` once its peer finished: its publications still in
+        flight at the broker (the frame handler does not wait for them)."""
+        session = self.sessions.get(conn.id)
+        if session is None or not session.publishing:
+            return None
+        return asyncio.wait(tuple(f for f, _ in session.publishing))
 
     def _broker_failed(self, session: Session, cmd: Any, exc: BrokerError, *, now: bool = False) -> None:
         if exc.maybe_applied:

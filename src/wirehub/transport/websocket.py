@@ -216,11 +216,11 @@ class WebSocketConnection(SocketConnection):
         close waits until the connection's queue of frames is done (RFC 6455 5.5.1 lets an
         endpoint send data after the peer's close frame, until it sends its own). Then the
         close frame answers with the peer's code, and the socket closes. What the peer sends
-        after its close frame is discarded (it may send no more data)."""
+        after its close frame is discarded (it may send no more data). The replies the app
+        owes past its handlers (``App.pending``) are waited for the same way."""
         self._peer_code = code
-        pump = self._pump
-        if pump is not None:
-            pump.add_done_callback(self._answer_close)
+        if self._await_owed():  # the frames before it, and what the app owes (App.pending)
+            self._pump.add_done_callback(self._answer_close)
             return
         self._answer_close()
 
@@ -281,8 +281,13 @@ class WebSocketConnection(SocketConnection):
     def _close_transport(self) -> None:
         if self._transport is None or self._closed:
             return
+        if self._close_sent:  # the close frame is out (it answered the peer's): the socket is left
+            self._linger_close()
+            return
         if self._close_code is not None:
             code, why = self._close_code
+        elif self._peer_code is not None:  # the peer's close frame: answered with its code
+            code, why = self._peer_code, ""
         else:
             code, why = (1001 if self._close_reason == SHUTDOWN else 1000), self._close_reason or ""
         self._send_close(code, why.encode())
