@@ -77,6 +77,14 @@ class App:
         """The frame to send a client refused at accept (``max_connections_per_ip``), or None."""
         return None
 
+    def pending(self, conn: Connection) -> Any:
+        """What the app still owes ``conn`` beyond its handlers (an awaitable), or None: for
+        an app whose frame handler starts work and returns before its reply is sent. When
+        the peer finishes (EOF, a WebSocket close frame), the close waits, after the queued
+        frames, for this, at most ``close_timeout``. Only an app that overrides it is asked
+        (a plain function)."""
+        return None
+
     # UDP address validation (see wirehub.transport.datagram): an app that implements both
     # hooks gets no session for a UDP source address until it echoed a cookie; one that does
     # not keeps a session per address whose output is held to 3x what the address sent.
@@ -164,6 +172,7 @@ class App:
     def handlers(self) -> Handlers:
         if type(self).frame is App.frame and "frame" not in self.__dict__:
             raise TypeError(f"{self.name} has no frame handler: decorate one with @app.on_frame or override frame()")
+        owes = type(self).pending is not App.pending or "pending" in self.__dict__
         return Handlers(
             connect=self.connect,
             frame=self.frame,
@@ -171,4 +180,5 @@ class App:
             disconnect=self.disconnect,
             closing=self.closing,
             replies=dict(self.replies) or None,
+            pending=self.pending if owes else None,
         )

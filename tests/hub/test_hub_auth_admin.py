@@ -439,3 +439,40 @@ async def test_embedded_hub_publish_connections_disconnect():
             assert hub.disconnect(welcome["client"]) is False
         finally:
             await c.close()
+
+
+async def test_admin_number_parameters_are_parsed_alike_everywhere():
+    """offset and limit mean the same on every route that takes them, the dashboard's stream
+    included: ASCII digits within the route's bound, empty or absent for the default, and any
+    other value a 400 (the stream: a refusal) whose message names the parameter, its bound
+    and the value."""
+    async with admin_hub() as h, aiohttp.ClientSession() as http:
+        a = await h.greeted()
+        await a.join("chat")
+        await a.send({"op": "pub", "room": "chat", "data": 1})
+        await a.barrier()
+        routes = {  # route -> (the number parameter, its bound)
+            "/api/connections": ("limit", "0 to 10000"),
+            "/api/rooms": ("limit", "0 to 10000"),
+            "/api/rooms/chat/history": ("limit", "0 to 1000"),
+        }
+        bad = ["-1", "x", "+1", " 1", "1_0", "1.0", "\u0661", "99999", "9" * 5000]
+        for route, (key, bound) in routes.items():
+            for value in bad:
+                async with http.get(h.admin_url + route, params={key: value}) as r:
+                    body = await r.json()
+                assert r.status == 400, (route, value, body)
+                assert body == {"error": "bad_request", "message": f"{key} must be a whole number from {bound}, got {value!r}"}, (route, value)
+            for value in ("", "1", "0001"):
+                async with http.get(h.admin_url + route, params={key: value}) as r:
+                    assert r.status == 200, (route, value, await r.text())
+        for route in ("/api/connections", "/api/rooms"):
+            async with http.get(h.admin_url + route, params={"offset": "-1"}) as r:
+                assert r.status == 400
+                assert (await r.json())["message"] == "offset must be a whole number from 0 or more, got '-1'"
+        async with http.get(h.admin_url + "/api/rooms/chat/history", params={"limit": ""}) as r:
+            assert r.status == 200 and len((await r.json())["messages"]) == 1  # the default
+        async with http.ws_connect(h.admin_url + "/api/live") as ws:
+            await ws.send_str(json.dumps({"conns": {"offset": "+1"}}))
+            refusal = await ws.receive_json(timeout=WAIT)
+        assert refusal == {"type": "error", "error": "bad_request", "message": "offset must be a whole number from 0 or more, got '+1'"}

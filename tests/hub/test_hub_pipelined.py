@@ -5,10 +5,12 @@ answers every publication (ok or error), none lost silently."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
 import pytest
+import redis.asyncio as aioredis
 
 from wirehub.hub import app as hub_app
 from wirehub.hub.broker.nats import NatsBroker
@@ -143,3 +145,86 @@ async def test_a_refused_publication_is_answered_in_its_place(remote):
         await pub.expect("ok", ref=1)
         await pub.expect("error", ref=2, code="bad_frame")
         await pub.expect("ok", ref=3)
+
+
+@pytest.mark.one_loop
+async def test_a_failed_publication_is_answered_before_the_ones_after_it():
+    """Redis refuses one publication (its room key holds a value of another type) while the
+    next one, to another room, succeeds: the error comes before the next one's ack, each reply
+    in the place of the frame it answers."""
+    prefix = f"wht{uuid.uuid4().hex[:12]}"
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.set(f"{prefix}:m:bad", "not a hash")
+        broker = RedisBroker(REDIS_URL, prefix=prefix)
+        async with hub_server("tcp", broker=broker) as hub:
+            pub = await hub.greeted()
+            frames = [{"op": "pub", "room": "bad" if i % 2 else "r", "data": i, "ref": i} for i in range(10)]
+            await pub.send_raw(lines(frames + [{"op": "ping", "ref": "end"}]), newline=False)
+            got = [await pub.recv() for _ in range(11)]
+            assert [f.get("ref") for f in got] == list(range(10)) + ["end"]
+            assert [f["op"] for f in got[:10]] == ["ok", "error"] * 5
+            assert all(f["code"] == "internal" for f in got[1:10:2])
+    finally:
+        await client.aclose()
+        await drop_redis(prefix)
+
+
+@pytest.mark.one_loop
+async def test_error_replies_held_behind_publications_count_against_the_send_buffer(tmp_path):
+    """Error replies wait behind the publications in flight before them (their order is the
+    frames'). While Redis does not answer, a client that keeps earning errors (large refs
+    echoed back) cannot make the hub hold more for it than its send buffer takes: past
+    max_send_buffer it gets bye slow_consumer, as a client that does not read would."""
+    own = OwnRedis(tmp_path)
+    await own.start()
+    prefix = f"wht{uuid.uuid4().hex[:12]}"
+    broker = RedisBroker(own.url, prefix=prefix, timeout=60.0)
+    limit = 64 * 1024
+    try:
+        async with hub_server("tcp", broker=broker, max_send_buffer=limit, max_errors=100_000) as hub:
+            pub = await hub.greeted()
+            own.pause()  # the next publication stays in flight
+            await pub.send({"op": "pub", "room": "r", "data": 0, "ref": 0})
+            session = hub.app.sessions[pub.client_id]
+            await wait_for(lambda: session.publishing, what="the publication to be in flight")
+            big = "x" * 4000
+            bad = b'{"op":"pub","room":"r","data":"\xff","ref":"%s"}\n' % big.encode()  # data not UTF-8: bad_frame
+            for _ in range(4 * limit // len(bad)):  # four send buffers' worth of error replies
+                if not session.conn.open:
+                    break
+                await pub.send_raw(bad, newline=False)
+                held = sum(len(item) for _, item in session.publishing or () if type(item) is bytes)
+                assert held <= limit, f"{held} bytes of replies held for the client, over max_send_buffer"
+            frames = await pub.closed()
+            own.resume()
+            assert frames[-1] == {"op": "bye", "reason": "slow_consumer", "reconnect": True}
+            # the replies it earned before the cut fit in the send buffer
+            assert 0 < hub.app.stats.errors.get("bad_frame", 0) <= limit // len(big)
+    finally:
+        await own.stop()
+
+
+@pytest.mark.one_loop
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+async def test_a_client_that_publishes_then_closes_gets_every_ack(remote, transport):
+    """Publications in flight at the broker when the client finishes (FIN on TCP, a close
+    frame on WebSocket): their acks still come, in order, before the server closes. (The
+    frame handler has returned for each: the framework waits for what the hub still owes.)"""
+    n = 50
+    async with hub_server(transport, broker=remote) as hub:
+        pub = await hub.greeted()
+        frames = [{"op": "pub", "room": "r", "data": i, "ref": i} for i in range(n)]
+        if transport == "tcp":
+            await pub.send_raw(lines(frames), newline=False)
+            pub.writer.write_eof()
+            got = await pub.closed()
+        else:
+            for f in frames:
+                await pub.send(f)
+            closing = asyncio.ensure_future(pub.ws.close())
+            got = await pub.closed()
+            await asyncio.wait_for(closing, WAIT)
+            assert pub.close_code == 1000
+        assert [(f["op"], f["ref"]) for f in got] == [("ok", i) for i in range(n)]
+        assert [f["seq"] for f in got] == list(range(1, n + 1))

@@ -221,3 +221,47 @@ async def test_live_streams_waiting_for_their_token_count_toward_max_live():
             assert (await ws.receive_json(timeout=WAIT))["type"] == "welcome"
         for ws in silent:
             await ws.close()
+
+
+async def test_a_live_stream_queries_its_page_at_most_once_per_interval(monkeypatch):
+    """A page that sends a new query as soon as the last one is answered, or a burst of them,
+    cannot make the server query per message: one stream's page is queried at most once per
+    LIVE_QUERY_INTERVAL, the queries between coalesced, the latest always answered."""
+    from wirehub.server import live
+
+    interval = 0.2
+    monkeypatch.setattr(live, "LIVE_QUERY_INTERVAL", interval, raising=False)
+    queried: list[float] = []
+    real = live.run_query
+
+    def counted(*args, **kwargs):
+        queried.append(asyncio.get_running_loop().time())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(live, "run_query", counted)
+    async with Hub(tcp="127.0.0.1:0", ws="off", udp="off", admin="127.0.0.1:0") as hub, aiohttp.ClientSession() as http:
+        a = await Line.open(hub)
+        url = "ws://" + hub.addresses["admin"][0] + "/api/live"
+        async with http.ws_connect(url) as ws:
+            await ws.send_json({"conns": {"limit": 1}})
+            assert (await ws.receive_json(timeout=WAIT))["type"] == "welcome"
+
+            async def page_with(limit: int) -> dict:
+                for _ in range(100):  # ticks with the previous query may come first
+                    tick = await ws.receive_json(timeout=WAIT)
+                    if tick["conns"]["limit"] == limit:
+                        return tick["conns"]
+                raise AssertionError(f"no page with limit {limit}")
+
+            await page_with(1)
+            for limit in range(2, 8):  # a new query as soon as the last is answered
+                await ws.send_json({"conns": {"limit": limit}})
+                page = await page_with(limit)
+                assert page["rows"][0]["id"] == a.id
+            for limit in range(10, 60):  # a burst: coalesced, the last one answered
+                await ws.send_json({"conns": {"limit": limit}})
+            await page_with(59)
+        gaps = [b - a for a, b in zip(queried, queried[1:])]
+        assert gaps and min(gaps) >= interval * 0.99, gaps  # the loop's timer may fire a hair early
+        assert len(queried) < 6 + 50
+        a.close()

@@ -268,3 +268,38 @@ async def test_reading_pauses_while_an_async_handler_is_behind():
         await wait_for(lambda: len(handled) == len(lines), what="every frame handled")
         assert handled == lines
         writer.close()
+
+
+async def test_a_peer_that_finishes_gets_what_the_app_still_owes_it():
+    """A plain frame handler that answers later (work it started and returned from): when the
+    peer sends EOF, the close waits for the app's ``pending`` before closing, so the late
+    reply is delivered, then EOF."""
+    loop = asyncio.get_running_loop()
+
+    class Later(App):
+        def __init__(self):
+            super().__init__()
+            self.owed: dict[str, asyncio.Future] = {}
+            self.conns = []
+
+        def connect(self, conn):
+            self.conns.append(conn)
+
+        def frame(self, conn, data):
+            conn.send(b"got " + data)
+            done = self.owed[conn.id] = loop.create_future()
+            done.add_done_callback(lambda _: conn.send(b"later " + data))
+
+        def pending(self, conn):
+            return self.owed.get(conn.id)
+
+    app = Later()
+    async with serving(app, tcp="127.0.0.1:0") as server:
+        reader, writer = await asyncio.open_connection(*addr(server))
+        writer.write(b"x\n")
+        writer.write_eof()
+        await wait_for(lambda: app.conns and app.conns[0]._eof, what="the server saw the FIN")
+        app.owed[app.conns[0].id].set_result(None)
+        data = await asyncio.wait_for(reader.read(), WAIT)  # until the server closes
+        assert data == b"got x\nlater x\n"
+        writer.close()

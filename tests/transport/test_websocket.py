@@ -411,3 +411,33 @@ async def test_a_peer_gone_without_a_close_frame_while_an_async_handler_runs_is_
         assert event[2] == "closed"
         await wait_for(lambda: server.gate.count == 0, what="gate released")
         writer.close()
+
+
+async def test_messages_before_a_close_frame_are_answered_then_the_close_handshake_completes():
+    """The peer sends messages, then its close frame, while an async handler still works on
+    the first: as at EOF on TCP, every message before the close frame is handled and its reply
+    delivered, then the server's close frame echoes the peer's code and the connection ends
+    with reason closed."""
+    app = SlowWsRecorder()
+    async with serving(app, ws="127.0.0.1:0") as server:
+        ws = await ws_connect(server)
+        n = 5
+        for i in range(n):
+            await ws.send(f"m{i}")
+        await app.wait(lambda log: any(e[0] == "frame" for e in log))
+        conn = app.conns[0]
+        sent = sum(6 + len(f"m{i}") for i in range(n)) + 8  # masked frames; the close frame: code 4000, no reason
+        closing = asyncio.ensure_future(ws.close(code=4000))
+        await wait_for(lambda: conn.bytes_in >= sent, what="the server read the close frame")
+        app.go.set()
+        await asyncio.wait_for(closing, WAIT)
+        assert ws.close_code == 4000  # the server's close frame echoed the client's code
+        got = []
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                got.append(await recv(ws))
+        assert got == [f"m{i}" for i in range(n)]
+        (event,) = await app.disconnected()
+        assert event[2] == "closed"
+        assert [e[2] for e in app.log if e[0] == "frame"] == [f"m{i}".encode() for i in range(n)]
+        await wait_for(lambda: server.gate.count == 0, what="gate released")

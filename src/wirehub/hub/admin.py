@@ -17,6 +17,7 @@ import msgspec
 from aiohttp import web
 
 from ..server.admin import error_response, json_response, page_of, paged
+from ..server.query import QueryError, whole_number
 from .broker import BrokerError
 from .protocol import MAX_ROOM_LENGTH
 
@@ -96,13 +97,10 @@ def add_routes(web_app: web.Application, hub: HubApp) -> None:
 
     async def room_history(request: web.Request) -> web.Response:
         name = request.match_info["room"]
-        raw = request.query.get("limit", str(HISTORY_DEFAULT))
         try:
-            limit = int(raw)
-        except ValueError:
-            limit = -1
-        if not 0 <= limit <= HISTORY_MAX:
-            return error_response(400, "bad_request", f"limit must be a whole number from 0 to {HISTORY_MAX}, got {raw!r}")
+            limit = whole_number(request.query, "limit", HISTORY_DEFAULT, HISTORY_MAX)
+        except QueryError as exc:
+            return error_response(400, "bad_request", str(exc))
         try:
             result = await hub.broker.history(name, limit=limit, history=hub.policy(name).history)
         except BrokerError as exc:

@@ -125,6 +125,7 @@ class Session:
         "tokens_at",
         "expiry",
         "publishing",
+        "held",
         "ctx",
         "info",
         "room_info",
@@ -150,6 +151,9 @@ class Session:
         #: this connection's publications in flight at a remote broker, oldest first (None
         #: when there are none): its other frames wait for them, so replies keep their order
         self.publishing: collections.deque[tuple[asyncio.Future[Any], Pub | bytes]] | None = None
+        #: bytes of the replies waiting in ``publishing`` for the acks before them: counted
+        #: with the send buffer against max_send_buffer (see HubApp._error)
+        self.held = 0
         #: application hooks: their view of this connection (made on the first hook call),
         #: the info on_connect set, and the info on_join set per room
         self.ctx: Context | None = None
@@ -338,7 +342,10 @@ class HubApp(App):
             # ping and pub in the compiled accelerator's code (the rest in _frame_command)
             self.frame = self._frames  # type: ignore[method-assign]
         self.disconnect = self._disconnect_inline if local else self._disconnect_async  # type: ignore[method-assign]
-        return super().handlers()
+        handlers = super().handlers()
+        if self.broker.local:
+            handlers.pending = None  # no publication is ever in flight: nothing owed
+        return handlers
 
     async def startup(self, server: Server) -> None:
         self.server = server
@@ -487,13 +494,21 @@ class HubApp(App):
             except Exception:
                 self._failed(session, cmd)
 
-    def _broker_failed(self, session: Session, cmd: Any, exc: BrokerError) -> None:
+    def pending(self, conn: Connection) -> Any:
+        """The acks the hub owes ``conn`` once its peer finished: its publications still in
+        flight at the broker (the frame handler does not wait for them)."""
+        session = self.sessions.get(conn.id)
+        if session is None or not session.publishing:
+            return None
+        return asyncio.wait(tuple(f for f, _ in session.publishing))
+
+    def _broker_failed(self, session: Session, cmd: Any, exc: BrokerError, *, now: bool = False) -> None:
         if exc.maybe_applied:
             why = f"the broker connection failed during this request; it may or may not have taken effect: {exc}"
         else:
             why = f"the broker is unavailable, nothing was done: {exc}"
         # The server's trouble, not the client's: it does not count toward max_errors.
-        self._error(session, "internal", why, cmd.ref, counts=False)
+        self._error(session, "internal", why, cmd.ref, counts=False, now=now)
 
     def _failed(self, session: Session, cmd: Any) -> None:
         """A server bug while handling a frame (bad client input is an error reply, never an
@@ -523,11 +538,25 @@ class HubApp(App):
             return True
         return False
 
-    def _error(self, session: Session, code: str, message: str, ref: Any = None, *, counts: bool = True) -> None:
+    def _error(self, session: Session, code: str, message: str, ref: Any = None, *, counts: bool = True, now: bool = False) -> None:
+        """Send an error reply. Behind publications still in flight it waits for their acks
+        (a reply keeps its frame's place), unless ``now``: it answers the publication at the
+        front, whose place has come."""
         conn = session.conn
         frame = wire.error(code, message, ref)
         window = session.publishing
-        if window:  # after the acks of the publications before it: a reply keeps its frame's place
+        if window and not now:
+            # Held replies are bytes for this peer like its send buffer's, and count with it
+            # against max_send_buffer: a client that earns errors (uncounted ones too, and
+            # each may echo a ref up to max_frame) while its publications wait for a slow
+            # broker or hook cannot make the hub hold more for it than a client that does
+            # not read. Past it: bye slow_consumer, never a reply dropped from the middle.
+            held = session.held + len(frame)
+            if held + conn.send_buffer > self.config.max_send_buffer:
+                log.info("slow_consumer", conn=session.client, peer=conn.peer, held=held, send_buffer=conn.send_buffer, during="publishing")
+                conn.close("slow_consumer")
+                return
+            session.held = held
             ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             ready.set_result(None)
             window.append((ready, frame))
@@ -898,6 +927,7 @@ class HubApp(App):
         while window and window[0][0].done():
             future, cmd = window.popleft()
             if type(cmd) is bytes:  # a reply queued behind the acks (see _error)
+                s.held -= len(cmd)
                 s.conn.send(cmd)
                 continue
             if future.cancelled():
@@ -907,14 +937,15 @@ class HubApp(App):
                 self.stats.published += 1
                 if cmd.ref is not None:
                     s.conn.send(wire.ok(cmd.ref, future.result().seq))
+            # a failed one is answered in its place, before the ones behind it in the window
             elif isinstance(exc, BrokerError):
                 self.stats.pub_failed += 1
-                self._broker_failed(s, cmd, exc)
+                self._broker_failed(s, cmd, exc, now=True)
             else:  # a broker bug: logged within the same budget as _failed's
                 self.stats.pub_failed += 1
                 if _tracebacks.allow():
                     log.error("hub_op_failed", conn=s.client, op="pub", error=repr(exc))
-                self._error(s, "internal", "the server failed to handle this frame; it has been logged", cmd.ref)
+                self._error(s, "internal", "the server failed to handle this frame; it has been logged", cmd.ref, now=True)
         if window is not None and not window:
             s.publishing = None
 

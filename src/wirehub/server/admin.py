@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from .._log import get_logger
 from .._version import __version__
 from .live import LiveFeed
-from .query import PAGE_DEFAULT, PAGE_MAX, QueryError, describe_connection, parse_query, run_query  # noqa: F401 (describe_connection: re-exported)
+from .query import PAGE_DEFAULT, PAGE_MAX, QueryError, describe_connection, parse_query, run_query, whole_number  # noqa: F401 (describe_connection: re-exported)
 
 if TYPE_CHECKING:
     from .listeners import Endpoint
@@ -62,22 +62,11 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 
 def page_of(request: web.Request) -> tuple[int, int] | web.Response:
     """``(offset, limit)`` from the query (defaults 0 and :data:`PAGE_DEFAULT`), or the 400
-    response that says which value is wrong."""
-    values = []
-    for key, default, top in (("offset", 0, None), ("limit", PAGE_DEFAULT, PAGE_MAX)):
-        raw = request.query.get(key)
-        if raw is None:
-            values.append(default)
-            continue
-        try:
-            value = int(raw)
-        except ValueError:
-            value = -1
-        if value < 0 or (top is not None and value > top):
-            bound = f"0 to {top}" if top is not None else "0 or more"
-            return error_response(400, "bad_request", f"{key} must be a whole number from {bound}, got {raw!r}")
-        values.append(value)
-    return values[0], values[1]
+    response that says which value is wrong (:func:`.query.whole_number`)."""
+    try:
+        return whole_number(request.query, "offset", 0), whole_number(request.query, "limit", PAGE_DEFAULT, PAGE_MAX)
+    except QueryError as exc:
+        return error_response(400, "bad_request", str(exc))
 
 
 def paged(rows: list[Any], total: int) -> web.Response:

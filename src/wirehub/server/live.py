@@ -6,9 +6,12 @@ when the server has ``admin_token``; never in the URL). A wrong or missing token
 ``tick`` every :data:`LIVE_INTERVAL` seconds: totals (the page turns them into rates), the
 app's part (the hub: rooms and nodes), and one page of the connection table as the page last
 asked for it (``{"conns": QUERY}``, the parameters of ``/api/connections``, at most
-:data:`LIVE_PAGE_MAX` rows). The totals are computed once per tick for every open stream;
-at most :data:`MAX_LIVE` streams are open at once, counting those still waiting for their
-first message.
+:data:`LIVE_PAGE_MAX` rows). A new query is answered at once, but one stream's page is
+queried at most once every :data:`LIVE_QUERY_INTERVAL` seconds: queries that come sooner are
+coalesced, the latest answered when the interval is up (a page that sends a query per frame
+cannot make the server sort every connection per frame). The totals are computed once per
+tick for every open stream; at most :data:`MAX_LIVE` streams are open at once, counting
+those still waiting for their first message.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ LIVE_MAX_MESSAGE = 16 * 1024
 LIVE_APP_TIMEOUT = 2.0
 #: bytes queued to one dashboard beyond which its ticks are skipped until it reads
 LIVE_BACKLOG = 1 << 20
+#: seconds between two queries of one stream's connection page (each sorts and filters every
+#: connection): the page's queries that come sooner are coalesced, the latest answered then
+LIVE_QUERY_INTERVAL = 0.25
 
 _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder()
@@ -197,8 +203,15 @@ class LiveFeed:
     async def _send(self, viewer: _Viewer) -> None:
         ws = viewer.ws
         server = self.server
+        clock = asyncio.get_running_loop().time
+        queried = -LIVE_QUERY_INTERVAL  # loop time of this stream's last query
         while not ws.closed:
             await viewer.wake.wait()
+            early = queried + LIVE_QUERY_INTERVAL - clock()
+            if early > 0:
+                # too soon after the last query: what comes meanwhile (new queries, a tick)
+                # only updates the viewer, and one query answers it all
+                await asyncio.sleep(early)
             viewer.wake.clear()
             snapshot = self.snapshot
             if snapshot is None:
@@ -208,6 +221,7 @@ class LiveFeed:
                 continue  # this page is not reading: it gets the next tick it can take
             q = viewer.query
             now = server.loop.time() if server.loop else time.monotonic()
+            queried = clock()
             rows, total = run_query(server, q, now)
             page = {"rows": rows, "total": total, "offset": q.offset, "limit": q.limit, "state": q.state, "sort": q.sort,
                     "order": "desc" if q.descending else "asc"}

@@ -68,6 +68,27 @@ class QueryError(ValueError):
     """A query value is wrong; the message says which and what is allowed."""
 
 
+def whole_number(params: Mapping[str, str], key: str, default: int, top: int | None = None) -> int:
+    """``params[key]`` as a whole number from 0 to ``top`` (no bound: None), ``default`` when
+    it is absent or empty: the one parser of the admin API's number parameters (``offset``,
+    ``limit``), for ``/api/connections``, the dashboard's query, and the app's routes. Only
+    ASCII digits count (no sign, space, ``_`` or other scripts' digits, which ``int`` takes);
+    anything else raises :class:`QueryError` saying which values are allowed."""
+    raw = params.get(key)
+    if raw is None or raw == "":
+        return default
+    value = -1
+    if type(raw) is str and raw.isascii() and raw.isdigit():
+        try:
+            value = int(raw)
+        except ValueError:  # more digits than int() converts: no count is that large
+            value = -1
+    if value < 0 or (top is not None and value > top):
+        bound = f"0 to {top}" if top is not None else "0 or more"
+        raise QueryError(f"{key} must be a whole number from {bound}, got {raw!r}")
+    return value
+
+
 def parse_query(params: Mapping[str, str], *, ignore: Iterable[str] = ("token",), page_max: int = PAGE_MAX, page_default: int = PAGE_DEFAULT) -> ConnQuery:
     """The query from URL parameters (or the dashboard's message); raises :class:`QueryError`."""
     unknown = sorted(set(params) - set(PARAMS) - set(ignore))
@@ -85,20 +106,8 @@ def parse_query(params: Mapping[str, str], *, ignore: Iterable[str] = ("token",)
     if order is not None and order not in ORDERS:
         raise QueryError(f"order must be asc or desc, got {order!r}")
     descending = spec[2] if order is None else order == "desc"
-    values = []
-    for key, default, top in (("offset", 0, None), ("limit", page_default, page_max)):
-        raw = params.get(key)
-        if raw is None or raw == "":
-            values.append(default)
-            continue
-        try:
-            value = int(raw)
-        except (TypeError, ValueError):
-            value = -1
-        if value < 0 or (top is not None and value > top):
-            bound = f"0 to {top}" if top is not None else "0 or more"
-            raise QueryError(f"{key} must be a whole number from {bound}, got {raw!r}")
-        values.append(value)
+    offset = whole_number(params, "offset", 0)
+    limit = whole_number(params, "limit", page_default, page_max)
     transport = params.get("transport") or None
     if transport is not None and transport not in TRANSPORTS:
         raise QueryError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
@@ -112,7 +121,7 @@ def parse_query(params: Mapping[str, str], *, ignore: Iterable[str] = ("token",)
     user = params.get("user")
     room = params.get("room")
     return ConnQuery(
-        state=state, sort=sort, descending=descending, offset=values[0], limit=values[1], transport=transport,
+        state=state, sort=sort, descending=descending, offset=offset, limit=limit, transport=transport,
         user=user if user else None, room=room if room else None, peer=peer,
     )
 

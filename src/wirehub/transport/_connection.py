@@ -89,6 +89,10 @@ class Handlers:
     replies: dict[bytes, bytes] | None = None
     #: the replies encoded, per encoder (built on first use)
     reply_wires: dict[Any, dict[bytes, bytes]] = dataclasses.field(default_factory=dict)
+    #: ``(conn) -> awaitable | None``: what the app still owes a peer that finished sending
+    #: (replies its handlers started but did not wait for); the close waits for it, at most
+    #: ``close_timeout``. None: the app never owes anything past its handlers.
+    pending: Callable[[Any], Any] | None = None
 
     def wires_for(self, encode: Any) -> dict[bytes, bytes]:
         """``replies`` with each answer encoded by ``encode``: built once per encoder."""
@@ -804,6 +808,13 @@ class Connection:
                             await (result if type(result) is _COROUTINE else _maybe_await(result))
                 elif type(item) is _Disconnect:
                     await _maybe_await(handlers.disconnect(self, item.reason))
+                elif item is _OWED:  # the peer finished: what the app still owes it, then the close
+                    owed = handlers.pending(self) if not self._closed else None
+                    if owed is not None:
+                        try:
+                            await asyncio.wait_for(owed, self._ctx.settings.close_timeout)
+                        except asyncio.TimeoutError:
+                            log.warning("pending_timeout", conn=self.id, peer=self.peer, close_timeout_s=self._ctx.settings.close_timeout)
                 elif self._close_reason is None:
                     await _maybe_await(handlers.frame_error(self, item))
         except Exception:
@@ -816,12 +827,21 @@ class Connection:
 
     def _peer_finished(self) -> bool:
         """The peer sent EOF. Returns True to keep the transport open until queued frames
-        are handled (``async`` handlers), False to let it close after the flush."""
+        are handled (``async`` handlers) and what the app owes is sent, False to let it
+        close after the flush."""
         self._eof = True
-        if self._pump is not None:
+        if self._await_owed():
             return True
         self._finish()
         return False
+
+    def _await_owed(self) -> bool:
+        """The peer sends no more frames: after those queued, the app's ``pending`` (when it
+        has one) is awaited in the connection's task. True while that task has work left:
+        the close waits for it."""
+        if self._ctx.handlers.pending is not None:
+            self._enqueue(_OWED)
+        return self._pump is not None
 
     def _finish(self) -> None:
         if self._close_reason is None:
@@ -868,6 +888,7 @@ class _Disconnect:
 
 
 _CONNECT = object()
+_OWED = object()  # queued when the peer finished: the pump awaits handlers.pending
 
 
 _COROUTINE = types.CoroutineType  # an async def handler's coroutine (a Python one: the app's code)

@@ -66,7 +66,7 @@ def binary_frame(payload: bytes) -> bytes:
 class WebSocketConnection(SocketConnection):
     """One WebSocket client. ``binary = True`` sends the app's frames as binary messages."""
 
-    __slots__ = ("_upgrade", "_close_code", "_close_sent")
+    __slots__ = ("_upgrade", "_close_code", "_close_sent", "_peer_code")
 
     def __init__(self, ctx: Context, transport_name: str) -> None:
         super().__init__(ctx, transport_name, text_frame)
@@ -75,6 +75,9 @@ class WebSocketConnection(SocketConnection):
         self._upgrade: bytearray | None = bytearray()
         self._close_code: tuple[int, str] | None = None  # set by _fail: the close frame to send
         self._close_sent = False  # a close frame is queued: nothing may follow it
+        #: the code of the peer's close frame, once it came (None before): answered once the
+        #: messages before it are handled
+        self._peer_code: int | None = None
 
     @property
     def binary(self) -> bool:
@@ -99,7 +102,7 @@ class WebSocketConnection(SocketConnection):
             return
         self.bytes_in += len(data)
         items = self._decoder.feed(data)
-        if not items:
+        if not items or self._peer_code is not None:  # after the peer's close frame: discarded
             return
         if self._close_reason is not None:  # closing: what the peer still sends is read and discarded
             if self._close_sent and type(items[-1]) is Close and self._transport is not None:
@@ -113,7 +116,7 @@ class WebSocketConnection(SocketConnection):
                 self._dispatch(items)
                 return
             for item in items:
-                if self._close_reason is not None:
+                if self._close_reason is not None or self._peer_code is not None:
                     break
                 kind = type(item)
                 if kind is bytes:
@@ -208,10 +211,27 @@ class WebSocketConnection(SocketConnection):
     # frames --------------------------------------------------------------------------
 
     def _peer_closed(self, code: int) -> None:
-        """The peer says goodbye: answer with its code and close (no bye: it is leaving)."""
+        """The peer says goodbye (no bye: it is leaving). As at EOF on a stream, the messages
+        it sent before are handled first, their replies delivered: with ``async`` handlers the
+        close waits until the connection's queue of frames is done (RFC 6455 5.5.1 lets an
+        endpoint send data after the peer's close frame, until it sends its own). Then the
+        close frame answers with the peer's code, and the socket closes. What the peer sends
+        after its close frame is discarded (it may send no more data). The replies the app
+        owes past its handlers (``App.pending``) are waited for the same way."""
+        self._peer_code = code
+        if self._await_owed():  # the frames before it, and what the app owes (App.pending)
+            self._pump.add_done_callback(self._answer_close)
+            return
+        self._answer_close()
+
+    def _answer_close(self, _: object = None) -> None:
+        """The messages before the peer's close frame are handled: answer it and close."""
+        if self._close_reason is not None or self._closed:
+            return  # closed meanwhile (the app, a timeout, the peer gone)
         self._cancel_timer()
         self._close_reason = "closed"
-        self._send_close(code, b"")
+        code = self._peer_code
+        self._send_close(code if code is not None else 1000, b"")
         if not self._closed:  # the peer closes its side once it has our close frame
             self._timer = self._ctx.loop.call_later(self._ctx.settings.close_timeout, self.abort)
 
@@ -261,8 +281,13 @@ class WebSocketConnection(SocketConnection):
     def _close_transport(self) -> None:
         if self._transport is None or self._closed:
             return
+        if self._close_sent:  # the close frame is out (it answered the peer's): the socket is left
+            self._linger_close()
+            return
         if self._close_code is not None:
             code, why = self._close_code
+        elif self._peer_code is not None:  # the peer's close frame: answered with its code
+            code, why = self._peer_code, ""
         else:
             code, why = (1001 if self._close_reason == SHUTDOWN else 1000), self._close_reason or ""
         self._send_close(code, why.encode())
