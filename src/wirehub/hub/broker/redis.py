@@ -918,7 +918,13 @@ class RedisBroker:
 
     async def remove_client(self, client: str) -> None:
         self._clients.discard(client)  # unrefreshed, its lease runs out if this fails
-        await self._script(f"unregister client {client!r}", "forget_client", [self._ckey(client)], [self.node_id])
+        what = f"unregister client {client!r}"
+        try:  # with this turn's other writes (a drain's thousands of disconnects)
+            await self._write(what, [(b"EVALSHA", SHAS["forget_client"], 1, self._ckey(client), self.node_id)])
+        except BrokerError as exc:
+            if not _noscript(exc.__cause__):
+                raise
+            await self._script(what, "forget_client", [self._ckey(client)], [self.node_id])  # loads the scripts again
 
     async def send(self, client: str, frame: bytes) -> bool:
         payload = b"d" + _encode((client, bytes(frame)))
@@ -941,7 +947,7 @@ class RedisBroker:
 
     def _write(self, what: str, commands: list[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
         """Queue ``commands`` (writes whose callers only need to know they were applied: client
-        leases, presence entries) for this event-loop turn's MULTI/EXEC: the writes of every
+        leases, presence entries; a script that Redis lost fails with NOSCRIPT as the cause) for this event-loop turn's MULTI/EXEC: the writes of every
         caller of the turn go together, in call order, with nothing between one caller's
         commands. Each caller's future gives its commands' replies, or a BrokerError (raised
         at once when the broker is down). A caller that awaits its write before its next one,
@@ -993,7 +999,9 @@ class RedisBroker:
                 continue
             error = failed if part is None else next((r for r in part if isinstance(r, ReplyError)), None)
             if error is not None:
-                future.set_exception(self._error(what, error))
+                exc = self._error(what, error)
+                exc.__cause__ = error
+                future.set_exception(exc)
             else:
                 future.set_result(part)
 
