@@ -23,7 +23,14 @@ It reports the time from SIGTERM until every client is back and recovered, the f
 client received in each phase (presence frames apart), clients cut as slow consumers, and
 messages lost: a gap in a client's ``seq``, or a re-join history could not recover
 (``recovered:false``; with ``memory://`` every re-join is, since the restart starts a new
-epoch — use ``--broker redis://...`` or ``nats://...`` to see recovery).
+epoch — use ``--broker redis://...`` or ``nats://...`` to see recovery); and how many
+connections the drained hub still had when its ``--drain-timeout`` ran out (it aborts them).
+
+The clients are lean asyncio protocols (a ``msg`` frame's seq is read from its bytes, only
+``joined`` and ``bye`` are decoded), so that the load generator is not what is measured;
+the storm CPU figures say which side was busy. ``--pin`` puts the hubs on core 0 and the
+clients on core 1. ``--py-spy FILE`` samples the hub that takes the storm (and
+``--py-spy-drain FILE`` the drained one) with py-spy, as collapsed stacks.
 
     python bench/storm.py --clients 500                                  # a quick look
     python bench/storm.py --clients 19000 --broker redis://127.0.0.1:6379/12 --json storm.json
@@ -39,10 +46,13 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any
@@ -57,6 +67,9 @@ from wirehub.server.supervisor import raise_open_file_limit
 MAX_CLIENTS = 19_000
 BACKOFF = (0.1, 10.0)  # wirehub.client's default reconnect backoff
 PRESENCE_OPS = frozenset(("join", "leave", "presence_diff"))
+PRESENCE_PREFIXES = tuple(b'{"op":"%s"' % op.encode() for op in sorted(PRESENCE_OPS))
+MSG_PREFIX = b'{"op":"msg",'
+MSG_SEQ_FROM = len(b'{"op":"msg","room":""')  # ',"seq":' comes after the room's name
 _decode = msgspec.json.Decoder().decode
 
 
@@ -74,6 +87,7 @@ class Run:
         self.port = port
         self.room = room
         self.room_json = json.dumps(room)
+        self.join_frame = b'{"op":"join","room":%s}\n' % self.room_json.encode()
         self.phase = "fill"
         self.target: tuple[str | None, int] = (None, 0)  # epoch and seq every client must reach
         self.waiting: set[StormClient] = set()
@@ -91,7 +105,15 @@ class Run:
 
 
 class StormClient(asyncio.Protocol):
-    """One member: joins, follows the room's seq, reconnects after a drop."""
+    """One member: joins, follows the room's seq, reconnects after a drop.
+
+    Lean, so that the load generator is not what a run measures: a ``msg`` frame's seq is
+    read from its bytes (the hub writes ``{"op":"msg","room":R,"seq":N,...``, room first),
+    presence frames are counted by their prefix, and only the few other frames (``joined``,
+    ``bye``) are decoded."""
+
+    __slots__ = ("run", "transport", "buf", "seq", "epoch", "joined", "ever_joined", "attempt", "restarting",
+                 "frames", "presence", "gaps", "not_recovered", "cut", "joined_once")
 
     def __init__(self, run: Run) -> None:
         self.run = run
@@ -126,10 +148,10 @@ class StormClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.buf = b""
-        join = '{"op":"join","room":%s' % self.run.room_json
-        if self.epoch is not None:
-            join += ',"since":%d,"epoch":%s' % (self.seq, json.dumps(self.epoch))
-        transport.write((join + "}\n").encode())  # type: ignore[attr-defined]
+        if self.epoch is None:
+            transport.write(self.run.join_frame)  # type: ignore[attr-defined]
+        else:
+            transport.write(self.run.join_frame[:-2] + b',"since":%d,"epoch":%s}\n' % (self.seq, json.dumps(self.epoch).encode()))  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -141,28 +163,39 @@ class StormClient(asyncio.Protocol):
     # -------------------------------------------------------------- frames
 
     def data_received(self, data: bytes) -> None:
-        lines = (self.buf + data).split(b"\n")
+        lines = (self.buf + data).split(b"\n") if self.buf else data.split(b"\n")
         self.buf = lines.pop()
         phase = self.run.phase
+        self.frames[phase] += len(lines)
+        top = self.seq
         for line in lines:
-            self.frames[phase] += 1
-            f = _decode(line)
-            op = f.get("op")
-            if op == "msg":
-                seq = f["seq"]
-                if seq > self.seq + 1:
-                    self.gaps += seq - self.seq - 1
-                if seq > self.seq:
-                    self.seq = seq
-                self.run.settle(self)
-            elif op in PRESENCE_OPS:
+            if line.startswith(MSG_PREFIX):
+                start = line.find(b',"seq":', MSG_SEQ_FROM) + 7
+                if start < 7:
+                    continue  # no seq: not kept in history (the storm publishes none such)
+                seq = int(line[start : line.index(b",", start)])
+                if seq > top + 1:
+                    self.gaps += seq - top - 1
+                if seq > top:
+                    top = seq
+            elif line.startswith(PRESENCE_PREFIXES):
                 self.presence[phase] += 1
-            elif op == "joined":
-                self._joined(f)
-            elif op == "bye" and f.get("reason") == "slow_consumer":
-                self.cut = True
-            elif op == "bye" and f.get("reason") == "shutdown":
-                self.restarting = True
+            else:
+                self.seq = top
+                f = _decode(line)
+                op = f.get("op")
+                if op == "joined":
+                    self._joined(f)
+                    top = self.seq
+                elif op == "bye" and f.get("reason") == "slow_consumer":
+                    self.cut = True
+                elif op == "bye" and f.get("reason") == "shutdown":
+                    self.restarting = True
+                elif op in PRESENCE_OPS:
+                    self.presence[phase] += 1
+        if top != self.seq:
+            self.seq = top
+            self.run.settle(self)
 
     def _joined(self, f: dict) -> None:
         if self.epoch is not None and not f.get("recovered"):
@@ -180,7 +213,6 @@ class StormClient(asyncio.Protocol):
             if self.run.back >= self.run.n:
                 self.run.all_back.set()
         self.run.settle(self)
-
 
 class Publisher:
     """A connection of its own that joins the room (to learn its epoch) and publishes."""
@@ -204,12 +236,17 @@ class Publisher:
         for i in range(count):
             writer.write(b'{"op":"pub","room":%s,"data":{"n":%d},"ref":%d}\n' % (json.dumps(self.room).encode(), i, i))
         acks = 0
+        bye = None
         while acks < count or epoch is None:
             line = await asyncio.wait_for(reader.readline(), max(0.1, deadline - loop.time()))
             if not line:
-                raise RuntimeError("the hub closed the publisher's connection")
+                raise RuntimeError(f"the hub closed the publisher's connection (its last word: {bye})")
+            if line.startswith(PRESENCE_PREFIXES):
+                continue
             f = json.loads(line)
-            if f.get("op") == "joined":
+            if f.get("op") == "bye":
+                bye = f
+            elif f.get("op") == "joined":
                 epoch = f["epoch"]
             elif f.get("op") == "ok":
                 acks += 1
@@ -233,6 +270,7 @@ def start_hub(args: argparse.Namespace, port: int, admin: int | None = None) -> 
     """``wirehub serve`` on ``port`` (with ``--handover``: SO_REUSEPORT, and an admin listener
     on ``admin`` to tell when this one is up while another holds the port)."""
     cmd = [
+        *(["taskset", "-c", "0"] if args.pin else []),
         sys.executable, "-m", "wirehub", "serve", "--tcp", f"127.0.0.1:{port}", "--ws", "off", "--udp", "off",
         "--admin", f"127.0.0.1:{admin}" if admin else "off", "--broker", args.broker,
         "--history-size", str(max(100, 2 * args.messages)),
@@ -240,14 +278,31 @@ def start_hub(args: argparse.Namespace, port: int, admin: int | None = None) -> 
         "--log-level", "warning", *(["--reuse-port"] if args.handover else []), *args.serve_arg,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WIREHUB_")}
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    log = tempfile.TemporaryFile()  # not a pipe: nobody reads it while the hub runs, and a full pipe would block it
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def hub_log(proc: subprocess.Popen) -> str:
+    """What the hub wrote to stderr so far (its warnings and errors)."""
+    log = proc.log  # type: ignore[attr-defined]
+    log.seek(0)
+    return log.read().decode(errors="replace")
+
+
+def drain_remaining(proc: subprocess.Popen) -> int:
+    """The connections a drained hub still had open when its drain timeout ran out (its
+    ``drain_timeout`` warning), or 0."""
+    match = re.search(r"drain_timeout\b.*?remaining=(\d+)", hub_log(proc))
+    return int(match.group(1)) if match else 0
 
 
 async def wait_listening(port: int, proc: subprocess.Popen, deadline: float) -> None:
     loop = asyncio.get_running_loop()
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"wirehub serve exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            raise RuntimeError(f"wirehub serve exited with {proc.returncode}: {hub_log(proc)[-2000:]}")
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.close()
@@ -311,10 +366,16 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
             procs.append(new_hub)
             await wait_listening(admin, new_hub, loop.time() + 30)
             hub_cpu, our_cpu = cpu_seconds(new_hub.pid), time.process_time()
+        drain_spy = start_py_spy(args.py_spy_drain, hub.pid) if args.py_spy_drain else None
+        if drain_spy is not None:
+            procs.append(drain_spy)
         t0 = loop.time()
         hub.send_signal(signal.SIGTERM)
         await wait_exit(hub, t0 + args.drain_timeout + 30)
         exited_s = loop.time() - t0
+        old_hub = hub
+        if drain_spy is not None:
+            drain_spy.wait(30)  # py-spy writes its profile once the process it samples exited
         if args.handover:
             hub = new_hub
         else:
@@ -323,6 +384,9 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
             await wait_listening(port, hub, loop.time() + 30)
             hub_cpu, our_cpu = cpu_seconds(hub.pid), time.process_time()
         listening_s = 0.0 if args.handover else loop.time() - t0
+        spy = start_py_spy(args.py_spy, hub.pid) if args.py_spy else None
+        if spy is not None:
+            procs.append(spy)
         run.target = await Publisher(port, room).publish(args.messages, loop.time() + args.timeout)
         for c in clients:
             run.settle(c)
@@ -331,15 +395,21 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.wait_for(run.done.wait(), args.timeout)
         recovered_s = loop.time() - t0
         hub_cpu, our_cpu = cpu_seconds(hub.pid) - hub_cpu, time.process_time() - our_cpu
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+            spy.wait(30)
         run.stopping = True
         return {
             "clients": args.clients,
             "broker": args.broker.split("://")[0],
             "handover": args.handover,
+            "pinned": args.pin,
             "serve_args": args.serve_arg,
             "fill_s": round(fill_s, 3),
             "fill_joins_per_s": round(args.clients / fill_s),
             "drain_exit_s": round(exited_s, 3),
+            # connections the old hub still had when its --drain-timeout ran out (it then aborts them)
+            "drain_timeout_remaining": drain_remaining(old_hub),
             "restart_listening_s": round(listening_s, 3),
             "all_back_s": round(back_s, 3),
             "all_recovered_s": round(recovered_s, 3),
@@ -361,6 +431,12 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def start_py_spy(out: str, pid: int) -> subprocess.Popen:
+    """py-spy (pip install py-spy) sampling the hub ``pid`` into ``out`` (collapsed stacks, one a line: flamegraph.pl or speedscope read them)."""
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "-o", out],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -386,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-arg", action="append", default=[], help="one more argument for wirehub serve (repeatable), e.g. --serve-arg=--presence-max=0")
     p.add_argument("--handover", action="store_true", help="start the new hub beside the old one (both with "
                    "--reuse-port) before the drain, as a restart without downtime does (needs a shared --broker)")
+    p.add_argument("--pin", action="store_true", help="the hubs on core 0 (taskset -c 0), the clients on core 1, as "
+                   "bench/peers.py pins (Redis is not pinned)")
+    p.add_argument("--py-spy", metavar="FILE", help="sample the hub that takes the storm with py-spy (pip install py-spy) "
+                   "from its listening until every client recovered, into FILE (collapsed stacks)")
+    p.add_argument("--py-spy-drain", metavar="FILE", help="the same for the hub that is drained, from SIGTERM until it exits")
     p.add_argument("--json", help="write the figures to this file too")
     args = p.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:
@@ -393,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.handover and args.broker.startswith("memory:"):
         p.error("--handover runs two hubs at once: give them a shared --broker (redis://... or nats://...)")
     raise_fd_limit(args.clients + 200)
+    if args.pin:
+        if (os.cpu_count() or 1) < 2 or shutil.which("taskset") is None:
+            p.error("--pin needs two cores and taskset")
+        os.sched_setaffinity(0, {1})  # the clients here; the hubs on core 0 (start_hub)
     try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:
