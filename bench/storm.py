@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import re
@@ -266,16 +267,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_hub(args: argparse.Namespace, port: int, admin: int | None = None) -> subprocess.Popen:
-    """``wirehub serve`` on ``port`` (with ``--handover``: SO_REUSEPORT, and an admin listener
-    on ``admin`` to tell when this one is up while another holds the port)."""
+def start_hub(args: argparse.Namespace, port: int) -> subprocess.Popen:
+    """``wirehub serve`` on ``port`` (with ``--handover``: SO_REUSEPORT). It logs at ``info``
+    (a few lines: listening, draining, stopped, refusals, slow consumers) into a temporary
+    file: its ``listening`` line tells when it is up (wait_listening)."""
     cmd = [
         *(["taskset", "-c", "0"] if args.pin else []),
         sys.executable, "-m", "wirehub", "serve", "--tcp", f"127.0.0.1:{port}", "--ws", "off", "--udp", "off",
-        "--admin", f"127.0.0.1:{admin}" if admin else "off", "--broker", args.broker,
+        "--admin", "off", "--broker", args.broker,
         "--history-size", str(max(100, 2 * args.messages)),
         "--max-connections", str(args.clients + 100), "--drain-timeout", str(args.drain_timeout),
-        "--log-level", "warning", *(["--reuse-port"] if args.handover else []), *args.serve_arg,
+        "--log-level", "info", *(["--reuse-port"] if args.handover else []), *args.serve_arg,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WIREHUB_")}
     log = tempfile.TemporaryFile()  # not a pipe: nobody reads it while the hub runs, and a full pipe would block it
@@ -285,7 +287,7 @@ def start_hub(args: argparse.Namespace, port: int, admin: int | None = None) -> 
 
 
 def hub_log(proc: subprocess.Popen) -> str:
-    """What the hub wrote to stderr so far (its warnings and errors)."""
+    """What the hub wrote to stderr so far (its log)."""
     log = proc.log  # type: ignore[attr-defined]
     log.seek(0)
     return log.read().decode(errors="replace")
@@ -298,24 +300,33 @@ def drain_remaining(proc: subprocess.Popen) -> int:
     return int(match.group(1)) if match else 0
 
 
-async def wait_listening(port: int, proc: subprocess.Popen, deadline: float) -> None:
+LISTENING = re.compile(r"^(\S+) info listening transport=tcp ", re.M)
+
+
+async def wait_listening(proc: subprocess.Popen, deadline: float) -> float:
+    """Wait for the hub's ``listening`` log line; return its time (Unix seconds). Not a probe
+    connection: while thousands of clients knock, a probe waits in the accept backlog with
+    them (or its SYN is dropped and retried a second later), and would say "listening" late."""
     loop = asyncio.get_running_loop()
     while True:
+        found = LISTENING.search(hub_log(proc))
+        if found:
+            return datetime.datetime.strptime(found.group(1), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc).timestamp()
         if proc.poll() is not None:
             raise RuntimeError(f"wirehub serve exited with {proc.returncode}: {hub_log(proc)[-2000:]}")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            if loop.time() > deadline:
-                raise RuntimeError(f"wirehub serve did not listen on {port} in time") from None
-            await asyncio.sleep(0.02)
+        if loop.time() > deadline:
+            raise RuntimeError("wirehub serve did not log that it listens in time")
+        await asyncio.sleep(0.01)
 
 
-async def wait_exit(proc: subprocess.Popen, deadline: float) -> None:
+async def wait_exit(proc: subprocess.Popen, deadline: float) -> float:
+    """Wait for the hub to exit; return the CPU time (user + system) it used in all."""
     loop = asyncio.get_running_loop()
-    while proc.poll() is None:
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaped here: its rusage is only had so
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
         if loop.time() > deadline:
             raise RuntimeError("wirehub serve did not exit after SIGTERM in time")
         await asyncio.sleep(0.01)
@@ -337,7 +348,7 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
     hub = start_hub(args, port)
     procs = [hub]
     try:
-        await wait_listening(port, hub, loop.time() + 30)
+        await wait_listening(hub, loop.time() + 30)
         # 1. fill
         started = loop.time()
         clients = [StormClient(run) for _ in range(args.clients)]
@@ -361,29 +372,28 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
         run.waiting = set(clients)
         run.target = (None, 0)  # not reachable until the publisher says where the room is
         if args.handover:  # the new hub first, on the same port: clients told bye reach it at once
-            admin = free_port()
-            new_hub = start_hub(args, port, admin)
+            new_hub = start_hub(args, port)
             procs.append(new_hub)
-            await wait_listening(admin, new_hub, loop.time() + 30)
+            await wait_listening(new_hub, loop.time() + 30)
             hub_cpu, our_cpu = cpu_seconds(new_hub.pid), time.process_time()
         drain_spy = start_py_spy(args.py_spy_drain, hub.pid) if args.py_spy_drain else None
         if drain_spy is not None:
             procs.append(drain_spy)
-        t0 = loop.time()
+        t0, t0_wall = loop.time(), time.time()
+        drain_cpu = cpu_seconds(hub.pid)
         hub.send_signal(signal.SIGTERM)
-        await wait_exit(hub, t0 + args.drain_timeout + 30)
+        drain_cpu = await wait_exit(hub, t0 + args.drain_timeout + 30) - drain_cpu
         exited_s = loop.time() - t0
         old_hub = hub
         if drain_spy is not None:
             drain_spy.wait(30)  # py-spy writes its profile once the process it samples exited
         if args.handover:
-            hub = new_hub
+            hub, listening_s = new_hub, 0.0
         else:
             hub = start_hub(args, port)
             procs.append(hub)
-            await wait_listening(port, hub, loop.time() + 30)
+            listening_s = await wait_listening(hub, loop.time() + 30) - t0_wall
             hub_cpu, our_cpu = cpu_seconds(hub.pid), time.process_time()
-        listening_s = 0.0 if args.handover else loop.time() - t0
         spy = start_py_spy(args.py_spy, hub.pid) if args.py_spy else None
         if spy is not None:
             procs.append(spy)
@@ -417,6 +427,8 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
             # CPU from the restarted hub's listening until every client recovered: which side
             # was the limit (a side near the wall time was)
             "storm_cpu_s": {"hub": round(hub_cpu, 2), "clients": round(our_cpu, 2)},
+            # CPU of the drained hub from SIGTERM until it exited (byes, disconnects, clean-up)
+            "drain_cpu_s": round(drain_cpu, 2),
             "frames_per_client_fill": per_client([c.frames["fill"] for c in clients]),
             "presence_frames_per_client_fill": per_client([c.presence["fill"] for c in clients]),
             "frames_per_client_storm": per_client([c.frames["storm"] for c in clients]),
