@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import errno
 import json
 import os
 import re
@@ -66,12 +67,23 @@ from wirehub.client.core import RESTART_BACKOFF_CAP
 from wirehub.server.supervisor import raise_open_file_limit
 
 MAX_CLIENTS = 19_000
+SOURCE_ADDRESSES = 64  # loopback addresses the clients connect from (source_address)
 BACKOFF = (0.1, 10.0)  # wirehub.client's default reconnect backoff
 PRESENCE_OPS = frozenset(("join", "leave", "presence_diff"))
 PRESENCE_PREFIXES = tuple(b'{"op":"%s"' % op.encode() for op in sorted(PRESENCE_OPS))
 MSG_PREFIX = b'{"op":"msg",'
 MSG_SEQ_FROM = len(b'{"op":"msg","room":""')  # ',"seq":' comes after the room's name
 _decode = msgspec.json.Decoder().decode
+
+
+def source_address(index: int) -> str:
+    """The loopback address client ``index`` connects from: 127.0.0.2 to 127.0.0.65 in turn.
+    From one address, each connection to the hub's one port takes its own ephemeral port:
+    at 19,000 a connect() cost the clients' process about ten times its CPU at 9,000 (most
+    likely the kernel's port search: Linux looks in one half of ip_local_port_range, 14,000
+    ports by default, first), and the load generator was the limit. Real clients come from
+    many addresses."""
+    return f"127.0.0.{2 + index % SOURCE_ADDRESSES}"
 
 
 def reconnect_delay(attempt: int, restarting: bool) -> float:
@@ -94,6 +106,8 @@ class Run:
         self.waiting: set[StormClient] = set()
         self.done = asyncio.Event()
         self.back = 0  # clients joined again after the drain
+        self.back_at: list[float] = []  # when each came back (loop time)
+        self.connect_errors: dict[str, int] = {}  # failed connection attempts, by errno
         self.all_back = asyncio.Event()
         self.n = n
         self.stopping = False
@@ -113,11 +127,12 @@ class StormClient(asyncio.Protocol):
     presence frames are counted by their prefix, and only the few other frames (``joined``,
     ``bye``) are decoded."""
 
-    __slots__ = ("run", "transport", "buf", "seq", "epoch", "joined", "ever_joined", "attempt", "restarting",
+    __slots__ = ("run", "source", "transport", "buf", "seq", "epoch", "joined", "ever_joined", "attempt", "restarting",
                  "frames", "presence", "gaps", "not_recovered", "cut", "joined_once")
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, index: int) -> None:
         self.run = run
+        self.source = source_address(index)
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.seq = 0
@@ -141,8 +156,11 @@ class StormClient(asyncio.Protocol):
 
     async def _connect(self) -> None:
         try:
-            await asyncio.get_running_loop().create_connection(lambda: self, "127.0.0.1", self.run.port)
-        except OSError:
+            await asyncio.get_running_loop().create_connection(lambda: self, "127.0.0.1", self.run.port, local_addr=(self.source, 0))
+        except OSError as exc:
+            errors = self.run.connect_errors
+            name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            errors[name] = errors.get(name, 0) + 1
             self.attempt += 1
             asyncio.get_running_loop().call_later(reconnect_delay(self.attempt, self.restarting), self.connect)
 
@@ -211,6 +229,7 @@ class StormClient(asyncio.Protocol):
             self.joined_once.set_result(None)
         elif self.run.phase == "storm":
             self.run.back += 1
+            self.run.back_at.append(asyncio.get_running_loop().time())
             if self.run.back >= self.run.n:
                 self.run.all_back.set()
         self.run.settle(self)
@@ -222,40 +241,52 @@ class Publisher:
         self.port, self.room = port, room
 
     async def publish(self, count: int, deadline: float) -> tuple[str, int]:
-        """``count`` messages; returns the room's epoch and the last seq."""
+        """``count`` messages; returns the room's epoch and the last seq. A connection the hub
+        closes first (in a storm: its handshake timeout, when the kernel's full listen queue
+        dropped the join and TCP's retransmission came too late) is opened again and the
+        messages sent again: the target is then the last seq of those."""
         loop = asyncio.get_running_loop()
         while True:
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 24)
-                break
-            except OSError:
+                return await self._publish(count, deadline)
+            except (OSError, ConnectionError, Closed) as exc:
                 if loop.time() > deadline:
-                    raise
+                    raise RuntimeError(f"the publisher could not publish in time: {exc}") from exc
                 await asyncio.sleep(0.05)
-        writer.write(b'{"op":"join","room":%s,"ref":"j"}\n' % json.dumps(self.room).encode())
-        epoch, seq = None, 0
-        for i in range(count):
-            writer.write(b'{"op":"pub","room":%s,"data":{"n":%d},"ref":%d}\n' % (json.dumps(self.room).encode(), i, i))
-        acks = 0
-        bye = None
-        while acks < count or epoch is None:
-            line = await asyncio.wait_for(reader.readline(), max(0.1, deadline - loop.time()))
-            if not line:
-                raise RuntimeError(f"the hub closed the publisher's connection (its last word: {bye})")
-            if line.startswith(PRESENCE_PREFIXES):
-                continue
-            f = json.loads(line)
-            if f.get("op") == "bye":
-                bye = f
-            elif f.get("op") == "joined":
-                epoch = f["epoch"]
-            elif f.get("op") == "ok":
-                acks += 1
-                seq = max(seq, f["seq"])
-            elif f.get("op") == "error":
-                raise RuntimeError(f"the hub refused a publication: {f}")
-        writer.close()
-        return epoch, seq
+
+    async def _publish(self, count: int, deadline: float) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 24)
+        try:
+            writer.write(b'{"op":"join","room":%s,"ref":"j"}\n' % json.dumps(self.room).encode())
+            epoch, seq = None, 0
+            for i in range(count):
+                writer.write(b'{"op":"pub","room":%s,"data":{"n":%d},"ref":%d}\n' % (json.dumps(self.room).encode(), i, i))
+            acks = 0
+            bye = None
+            while acks < count or epoch is None:
+                line = await asyncio.wait_for(reader.readline(), max(0.1, deadline - loop.time()))
+                if not line:
+                    raise Closed(f"the hub closed the publisher's connection (its last word: {bye})")
+                if line.startswith(PRESENCE_PREFIXES):
+                    continue
+                f = json.loads(line)
+                if f.get("op") == "bye":
+                    bye = f
+                elif f.get("op") == "joined":
+                    epoch = f["epoch"]
+                elif f.get("op") == "ok":
+                    acks += 1
+                    seq = max(seq, f["seq"])
+                elif f.get("op") == "error":
+                    raise RuntimeError(f"the hub refused a publication: {f}")
+            return epoch, seq
+        finally:
+            writer.close()
+
+
+class Closed(Exception):
+    """The hub closed the publisher's connection before every publication was answered."""
 
 
 # ------------------------------------------------------------------ the hub
@@ -351,7 +382,7 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
         await wait_listening(hub, loop.time() + 30)
         # 1. fill
         started = loop.time()
-        clients = [StormClient(run) for _ in range(args.clients)]
+        clients = [StormClient(run, i) for i in range(args.clients)]
         gate = asyncio.Semaphore(args.concurrency)
 
         async def first(c: StormClient) -> None:
@@ -380,6 +411,7 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
         if drain_spy is not None:
             procs.append(drain_spy)
         t0, t0_wall = loop.time(), time.time()
+        overflows = listen_overflows()
         drain_cpu = cpu_seconds(hub.pid)
         hub.send_signal(signal.SIGTERM)
         drain_cpu = await wait_exit(hub, t0 + args.drain_timeout + 30) - drain_cpu
@@ -433,6 +465,15 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
             "presence_frames_per_client_fill": per_client([c.presence["fill"] for c in clients]),
             "frames_per_client_storm": per_client([c.frames["storm"] for c in clients]),
             "presence_frames_per_client_storm": per_client([c.presence["storm"] for c in clients]),
+            # when the clients were back, from SIGTERM
+            "back_s": {q: round(sorted(run.back_at)[min(len(run.back_at) - 1, int(f * len(run.back_at)))] - t0, 3)
+                       for q, f in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))},
+            # connections the kernel dropped because a listen queue was full (machine-wide, so
+            # other processes' count too): a client whose SYN or ACK was dropped waits for TCP's
+            # retransmission (1 s, then 2 s, 4 s...)
+            "listen_overflows": listen_overflows() - overflows if overflows is not None else None,
+            # failed connection attempts of the whole run (refused while no hub listened...)
+            "connect_errors": run.connect_errors,
             "slow_consumer_cuts": sum(c.cut for c in clients),
             "rejoins_not_recovered": sum(c.not_recovered for c in clients),
             "messages_lost": sum(c.gaps for c in clients),
@@ -449,6 +490,20 @@ def start_py_spy(out: str, pid: int) -> subprocess.Popen:
     """py-spy (pip install py-spy) sampling the hub ``pid`` into ``out`` (collapsed stacks, one a line: flamegraph.pl or speedscope read them)."""
     return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "-o", out],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def listen_overflows() -> int | None:
+    """The kernel's ListenOverflows counter (/proc/net/netstat), or None where there is none."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2]):
+        row = dict(zip(names.split(), values.split()))
+        if "ListenOverflows" in row:
+            return int(row["ListenOverflows"])
+    return None
 
 
 def cpu_seconds(pid: int) -> float:
