@@ -243,8 +243,9 @@ class Publisher:
     async def publish(self, count: int, deadline: float) -> tuple[str, int]:
         """``count`` messages; returns the room's epoch and the last seq. A connection the hub
         closes first (in a storm: its handshake timeout, when the kernel's full listen queue
-        dropped the join and TCP's retransmission came too late) is opened again and the
-        messages sent again: the target is then the last seq of those."""
+        dropped the join and TCP's retransmission came too late), or a publication the hub
+        could not make (``internal``: its broker's trouble), is tried again on a new
+        connection with every message: the target is then the last seq of those."""
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -278,6 +279,8 @@ class Publisher:
                 elif f.get("op") == "ok":
                     acks += 1
                     seq = max(seq, f["seq"])
+                elif f.get("op") == "error" and f.get("code") == "internal":
+                    raise Closed(f"the hub could not publish, try again: {f}")  # its broker's trouble (a shared Redis's SCRIPT FLUSH...)
                 elif f.get("op") == "error":
                     raise RuntimeError(f"the hub refused a publication: {f}")
             return epoch, seq
@@ -286,7 +289,8 @@ class Publisher:
 
 
 class Closed(Exception):
-    """The hub closed the publisher's connection before every publication was answered."""
+    """The hub closed the publisher's connection before every publication was answered, or
+    could not make one for now."""
 
 
 # ------------------------------------------------------------------ the hub
