@@ -267,6 +267,23 @@ class TestRedisOnly:
             assert reads == [-1]  # one read, from the oldest since
             assert together == alone
             assert [p.seq for p in a.handler.in_room(room)] == list(range(1, 13))
+            # callers that come while a read is under way share the next one, started after them
+            reads.clear()
+            later: list[asyncio.Future] = []
+
+            async def meanwhile(what, room_, since, limit, history):
+                reads.append(since)
+                if not later:
+                    for s in (9, 3, 11):
+                        later.append(asyncio.ensure_future(a.broker.history(room, since=s, history=policy)))
+                        for _ in range(3):  # each asks in a turn of its own
+                            await asyncio.sleep(0)
+                return await read(what, room_, since, limit, history)
+
+            a.broker._read = meanwhile  # type: ignore[method-assign]
+            assert await a.broker.history(room, since=5, history=policy) == alone[4]
+            assert await asyncio.gather(*later) == [alone[5], alone[2], alone[6]]
+            assert reads == [5, 3]
             reads.clear()
             tasks: list[asyncio.Future] = []
 

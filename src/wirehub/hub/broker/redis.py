@@ -26,10 +26,11 @@ pool and no request/response lock-step:
   room's ``seq`` still follows publish order. A hung Redis is noticed when the oldest
   unanswered command is ``timeout`` old; the connection is dropped and every command in
   flight fails with :class:`BrokerError` (``maybe_applied`` for writes that were sent).
-  Work that many clients ask for in the same turn is shared: the recovery reads
-  (``history(since=...)``) of one room are one script call from the oldest ``since``, and
-  the client leases and presence entries written or removed are one MULTI/EXEC, so that a
-  storm of thousands of re-joins into one room after a restart costs a few calls a turn.
+  Work that many clients ask for together is shared: the recovery reads
+  (``history(since=...)``) of one room asked for in one turn, or while its last one was under
+  way, are one script call from the oldest ``since``, and the client leases and presence
+  entries written or removed in one turn are one MULTI/EXEC, so that a storm of thousands of
+  re-joins into one room after a restart costs a few calls a turn.
 - **pub/sub**: every message parsed from one socket read is handed to the node in the same
   event-loop turn, so the hub writes a read's worth of publications to each subscriber in
   one write, as with the memory broker. Calls for one room reach the handler in seq order.
@@ -440,7 +441,8 @@ class RedisBroker:
         self.in_flight = 0  # publications queued or sent and not answered
         self._batches: dict[str, _Batch] = {}  # room -> its publications of this event-loop turn
         self._reads: dict[tuple[str, HistoryPolicy], _SharedRead] = {}  # history(since) calls of this turn
-        self._reading: set[asyncio.Task[None]] = set()  # their reads under way
+        self._reading: set[asyncio.Task[None]] = set()  # their reads' tasks
+        self._reads_under_way: set[tuple[str, HistoryPolicy]] = set()  # rooms with a shared read under way
         self._writes: _Writes | None = None  # lease and presence writes of this turn (_write)
         self._inflight = 0  # calls under way; close() lets them finish (bounded)
         self._idle = asyncio.Event()
@@ -809,9 +811,12 @@ class RedisBroker:
         return result
 
     async def _history_since(self, room: str, since: int, history: HistoryPolicy) -> HistoryResult:
-        """``history(since=...)`` without a limit (a join's recovery): the reads of one room
-        asked for in one event-loop turn share one script call and one pub/sub flush, reading
-        from the oldest ``since`` among them; each caller gets its own part. After a restart
+        """``history(since=...)`` without a limit (a join's recovery): the callers for one room
+        share one script call and one pub/sub flush, reading from the oldest ``since`` among
+        them; each gets its own part. One such read of a room is under way at a time: the
+        callers of one event-loop turn, and those that come while a read is under way, wait
+        for the next one, which starts once they have asked (a read from before a caller
+        asked could miss what was delivered to the room before it joined). After a restart
         thousands of clients re-join a big room within a few turns: one read each would
         decode the same entries thousands of times."""
         loop = self._loop or asyncio.get_running_loop()
@@ -819,9 +824,8 @@ class RedisBroker:
         read = self._reads.get(key)
         if read is None:
             read = self._reads[key] = _SharedRead(since)
-            task = loop.create_task(self._shared_read(key, read))  # runs next turn, once this turn's joins asked
-            self._reading.add(task)
-            task.add_done_callback(self._reading.discard)
+            if key not in self._reads_under_way:
+                self._start_read(key, read)
         elif since < read.since:
             read.since = since
         answer: asyncio.Future[tuple[int, str, int, int, list[Publication]]] = loop.create_future()
@@ -829,9 +833,15 @@ class RedisBroker:
         top, epoch, first, last, pubs = await answer  # a cancelled caller cancels only its own answer
         return HistoryResult([p for p in pubs if p.seq > since], Position(top, epoch), _complete(since, top, first, last, history))
 
+    def _start_read(self, key: tuple[str, HistoryPolicy], read: _SharedRead) -> None:
+        task = (self._loop or asyncio.get_running_loop()).create_task(self._shared_read(key, read))  # runs next turn, once this turn's callers asked
+        self._reading.add(task)
+        task.add_done_callback(self._reading.discard)
+
     async def _shared_read(self, key: tuple[str, HistoryPolicy], read: _SharedRead) -> None:
         if self._reads.get(key) is read:
-            del self._reads[key]  # the callers from here on start another read
+            del self._reads[key]  # the callers from here on wait for the next read
+        self._reads_under_way.add(key)
         room, history = key
         what = f"read the history of {room!r}"
         try:
@@ -847,6 +857,11 @@ class RedisBroker:
                 if not answer.done():
                     answer.set_exception(exc)
             return
+        finally:
+            self._reads_under_way.discard(key)
+            waiting = self._reads.get(key)
+            if waiting is not None:  # asked while this one was under way: their read now
+                self._start_read(key, waiting)
         for answer in read.answers:
             if not answer.done():
                 answer.set_result(reply)
