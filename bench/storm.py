@@ -23,7 +23,14 @@ It reports the time from SIGTERM until every client is back and recovered, the f
 client received in each phase (presence frames apart), clients cut as slow consumers, and
 messages lost: a gap in a client's ``seq``, or a re-join history could not recover
 (``recovered:false``; with ``memory://`` every re-join is, since the restart starts a new
-epoch — use ``--broker redis://...`` or ``nats://...`` to see recovery).
+epoch — use ``--broker redis://...`` or ``nats://...`` to see recovery); and how many
+connections the drained hub still had when its ``--drain-timeout`` ran out (it aborts them).
+
+The clients are lean asyncio protocols (a ``msg`` frame's seq is read from its bytes, only
+``joined`` and ``bye`` are decoded), so that the load generator is not what is measured;
+the storm CPU figures say which side was busy. ``--pin`` puts the hubs on core 0 and the
+clients on core 1. ``--py-spy FILE`` samples the hub that takes the storm (and
+``--py-spy-drain FILE`` the drained one) with py-spy, as collapsed stacks.
 
     python bench/storm.py --clients 500                                  # a quick look
     python bench/storm.py --clients 19000 --broker redis://127.0.0.1:6379/12 --json storm.json
@@ -37,12 +44,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import errno
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from typing import Any
@@ -55,9 +67,23 @@ from wirehub.client.core import RESTART_BACKOFF_CAP
 from wirehub.server.supervisor import raise_open_file_limit
 
 MAX_CLIENTS = 19_000
+SOURCE_ADDRESSES = 64  # loopback addresses the clients connect from (source_address)
 BACKOFF = (0.1, 10.0)  # wirehub.client's default reconnect backoff
 PRESENCE_OPS = frozenset(("join", "leave", "presence_diff"))
+PRESENCE_PREFIXES = tuple(b'{"op":"%s"' % op.encode() for op in sorted(PRESENCE_OPS))
+MSG_PREFIX = b'{"op":"msg",'
+MSG_SEQ_FROM = len(b'{"op":"msg","room":""')  # ',"seq":' comes after the room's name
 _decode = msgspec.json.Decoder().decode
+
+
+def source_address(index: int) -> str:
+    """The loopback address client ``index`` connects from: 127.0.0.2 to 127.0.0.65 in turn.
+    From one address, each connection to the hub's one port takes its own ephemeral port:
+    at 19,000 a connect() cost the clients' process about ten times its CPU at 9,000 (most
+    likely the kernel's port search: Linux looks in one half of ip_local_port_range, 14,000
+    ports by default, first), and the load generator was the limit. Real clients come from
+    many addresses."""
+    return f"127.0.0.{2 + index % SOURCE_ADDRESSES}"
 
 
 def reconnect_delay(attempt: int, restarting: bool) -> float:
@@ -74,11 +100,14 @@ class Run:
         self.port = port
         self.room = room
         self.room_json = json.dumps(room)
+        self.join_frame = b'{"op":"join","room":%s}\n' % self.room_json.encode()
         self.phase = "fill"
         self.target: tuple[str | None, int] = (None, 0)  # epoch and seq every client must reach
         self.waiting: set[StormClient] = set()
         self.done = asyncio.Event()
         self.back = 0  # clients joined again after the drain
+        self.back_at: list[float] = []  # when each came back (loop time)
+        self.connect_errors: dict[str, int] = {}  # failed connection attempts, by errno
         self.all_back = asyncio.Event()
         self.n = n
         self.stopping = False
@@ -91,10 +120,19 @@ class Run:
 
 
 class StormClient(asyncio.Protocol):
-    """One member: joins, follows the room's seq, reconnects after a drop."""
+    """One member: joins, follows the room's seq, reconnects after a drop.
 
-    def __init__(self, run: Run) -> None:
+    Lean, so that the load generator is not what a run measures: a ``msg`` frame's seq is
+    read from its bytes (the hub writes ``{"op":"msg","room":R,"seq":N,...``, room first),
+    presence frames are counted by their prefix, and only the few other frames (``joined``,
+    ``bye``) are decoded."""
+
+    __slots__ = ("run", "source", "transport", "buf", "seq", "epoch", "joined", "ever_joined", "attempt", "restarting",
+                 "frames", "presence", "gaps", "not_recovered", "cut", "joined_once")
+
+    def __init__(self, run: Run, index: int) -> None:
         self.run = run
+        self.source = source_address(index)
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.seq = 0
@@ -118,18 +156,21 @@ class StormClient(asyncio.Protocol):
 
     async def _connect(self) -> None:
         try:
-            await asyncio.get_running_loop().create_connection(lambda: self, "127.0.0.1", self.run.port)
-        except OSError:
+            await asyncio.get_running_loop().create_connection(lambda: self, "127.0.0.1", self.run.port, local_addr=(self.source, 0))
+        except OSError as exc:
+            errors = self.run.connect_errors
+            name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            errors[name] = errors.get(name, 0) + 1
             self.attempt += 1
             asyncio.get_running_loop().call_later(reconnect_delay(self.attempt, self.restarting), self.connect)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.buf = b""
-        join = '{"op":"join","room":%s' % self.run.room_json
-        if self.epoch is not None:
-            join += ',"since":%d,"epoch":%s' % (self.seq, json.dumps(self.epoch))
-        transport.write((join + "}\n").encode())  # type: ignore[attr-defined]
+        if self.epoch is None:
+            transport.write(self.run.join_frame)  # type: ignore[attr-defined]
+        else:
+            transport.write(self.run.join_frame[:-2] + b',"since":%d,"epoch":%s}\n' % (self.seq, json.dumps(self.epoch).encode()))  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -141,28 +182,39 @@ class StormClient(asyncio.Protocol):
     # -------------------------------------------------------------- frames
 
     def data_received(self, data: bytes) -> None:
-        lines = (self.buf + data).split(b"\n")
+        lines = (self.buf + data).split(b"\n") if self.buf else data.split(b"\n")
         self.buf = lines.pop()
         phase = self.run.phase
+        self.frames[phase] += len(lines)
+        top = self.seq
         for line in lines:
-            self.frames[phase] += 1
-            f = _decode(line)
-            op = f.get("op")
-            if op == "msg":
-                seq = f["seq"]
-                if seq > self.seq + 1:
-                    self.gaps += seq - self.seq - 1
-                if seq > self.seq:
-                    self.seq = seq
-                self.run.settle(self)
-            elif op in PRESENCE_OPS:
+            if line.startswith(MSG_PREFIX):
+                start = line.find(b',"seq":', MSG_SEQ_FROM) + 7
+                if start < 7:
+                    continue  # no seq: not kept in history (the storm publishes none such)
+                seq = int(line[start : line.index(b",", start)])
+                if seq > top + 1:
+                    self.gaps += seq - top - 1
+                if seq > top:
+                    top = seq
+            elif line.startswith(PRESENCE_PREFIXES):
                 self.presence[phase] += 1
-            elif op == "joined":
-                self._joined(f)
-            elif op == "bye" and f.get("reason") == "slow_consumer":
-                self.cut = True
-            elif op == "bye" and f.get("reason") == "shutdown":
-                self.restarting = True
+            else:
+                self.seq = top
+                f = _decode(line)
+                op = f.get("op")
+                if op == "joined":
+                    self._joined(f)
+                    top = self.seq
+                elif op == "bye" and f.get("reason") == "slow_consumer":
+                    self.cut = True
+                elif op == "bye" and f.get("reason") == "shutdown":
+                    self.restarting = True
+                elif op in PRESENCE_OPS:
+                    self.presence[phase] += 1
+        if top != self.seq:
+            self.seq = top
+            self.run.settle(self)
 
     def _joined(self, f: dict) -> None:
         if self.epoch is not None and not f.get("recovered"):
@@ -177,10 +229,10 @@ class StormClient(asyncio.Protocol):
             self.joined_once.set_result(None)
         elif self.run.phase == "storm":
             self.run.back += 1
+            self.run.back_at.append(asyncio.get_running_loop().time())
             if self.run.back >= self.run.n:
                 self.run.all_back.set()
         self.run.settle(self)
-
 
 class Publisher:
     """A connection of its own that joins the room (to learn its epoch) and publishes."""
@@ -189,35 +241,56 @@ class Publisher:
         self.port, self.room = port, room
 
     async def publish(self, count: int, deadline: float) -> tuple[str, int]:
-        """``count`` messages; returns the room's epoch and the last seq."""
+        """``count`` messages; returns the room's epoch and the last seq. A connection the hub
+        closes first (in a storm: its handshake timeout, when the kernel's full listen queue
+        dropped the join and TCP's retransmission came too late), or a publication the hub
+        could not make (``internal``: its broker's trouble), is tried again on a new
+        connection with every message: the target is then the last seq of those."""
         loop = asyncio.get_running_loop()
         while True:
             try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 24)
-                break
-            except OSError:
+                return await self._publish(count, deadline)
+            except (OSError, ConnectionError, Closed) as exc:
                 if loop.time() > deadline:
-                    raise
+                    raise RuntimeError(f"the publisher could not publish in time: {exc}") from exc
                 await asyncio.sleep(0.05)
-        writer.write(b'{"op":"join","room":%s,"ref":"j"}\n' % json.dumps(self.room).encode())
-        epoch, seq = None, 0
-        for i in range(count):
-            writer.write(b'{"op":"pub","room":%s,"data":{"n":%d},"ref":%d}\n' % (json.dumps(self.room).encode(), i, i))
-        acks = 0
-        while acks < count or epoch is None:
-            line = await asyncio.wait_for(reader.readline(), max(0.1, deadline - loop.time()))
-            if not line:
-                raise RuntimeError("the hub closed the publisher's connection")
-            f = json.loads(line)
-            if f.get("op") == "joined":
-                epoch = f["epoch"]
-            elif f.get("op") == "ok":
-                acks += 1
-                seq = max(seq, f["seq"])
-            elif f.get("op") == "error":
-                raise RuntimeError(f"the hub refused a publication: {f}")
-        writer.close()
-        return epoch, seq
+
+    async def _publish(self, count: int, deadline: float) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port, limit=1 << 24)
+        try:
+            writer.write(b'{"op":"join","room":%s,"ref":"j"}\n' % json.dumps(self.room).encode())
+            epoch, seq = None, 0
+            for i in range(count):
+                writer.write(b'{"op":"pub","room":%s,"data":{"n":%d},"ref":%d}\n' % (json.dumps(self.room).encode(), i, i))
+            acks = 0
+            bye = None
+            while acks < count or epoch is None:
+                line = await asyncio.wait_for(reader.readline(), max(0.1, deadline - loop.time()))
+                if not line:
+                    raise Closed(f"the hub closed the publisher's connection (its last word: {bye})")
+                if line.startswith(PRESENCE_PREFIXES):
+                    continue
+                f = json.loads(line)
+                if f.get("op") == "bye":
+                    bye = f
+                elif f.get("op") == "joined":
+                    epoch = f["epoch"]
+                elif f.get("op") == "ok":
+                    acks += 1
+                    seq = max(seq, f["seq"])
+                elif f.get("op") == "error" and f.get("code") == "internal":
+                    raise Closed(f"the hub could not publish, try again: {f}")  # its broker's trouble (a shared Redis's SCRIPT FLUSH...)
+                elif f.get("op") == "error":
+                    raise RuntimeError(f"the hub refused a publication: {f}")
+            return epoch, seq
+        finally:
+            writer.close()
+
+
+class Closed(Exception):
+    """The hub closed the publisher's connection before every publication was answered, or
+    could not make one for now."""
 
 
 # ------------------------------------------------------------------ the hub
@@ -229,38 +302,66 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_hub(args: argparse.Namespace, port: int, admin: int | None = None) -> subprocess.Popen:
-    """``wirehub serve`` on ``port`` (with ``--handover``: SO_REUSEPORT, and an admin listener
-    on ``admin`` to tell when this one is up while another holds the port)."""
+def start_hub(args: argparse.Namespace, port: int) -> subprocess.Popen:
+    """``wirehub serve`` on ``port`` (with ``--handover``: SO_REUSEPORT). It logs at ``info``
+    (a few lines: listening, draining, stopped, refusals, slow consumers) into a temporary
+    file: its ``listening`` line tells when it is up (wait_listening)."""
     cmd = [
+        *(["taskset", "-c", "0"] if args.pin else []),
         sys.executable, "-m", "wirehub", "serve", "--tcp", f"127.0.0.1:{port}", "--ws", "off", "--udp", "off",
-        "--admin", f"127.0.0.1:{admin}" if admin else "off", "--broker", args.broker,
+        "--admin", "off", "--broker", args.broker,
         "--history-size", str(max(100, 2 * args.messages)),
         "--max-connections", str(args.clients + 100), "--drain-timeout", str(args.drain_timeout),
-        "--log-level", "warning", *(["--reuse-port"] if args.handover else []), *args.serve_arg,
+        "--log-level", "info", *(["--reuse-port"] if args.handover else []), *args.serve_arg,
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WIREHUB_")}
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    log = tempfile.TemporaryFile()  # not a pipe: nobody reads it while the hub runs, and a full pipe would block it
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
 
 
-async def wait_listening(port: int, proc: subprocess.Popen, deadline: float) -> None:
+def hub_log(proc: subprocess.Popen) -> str:
+    """What the hub wrote to stderr so far (its log)."""
+    log = proc.log  # type: ignore[attr-defined]
+    log.seek(0)
+    return log.read().decode(errors="replace")
+
+
+def drain_remaining(proc: subprocess.Popen) -> int:
+    """The connections a drained hub still had open when its drain timeout ran out (its
+    ``drain_timeout`` warning), or 0."""
+    match = re.search(r"drain_timeout\b.*?remaining=(\d+)", hub_log(proc))
+    return int(match.group(1)) if match else 0
+
+
+LISTENING = re.compile(r"^(\S+) info listening transport=tcp ", re.M)
+
+
+async def wait_listening(proc: subprocess.Popen, deadline: float) -> float:
+    """Wait for the hub's ``listening`` log line; return its time (Unix seconds). Not a probe
+    connection: while thousands of clients knock, a probe waits in the accept backlog with
+    them (or its SYN is dropped and retried a second later), and would say "listening" late."""
     loop = asyncio.get_running_loop()
     while True:
+        found = LISTENING.search(hub_log(proc))
+        if found:
+            return datetime.datetime.strptime(found.group(1), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc).timestamp()
         if proc.poll() is not None:
-            raise RuntimeError(f"wirehub serve exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            if loop.time() > deadline:
-                raise RuntimeError(f"wirehub serve did not listen on {port} in time") from None
-            await asyncio.sleep(0.02)
+            raise RuntimeError(f"wirehub serve exited with {proc.returncode}: {hub_log(proc)[-2000:]}")
+        if loop.time() > deadline:
+            raise RuntimeError("wirehub serve did not log that it listens in time")
+        await asyncio.sleep(0.01)
 
 
-async def wait_exit(proc: subprocess.Popen, deadline: float) -> None:
+async def wait_exit(proc: subprocess.Popen, deadline: float) -> float:
+    """Wait for the hub to exit; return the CPU time (user + system) it used in all."""
     loop = asyncio.get_running_loop()
-    while proc.poll() is None:
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # reaped here: its rusage is only had so
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
         if loop.time() > deadline:
             raise RuntimeError("wirehub serve did not exit after SIGTERM in time")
         await asyncio.sleep(0.01)
@@ -282,10 +383,10 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
     hub = start_hub(args, port)
     procs = [hub]
     try:
-        await wait_listening(port, hub, loop.time() + 30)
+        await wait_listening(hub, loop.time() + 30)
         # 1. fill
         started = loop.time()
-        clients = [StormClient(run) for _ in range(args.clients)]
+        clients = [StormClient(run, i) for i in range(args.clients)]
         gate = asyncio.Semaphore(args.concurrency)
 
         async def first(c: StormClient) -> None:
@@ -306,23 +407,32 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
         run.waiting = set(clients)
         run.target = (None, 0)  # not reachable until the publisher says where the room is
         if args.handover:  # the new hub first, on the same port: clients told bye reach it at once
-            admin = free_port()
-            new_hub = start_hub(args, port, admin)
+            new_hub = start_hub(args, port)
             procs.append(new_hub)
-            await wait_listening(admin, new_hub, loop.time() + 30)
+            await wait_listening(new_hub, loop.time() + 30)
             hub_cpu, our_cpu = cpu_seconds(new_hub.pid), time.process_time()
-        t0 = loop.time()
+        drain_spy = start_py_spy(args.py_spy_drain, hub.pid) if args.py_spy_drain else None
+        if drain_spy is not None:
+            procs.append(drain_spy)
+        t0, t0_wall = loop.time(), time.time()
+        overflows = listen_overflows()
+        drain_cpu = cpu_seconds(hub.pid)
         hub.send_signal(signal.SIGTERM)
-        await wait_exit(hub, t0 + args.drain_timeout + 30)
+        drain_cpu = await wait_exit(hub, t0 + args.drain_timeout + 30) - drain_cpu
         exited_s = loop.time() - t0
+        old_hub = hub
+        if drain_spy is not None:
+            drain_spy.wait(30)  # py-spy writes its profile once the process it samples exited
         if args.handover:
-            hub = new_hub
+            hub, listening_s = new_hub, 0.0
         else:
             hub = start_hub(args, port)
             procs.append(hub)
-            await wait_listening(port, hub, loop.time() + 30)
+            listening_s = await wait_listening(hub, loop.time() + 30) - t0_wall
             hub_cpu, our_cpu = cpu_seconds(hub.pid), time.process_time()
-        listening_s = 0.0 if args.handover else loop.time() - t0
+        spy = start_py_spy(args.py_spy, hub.pid) if args.py_spy else None
+        if spy is not None:
+            procs.append(spy)
         run.target = await Publisher(port, room).publish(args.messages, loop.time() + args.timeout)
         for c in clients:
             run.settle(c)
@@ -331,15 +441,21 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.wait_for(run.done.wait(), args.timeout)
         recovered_s = loop.time() - t0
         hub_cpu, our_cpu = cpu_seconds(hub.pid) - hub_cpu, time.process_time() - our_cpu
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+            spy.wait(30)
         run.stopping = True
         return {
             "clients": args.clients,
             "broker": args.broker.split("://")[0],
             "handover": args.handover,
+            "pinned": args.pin,
             "serve_args": args.serve_arg,
             "fill_s": round(fill_s, 3),
             "fill_joins_per_s": round(args.clients / fill_s),
             "drain_exit_s": round(exited_s, 3),
+            # connections the old hub still had when its --drain-timeout ran out (it then aborts them)
+            "drain_timeout_remaining": drain_remaining(old_hub),
             "restart_listening_s": round(listening_s, 3),
             "all_back_s": round(back_s, 3),
             "all_recovered_s": round(recovered_s, 3),
@@ -347,10 +463,21 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
             # CPU from the restarted hub's listening until every client recovered: which side
             # was the limit (a side near the wall time was)
             "storm_cpu_s": {"hub": round(hub_cpu, 2), "clients": round(our_cpu, 2)},
+            # CPU of the drained hub from SIGTERM until it exited (byes, disconnects, clean-up)
+            "drain_cpu_s": round(drain_cpu, 2),
             "frames_per_client_fill": per_client([c.frames["fill"] for c in clients]),
             "presence_frames_per_client_fill": per_client([c.presence["fill"] for c in clients]),
             "frames_per_client_storm": per_client([c.frames["storm"] for c in clients]),
             "presence_frames_per_client_storm": per_client([c.presence["storm"] for c in clients]),
+            # when the clients were back, from SIGTERM
+            "back_s": {q: round(sorted(run.back_at)[min(len(run.back_at) - 1, int(f * len(run.back_at)))] - t0, 3)
+                       for q, f in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))},
+            # connections the kernel dropped because a listen queue was full (machine-wide, so
+            # other processes' count too): a client whose SYN or ACK was dropped waits for TCP's
+            # retransmission (1 s, then 2 s, 4 s...)
+            "listen_overflows": listen_overflows() - overflows if overflows is not None else None,
+            # failed connection attempts of the whole run (refused while no hub listened...)
+            "connect_errors": run.connect_errors,
             "slow_consumer_cuts": sum(c.cut for c in clients),
             "rejoins_not_recovered": sum(c.not_recovered for c in clients),
             "messages_lost": sum(c.gaps for c in clients),
@@ -361,6 +488,26 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def start_py_spy(out: str, pid: int) -> subprocess.Popen:
+    """py-spy (pip install py-spy) sampling the hub ``pid`` into ``out`` (collapsed stacks, one a line: flamegraph.pl or speedscope read them)."""
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "-o", out],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def listen_overflows() -> int | None:
+    """The kernel's ListenOverflows counter (/proc/net/netstat), or None where there is none."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2]):
+        row = dict(zip(names.split(), values.split()))
+        if "ListenOverflows" in row:
+            return int(row["ListenOverflows"])
+    return None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -386,6 +533,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-arg", action="append", default=[], help="one more argument for wirehub serve (repeatable), e.g. --serve-arg=--presence-max=0")
     p.add_argument("--handover", action="store_true", help="start the new hub beside the old one (both with "
                    "--reuse-port) before the drain, as a restart without downtime does (needs a shared --broker)")
+    p.add_argument("--pin", action="store_true", help="the hubs on core 0 (taskset -c 0), the clients on core 1, as "
+                   "bench/peers.py pins (Redis is not pinned)")
+    p.add_argument("--py-spy", metavar="FILE", help="sample the hub that takes the storm with py-spy (pip install py-spy) "
+                   "from its listening until every client recovered, into FILE (collapsed stacks)")
+    p.add_argument("--py-spy-drain", metavar="FILE", help="the same for the hub that is drained, from SIGTERM until it exits")
     p.add_argument("--json", help="write the figures to this file too")
     args = p.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:
@@ -393,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.handover and args.broker.startswith("memory:"):
         p.error("--handover runs two hubs at once: give them a shared --broker (redis://... or nats://...)")
     raise_fd_limit(args.clients + 200)
+    if args.pin:
+        if (os.cpu_count() or 1) < 2 or shutil.which("taskset") is None:
+            p.error("--pin needs two cores and taskset")
+        os.sched_setaffinity(0, {1})  # the clients here; the hubs on core 0 (start_hub)
     try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:

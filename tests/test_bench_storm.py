@@ -35,6 +35,10 @@ def test_storm_small(tmp_path):
     assert result["messages_lost"] == 0 and result["rejoins_not_recovered"] == 0, result
     assert result["slow_consumer_cuts"] == 0, result
     assert 0 < result["restart_listening_s"] <= result["all_back_s"] <= result["all_recovered_s"], result
+    back = result["back_s"]
+    assert result["restart_listening_s"] <= back["p50"] <= back["p99"] <= back["max"] <= result["all_back_s"], result
+    # while no hub listened the clients were refused, and only that
+    assert set(result["connect_errors"]) <= {"ECONNREFUSED"}, result
     # per change to every member would be ~2 x 300 presence frames each (leaves, then joins)
     assert result["presence_frames_per_client_storm"]["max"] <= clients // 2, result
     assert result["presence_frames_per_client_fill"]["max"] <= clients // 2, result

@@ -241,6 +241,96 @@ class TestRedisOnly:
                 await task
             assert seq > 0
 
+    async def test_recovery_reads_of_one_turn_share_one_read(self, prefix):
+        """The re-joins of one room in one event-loop turn (a reconnect storm) read history
+        once, from the oldest ``since`` among them: each caller gets what a read of its own
+        gives, after everything up to the position was delivered, and a caller that gives up
+        does not take the others' answer with it."""
+        room = f"{prefix}:r"
+        policy = HistoryPolicy(size=8, ttl=3600.0)
+        async with started(URL, prefix, "a") as a:
+            await a.broker.subscribe(room)
+            for i in range(12):
+                await a.broker.publish(room, raw(i), sender="", ts=now_ms(), history=policy)
+            sinces = [-1, 0, 3, 4, 5, 9, 11, 12, 13]
+            alone = [await a.broker.history(room, since=s, history=policy) for s in sinces]
+            assert [r.complete for r in alone] == [False, False, False, True, True, True, True, True, False]
+            reads = []
+            read = a.broker._read
+
+            async def counted(what, room_, since, limit, history):
+                reads.append(since)
+                return await read(what, room_, since, limit, history)
+
+            a.broker._read = counted  # type: ignore[method-assign]
+            together = await asyncio.gather(*(a.broker.history(room, since=s, history=policy) for s in sinces))
+            assert reads == [-1]  # one read, from the oldest since
+            assert together == alone
+            assert [p.seq for p in a.handler.in_room(room)] == list(range(1, 13))
+            # callers that come while a read is under way share the next one, started after them
+            reads.clear()
+            later: list[asyncio.Future] = []
+
+            async def meanwhile(what, room_, since, limit, history):
+                reads.append(since)
+                if not later:
+                    for s in (9, 3, 11):
+                        later.append(asyncio.ensure_future(a.broker.history(room, since=s, history=policy)))
+                        for _ in range(3):  # each asks in a turn of its own
+                            await asyncio.sleep(0)
+                return await read(what, room_, since, limit, history)
+
+            a.broker._read = meanwhile  # type: ignore[method-assign]
+            assert await a.broker.history(room, since=5, history=policy) == alone[4]
+            assert await asyncio.gather(*later) == [alone[5], alone[2], alone[6]]
+            assert reads == [5, 3]
+            reads.clear()
+            tasks: list[asyncio.Future] = []
+
+            async def giving_up(what, room_, since, limit, history):  # both have asked: one gives up
+                reads.append(since)
+                tasks[0].cancel()
+                return await read(what, room_, since, limit, history)
+
+            a.broker._read = giving_up  # type: ignore[method-assign]
+            tasks.extend(asyncio.ensure_future(a.broker.history(room, since=s, history=policy)) for s in (4, 9))
+            assert await tasks[1] == alone[5]
+            assert tasks[0].cancelled() and reads == [4]
+
+    async def test_lease_and_presence_writes_of_one_turn_are_one_transaction(self, prefix):
+        """The client leases and presence entries written in one turn go in one MULTI/EXEC;
+        each caller is answered for its own commands: one that Redis refuses fails alone."""
+        room, bad = f"{prefix}:r", f"{prefix}:bad"
+        redis = aioredis.Redis.from_url(URL)
+        try:
+            await redis.set(f"{prefix}:p:{bad}", "not a hash")  # HSET on it: WRONGTYPE
+            async with started(URL, prefix, "a") as a:
+                sent = []
+                send = a.broker._send_writes
+
+                def counted():
+                    sent.append(len(a.broker._writes.callers) if a.broker._writes else 0)
+                    send()
+
+                a.broker._send_writes = counted  # type: ignore[method-assign]
+                members = [Member(client=f"c{i}", user=f"u{i}") for i in range(50)]
+                results = await asyncio.gather(
+                    *(a.broker.add_client(m.client) for m in members),
+                    *(a.broker.presence_add(room, m) for m in members),
+                    a.broker.presence_add(bad, members[0]),
+                    return_exceptions=True,
+                )
+                assert sent == [101]
+                assert results[:100] == [None] * 100
+                assert isinstance(results[100], BrokerError) and "WRONGTYPE" in str(results[100])
+                by_client = lambda ms: sorted(ms, key=lambda m: m.client)  # noqa: E731
+                assert await a.broker.presence(room) == by_client(members)
+                assert await redis.get(f"{prefix}:c:c7") == b"a"
+                await asyncio.gather(*(a.broker.presence_remove(room, m.client) for m in members[:25]))
+                assert await a.broker.presence(room) == by_client(members[25:])
+        finally:
+            await redis.aclose()
+
     async def test_presence_and_client_leases_of_a_dead_node_run_out(self, prefix):
         room, lease = f"{prefix}:r", 0.6
         alice, bob = Member(client=f"{prefix}-alice", user="alice"), Member(client=f"{prefix}-bob", user="bob")

@@ -185,6 +185,12 @@ async def test_publish_after_redis_lost_its_scripts():
             await admin.script_flush()
             held = await a.broker.history(room, history=POLICY)
             assert [p.seq for p in held.publications] == [1, 2]
+            # a lease removed in a turn's MULTI/EXEC (remove_client) whose script is gone
+            await a.broker.add_client("c1")
+            assert await admin.get(f"{prefix}:c:c1") == b"a"
+            await admin.script_flush()
+            await a.broker.remove_client("c1")
+            assert await admin.get(f"{prefix}:c:c1") is None
     finally:
         await admin.aclose()
         await drop_prefix(prefix)

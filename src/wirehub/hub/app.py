@@ -260,6 +260,11 @@ class HubApp(App):
         self._replays: set[asyncio.Task[None]] = set()
         #: bytes of replay a join puts into the send buffer before waiting for it to drain
         self._replay_window = max(1, config.max_send_buffer // 2)
+        #: the frames replayed in this event-loop turn, by publication: a broker that hands
+        #: the joins of one turn the same publications (Redis shares one read among them)
+        #: has each encoded once, and its members' send buffers share one bytes object.
+        #: Emptied after the turn.
+        self._replayed: dict[int, tuple[Publication, bytes]] = {}
         self.default_policy = RoomPolicy(
             HistoryPolicy(size=config.history_size, ttl=config.history_ttl), config.presence, config.max_room_members,
             PresenceLevels(config.presence_threshold, config.presence_max, config.presence_window),
@@ -788,11 +793,20 @@ class HubApp(App):
         window; how many went."""
         conn = s.conn
         window = self._replay_window
+        frames = self._replayed
+        if not frames:
+            asyncio.get_running_loop().call_soon(frames.clear)
         n = 0
         for pub in pubs:
             if n and conn.send_buffer >= window:
                 break
-            if not conn.send(self._msg(room, pub)):
+            hit = frames.get(id(pub))
+            if hit is not None and hit[0] is pub:
+                frame = hit[1]
+            else:
+                frame = self._msg(room, pub)
+                frames[id(pub)] = (pub, frame)
+            if not conn.send(frame):
                 break
             n += 1
         return n

@@ -26,6 +26,11 @@ pool and no request/response lock-step:
   room's ``seq`` still follows publish order. A hung Redis is noticed when the oldest
   unanswered command is ``timeout`` old; the connection is dropped and every command in
   flight fails with :class:`BrokerError` (``maybe_applied`` for writes that were sent).
+  Work that many clients ask for together is shared: the recovery reads
+  (``history(since=...)``) of one room asked for in one turn, or while its last one was under
+  way, are one script call from the oldest ``since``, and the client leases and presence
+  entries written or removed in one turn are one MULTI/EXEC, so that a storm of thousands of
+  re-joins into one room after a restart costs a few calls a turn.
 - **pub/sub**: every message parsed from one socket read is handed to the node in the same
   event-loop turn, so the hub writes a read's worth of publications to each subscriber in
   one write, as with the memory broker. Calls for one room reach the handler in seq order.
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hashlib
 import math
 import random
@@ -315,6 +321,42 @@ def _entries(items: list[Any], epoch: str) -> list[Publication]:
     return out
 
 
+def _complete(since: int | None, top: int, first: int, last: int, history: HistoryPolicy) -> bool:
+    """Whether a read from ``since`` holds every publication after it up to ``top``, given
+    the first and last seq the stream holds."""
+    if since is None:
+        return True
+    if since < 0 or since > top:
+        return False
+    if since == top:
+        return True
+    floor = top - history.size + 1 if history.size > 0 else top + 1  # the oldest seq the room keeps
+    return last == top and max(first, floor) <= since + 1  # since + 1 ... top are all held
+
+
+class _SharedRead:
+    """The ``history(since=...)`` calls of one room in one event-loop turn: read once, from
+    the oldest ``since`` of them."""
+
+    __slots__ = ("since", "answers")
+
+    def __init__(self, since: int) -> None:
+        self.since = since
+        self.answers: list[asyncio.Future[tuple[int, str, int, int, list[Publication]]]] = []
+
+
+class _Writes:
+    """The lease and presence writes of one event-loop turn (``RedisBroker._write``): their
+    commands in call order, and per caller its future, what it does, and how many commands
+    are its own."""
+
+    __slots__ = ("commands", "callers")
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+        self.callers: list[tuple[asyncio.Future[list[Any]], str, int]] = []
+
+
 class _Batch:
     """The publications of one room queued in this event-loop turn."""
 
@@ -398,6 +440,10 @@ class RedisBroker:
         self._refresher: asyncio.Task[None] | None = None
         self.in_flight = 0  # publications queued or sent and not answered
         self._batches: dict[str, _Batch] = {}  # room -> its publications of this event-loop turn
+        self._reads: dict[tuple[str, HistoryPolicy], _SharedRead] = {}  # history(since) calls of this turn
+        self._reading: set[asyncio.Task[None]] = set()  # their reads' tasks
+        self._reads_under_way: set[tuple[str, HistoryPolicy]] = set()  # rooms with a shared read under way
+        self._writes: _Writes | None = None  # lease and presence writes of this turn (_write)
         self._inflight = 0  # calls under way; close() lets them finish (bounded)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -751,6 +797,79 @@ class RedisBroker:
 
     # -- rooms: history ----------------------------------------------------------------------
     async def history(self, room: str, *, since: int | None = None, limit: int | None = None, history: HistoryPolicy) -> HistoryResult:
+        if since is not None and limit is None:
+            return await self._history_since(room, since, history)
+        what = f"read the history of {room!r}"
+        top, epoch, first, last, pubs = await self._read(what, room, since, limit, history)
+        if since is not None:
+            pubs = [p for p in pubs if p.seq > since]
+        if limit is not None:
+            pubs = pubs[-limit:] if limit > 0 else []
+        result = HistoryResult(pubs, Position(top, epoch), _complete(since, top, first, last, history))
+        if room in self._want:
+            await self._flush(what)
+        return result
+
+    async def _history_since(self, room: str, since: int, history: HistoryPolicy) -> HistoryResult:
+        """``history(since=...)`` without a limit (a join's recovery): the callers for one room
+        share one script call and one pub/sub flush, reading from the oldest ``since`` among
+        them; each gets its own part. One such read of a room is under way at a time: the
+        callers of one event-loop turn, and those that come while a read is under way, wait
+        for the next one, which starts once they have asked (a read from before a caller
+        asked could miss what was delivered to the room before it joined). After a restart
+        thousands of clients re-join a big room within a few turns: one read each would
+        decode the same entries thousands of times."""
+        loop = self._loop or asyncio.get_running_loop()
+        key = (room, history)
+        read = self._reads.get(key)
+        if read is None:
+            read = self._reads[key] = _SharedRead(since)
+            if key not in self._reads_under_way:
+                self._start_read(key, read)
+        elif since < read.since:
+            read.since = since
+        answer: asyncio.Future[tuple[int, str, int, int, list[Publication]]] = loop.create_future()
+        read.answers.append(answer)
+        top, epoch, first, last, pubs = await answer  # a cancelled caller cancels only its own answer
+        return HistoryResult([p for p in pubs if p.seq > since], Position(top, epoch), _complete(since, top, first, last, history))
+
+    def _start_read(self, key: tuple[str, HistoryPolicy], read: _SharedRead) -> None:
+        task = (self._loop or asyncio.get_running_loop()).create_task(self._shared_read(key, read))  # runs next turn, once this turn's callers asked
+        self._reading.add(task)
+        task.add_done_callback(self._reading.discard)
+
+    async def _shared_read(self, key: tuple[str, HistoryPolicy], read: _SharedRead) -> None:
+        if self._reads.get(key) is read:
+            del self._reads[key]  # the callers from here on wait for the next read
+        self._reads_under_way.add(key)
+        room, history = key
+        what = f"read the history of {room!r}"
+        try:
+            reply = await self._read(what, room, read.since, None, history)
+            if room in self._want:
+                await self._flush(what)
+        except asyncio.CancelledError:
+            for answer in read.answers:
+                answer.cancel()
+            raise
+        except Exception as exc:
+            for answer in read.answers:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        finally:
+            self._reads_under_way.discard(key)
+            waiting = self._reads.get(key)
+            if waiting is not None:  # asked while this one was under way: their read now
+                self._start_read(key, waiting)
+        for answer in read.answers:
+            if not answer.done():
+                answer.set_result(reply)
+
+    async def _read(self, what: str, room: str, since: int | None, limit: int | None, history: HistoryPolicy) -> tuple[int, str, int, int, list[Publication]]:
+        """The read script: the room's top seq and epoch, the first and last seq its stream
+        holds, and the publications it returned that history still keeps (from ``since``+1,
+        the newest ``limit`` entries), oldest first."""
         ttl_ms = self._ttl_ms(history)
         args = [
             self._new_epoch(),
@@ -761,7 +880,6 @@ class RedisBroker:
             "" if since is None else max(-1, min(since, MAX_SEQ)),
             "" if limit is None else max(0, min(limit, 2**31)),
         ]
-        what = f"read the history of {room!r}"
         reply = await self._script(what, "read", [self._meta(room), self._stream(room)], args)
         top, epoch_b, first, last, reversed_ = reply[:5]
         top, first, last = int(top), int(first), int(last)
@@ -770,21 +888,7 @@ class RedisBroker:
         if reversed_:  # newest entry first: put them in order
             items = [x for j in range(len(items) - 3, -1, -3) for x in items[j : j + 3]]
         floor = top - history.size + 1 if history.size > 0 else top + 1  # the oldest seq the room keeps
-        pubs = [p for p in _entries(items, epoch) if p.seq >= floor and (since is None or p.seq > since)]
-        if limit is not None:
-            pubs = pubs[-limit:] if limit > 0 else []
-        if since is None:
-            complete = True
-        elif since < 0 or since > top:
-            complete = False
-        elif since == top:
-            complete = True
-        else:  # since + 1 ... top are all held
-            complete = last == top and max(first, floor) <= since + 1
-        result = HistoryResult(pubs, Position(top, epoch), complete)
-        if room in self._want:
-            await self._flush(what)
-        return result
+        return top, epoch, first, last, [p for p in _entries(items, epoch) if p.seq >= floor]
 
     async def position(self, room: str) -> Position:
         what = f"read the position of {room!r}"
@@ -825,11 +929,17 @@ class RedisBroker:
     # -- direct messages ---------------------------------------------------------------------
     async def add_client(self, client: str) -> None:
         self._clients.add(client)  # registered again on reconnect if this fails
-        await self._call(f"register client {client!r}", b"SET", self._ckey(client), self.node_id, b"PX", self._lease_ms)
+        await self._write(f"register client {client!r}", [(b"SET", self._ckey(client), self.node_id, b"PX", self._lease_ms)])
 
     async def remove_client(self, client: str) -> None:
         self._clients.discard(client)  # unrefreshed, its lease runs out if this fails
-        await self._script(f"unregister client {client!r}", "forget_client", [self._ckey(client)], [self.node_id])
+        what = f"unregister client {client!r}"
+        try:  # with this turn's other writes (a drain's thousands of disconnects)
+            await self._write(what, [(b"EVALSHA", SHAS["forget_client"], 1, self._ckey(client), self.node_id)])
+        except BrokerError as exc:
+            if not _noscript(exc.__cause__):
+                raise
+            await self._script(what, "forget_client", [self._ckey(client)], [self.node_id])  # loads the scripts again
 
     async def send(self, client: str, frame: bytes) -> bool:
         payload = b"d" + _encode((client, bytes(frame)))
@@ -839,7 +949,7 @@ class RedisBroker:
     # -- presence ----------------------------------------------------------------------------
     async def presence_add(self, room: str, member: Member) -> None:
         self._members.setdefault(room, {})[member.client] = member  # re-added on reconnect
-        await self._transaction(f"add {member.client!r} to the presence of {room!r}", self._member_commands(room, member))
+        await self._write(f"add {member.client!r} to the presence of {room!r}", self._member_commands(room, member))
 
     async def presence_remove(self, room: str, client: str) -> None:
         members = self._members.get(room)
@@ -848,20 +958,67 @@ class RedisBroker:
             if not members:
                 del self._members[room]
         commands = [(b"HDEL", self._pkey(room), client), (b"ZREM", self._pekey(room), client)]
-        await self._transaction(f"remove {client!r} from the presence of {room!r}", commands)
+        await self._write(f"remove {client!r} from the presence of {room!r}", commands)
 
-    async def _transaction(self, what: str, commands: list[tuple[Any, ...]]) -> Any:
-        """``commands`` in MULTI/EXEC: queued together on the one connection, so nothing
-        comes between them; the EXEC's reply (the commands' replies) is returned."""
+    def _write(self, what: str, commands: list[tuple[Any, ...]]) -> asyncio.Future[list[Any]]:
+        """Queue ``commands`` (writes whose callers only need to know they were applied: client
+        leases, presence entries; a script that Redis lost fails with NOSCRIPT as the cause) for this event-loop turn's MULTI/EXEC: the writes of every
+        caller of the turn go together, in call order, with nothing between one caller's
+        commands. Each caller's future gives its commands' replies, or a BrokerError (raised
+        at once when the broker is down). A caller that awaits its write before its next one,
+        as every caller here does, keeps its own order; a join storm's thousands of presence
+        entries and leases cost one transaction a turn instead of one each.
+
+        Bounded like every call: the command connection is dropped, failing what it carries,
+        once its oldest unanswered command is ``timeout`` old (``_watch``)."""
         refused = self._refusal(what)
         if refused is not None:
             raise refused
+        loop = self._loop or asyncio.get_running_loop()
+        writes = self._writes
+        if writes is None:
+            writes = self._writes = _Writes()
+            loop.call_soon(self._send_writes)
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        writes.commands.extend(commands)
+        writes.callers.append((future, what, len(commands)))
+        self._inflight += 1
+        self._idle.clear()
+        return future
+
+    def _send_writes(self) -> None:
+        writes, self._writes = self._writes, None
+        if writes is None:
+            return
         link = self._cmd
-        assert link is not None
+        if link is None:
+            self._written(writes, LinkLost("is not connected", sent=False))
+            return
         link.then(None, b"MULTI")
-        for cmd in commands:
+        for cmd in writes.commands:
             link.then(None, *cmd)
-        return await self._call(what, b"EXEC")
+        link.then(functools.partial(self._written, writes), b"EXEC")
+
+    def _written(self, writes: _Writes, reply: Any) -> None:
+        """The EXEC of a turn's writes answered (or failed): answer each caller."""
+        self._inflight -= len(writes.callers)
+        self._settle()
+        failed = reply if isinstance(reply, BaseException) else None
+        if failed is None and not isinstance(reply, list):  # EXEC answers an array (nil: aborted by a WATCH, not used here)
+            failed = ReplyError(f"EXEC answered {reply!r}")
+        at = 0
+        for future, what, n in writes.callers:
+            part = reply[at : at + n] if failed is None else None
+            at += n
+            if future.done():  # its caller gave up
+                continue
+            error = failed if part is None else next((r for r in part if isinstance(r, ReplyError)), None)
+            if error is not None:
+                exc = self._error(what, error)
+                exc.__cause__ = error
+                future.set_exception(exc)
+            else:
+                future.set_result(part)
 
     async def presence(self, room: str) -> list[Member]:
         reply = await self._script(f"read the presence of {room!r}", "presence", [self._pkey(room), self._pekey(room)], [self._now_ms()])
