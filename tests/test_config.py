@@ -85,7 +85,7 @@ def test_spec_defaults():
     assert c.tls == c.wss == c.unix == c.allow == c.deny == ()
     assert c.cert is c.key is c.client_ca is c.secret is None
     assert c.broker == "memory://"
-    assert (c.workers, c.backlog, c.max_connections, c.max_connections_per_ip) == (1, 2048, 100000, 0)
+    assert (c.workers, c.backlog, c.max_connections, c.max_connections_per_ip) == (1, 4096, 100000, 0)
     assert (c.reuse_port, c.reuse_address, c.nodelay, c.keepalive) == (False, True, True, True)
     assert (c.handshake_timeout, c.idle_timeout, c.drain_timeout, c.close_timeout) == (10.0, 300.0, 30.0, 5.0)
     assert (c.max_frame, c.send_buffer_low, c.send_buffer_high, c.max_send_buffer) == (65536, 16384, 65536, 1048576)

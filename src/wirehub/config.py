@@ -574,7 +574,7 @@ OPTIONS: tuple[Option, ...] = (
            group=_PROC, minimum=1),
     Option("reuse_port", "bool", False, "Set SO_REUSEPORT on listening sockets.", group=_SOCK),
     Option("reuse_address", "bool", True, "Set SO_REUSEADDR on listening sockets.", group=_SOCK),
-    Option("backlog", "int", 2048, "Listen backlog per socket.", group=_SOCK, minimum=1),
+    Option("backlog", "int", 4096, "Listen backlog per socket (the kernel caps it at net.core.somaxconn).", group=_SOCK, minimum=1),
     Option("udp_receive_buffer", "size", 4194304,
            "SO_RCVBUF of UDP listening sockets: datagrams that arrive while the event loop is busy wait "
            "there instead of being dropped (the kernel caps it at net.core.rmem_max; 0 keeps the system's default).",

@@ -72,7 +72,7 @@ def bind_inet(
     port: int,
     *,
     datagram: bool = False,
-    backlog: int = 2048,
+    backlog: int = 4096,
     reuse_address: bool = True,
     reuse_port: bool = False,
     receive_buffer: int = 0,
@@ -103,7 +103,7 @@ def bind_inet(
     return Endpoint(kind, sock, format_address(bound[0], bound[1]))
 
 
-def bind_unix(path: str, *, backlog: int = 2048) -> Endpoint:
+def bind_unix(path: str, *, backlog: int = 4096) -> Endpoint:
     """Bind a Unix stream socket, replacing a stale socket file left by a dead server."""
     try:
         st = os.stat(path)
