@@ -52,6 +52,7 @@ import asyncio
 import collections
 import hashlib
 import math
+import operator
 import random
 import secrets
 import time
@@ -61,7 +62,7 @@ from typing import Any, Callable
 import msgspec
 
 from ..._log import get_logger
-from ._resp import CommandLink, Endpoint, LinkLost, ReplyError, SubscriberLink, open_link
+from ._resp import CommandLink, Endpoint, LinkLost, ReplyError, SubscriberLink, encode, open_link
 from .base import BrokerError, BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
 
 log = get_logger("wirehub.hub.broker.redis")
@@ -294,6 +295,9 @@ _decode_batch = msgspec.msgpack.Decoder(list[_Body]).decode
 #: publications one batch (one stream entry, one pub/sub message) carries at most, and data bytes
 BATCH_PUBLICATIONS = 512
 BATCH_BYTES = 256 * 1024
+#: rooms whose publish script call's fixed part (keys, history settings, channel) is kept
+#: encoded; past it the cache starts again
+PUBLISH_HEADS = 4096
 
 
 def _unpack(last: int, n: int, blob: bytes, epoch: str) -> list[Publication]:
@@ -324,8 +328,16 @@ class _Batch:
         self.room = room
         self.history = history
         self.bodies: list[tuple[Any, ...]] = []  # [room, sender, ts, data(, info, exclude)]
-        self.answers: list[tuple[asyncio.Future[Publication], msgspec.Raw]] = []
+        self.answers: list[asyncio.Future[Publication]] = []  # the same order
         self.size = 0
+
+
+_ts_of = operator.itemgetter(2)  # a body's ts
+
+
+def _bulk(arg: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(arg), arg)
 
 
 def _publication(body: bytes, seq: int, epoch: str) -> Publication:
@@ -398,6 +410,7 @@ class RedisBroker:
         self._refresher: asyncio.Task[None] | None = None
         self.in_flight = 0  # publications queued or sent and not answered
         self._batches: dict[str, _Batch] = {}  # room -> its publications of this event-loop turn
+        self._publish_heads: dict[str, tuple[HistoryPolicy, bytes, bytes, bytes, int]] = {}  # see _publish_head
         self._inflight = 0  # calls under way; close() lets them finish (bounded)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -646,26 +659,27 @@ class RedisBroker:
         nodes), every batch of the turn in one write on the auto-pipelined connection. Redis
         runs them in call order (see the module docstring)."""
         # the loop cached at start: asyncio.get_running_loop() costs a getpid() system call
-        future: asyncio.Future[Publication] = (self._loop or asyncio.get_running_loop()).create_future()
-        refused = self._refusal(f"publish to {room!r}")
-        if refused is not None:
+        loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[Publication] = loop.create_future()
+        if self._cmd is None or self._closing or not self._up:  # (_refusal's test, without its message each time)
+            refused = self._refusal(f"publish to {room!r}")
+            assert refused is not None
             future.set_exception(refused)
             return future
-        raw = data if type(data) is msgspec.Raw else msgspec.Raw(data)
+        body = data if type(data) is bytes else bytes(data)
         batches = self._batches
         batch = batches.get(room)
         if batch is None:
             if not batches:
-                (self._loop or asyncio.get_running_loop()).call_soon(self._send_batches)
+                loop.call_soon(self._send_batches)
             batch = batches[room] = _Batch(room, history)
-        body = bytes(raw)
+            self._idle.clear()  # (until this batch is answered: it counts in in_flight)
         # an application hook's info and exclude, when set, make it [room, sender, ts, data, info, exclude]
         batch.bodies.append((room, sender, ts, body, info, exclude) if info is not None or exclude else (room, sender, ts, body))
-        batch.answers.append((future, raw))
+        batch.answers.append(future)
         batch.size += len(body)
         self.in_flight += 1
-        self._idle.clear()
-        if len(batch.bodies) >= BATCH_PUBLICATIONS or batch.size >= BATCH_BYTES:
+        if batch.size >= BATCH_BYTES or len(batch.answers) >= BATCH_PUBLICATIONS:
             del batches[room]  # full: it goes now, the room's next publications start a new one
             self._send_batch(batch)
         return future
@@ -682,15 +696,12 @@ class RedisBroker:
             log.exception("redis_publish_failed", room=batch.room)
             self.in_flight -= len(batch.answers)
             self._settle()
-            for future, _ in batch.answers:
+            for future in batch.answers:
                 if not future.done():
                     future.set_exception(exc)
 
     def _send_batch_now(self, batch: _Batch) -> None:
         room, history, bodies, answers = batch.room, batch.history, batch.bodies, batch.answers
-        what = f"publish to {room!r}"
-        ttl_ms = self._ttl_ms(history)
-        ts = max(b[2] for b in bodies)
         n = len(bodies)
 
         def answered(reply: Any) -> None:
@@ -699,43 +710,49 @@ class RedisBroker:
             if isinstance(reply, BaseException):
                 if _noscript(reply):
                     self._load_scripts()  # for the next ones; these were not applied
-                error = self._error(what, reply, unknown=True)
-                for future, _ in answers:
+                error = self._error(f"publish to {room!r}", reply, unknown=True)
+                for future in answers:
                     if not future.done():
                         future.set_exception(error)
                 return
             last, epoch_b = reply
             epoch = epoch_b.decode()
-            first = int(last) - n + 1
-            for k, ((future, raw), body) in enumerate(zip(answers, bodies)):
+            seq = int(last) - n
+            for future, body in zip(answers, bodies):
+                seq += 1
                 if not future.done():
+                    # (room, seq, epoch, data, sender, ts[, info, exclude]): Publication's fields in order
                     if len(body) == 4:
-                        pub = Publication(room=room, seq=first + k, epoch=epoch, data=raw, sender=body[1], ts=body[2])
+                        future.set_result(Publication(room, seq, epoch, msgspec.Raw(body[3]), body[1], body[2]))
                     else:
-                        pub = Publication(room=room, seq=first + k, epoch=epoch, data=raw, sender=body[1], ts=body[2], info=body[4], exclude=body[5])
-                    future.set_result(pub)
+                        future.set_result(Publication(room, seq, epoch, msgspec.Raw(body[3]), body[1], body[2], body[4], body[5]))
 
         cmd = self._cmd
         if cmd is None:
             answered(LinkLost("is not connected", sent=False))
             return
-        cmd.then(
-            answered,
-            b"EVALSHA",
-            SHAS["publish"],
-            2,
-            self._meta(room),
-            self._stream(room),
-            self._new_epoch(),
-            max(0, history.size),
-            ttl_ms,
-            max(ttl_ms, META_MIN_TTL_MS),
-            ts - ttl_ms,
-            ts,
-            n,
-            _encode(bodies[0]) if n == 1 else _encode(bodies),
-            self._channel(room),
-        )
+        head = self._publish_heads.get(room)
+        if head is None or (head[0] is not history and head[0] != history):
+            head = self._publish_head(room, history)
+        _, keys, policy, channel, ttl_ms = head
+        ts = max(map(_ts_of, bodies))
+        blob = _encode(bodies[0]) if n == 1 else _encode(bodies)
+        cmd.then_encoded(answered, b"%b%b%b%b%b%b%b%b" % (
+            keys, _bulk(self._new_epoch().encode()), policy, _bulk(b"%d" % (ts - ttl_ms)), _bulk(b"%d" % ts), _bulk(b"%d" % n), _bulk(blob), channel))
+
+    def _publish_head(self, room: str, history: HistoryPolicy) -> tuple[HistoryPolicy, bytes, bytes, bytes, int]:
+        """What every publish script call of ``room`` under ``history`` sends alike, encoded
+        once: (history, the command up to its keys, the size and TTL arguments, the channel
+        argument, the TTL in ms). Remembered for PUBLISH_HEADS rooms."""
+        ttl_ms = self._ttl_ms(history)
+        keys = encode((b"EVALSHA", SHAS["publish"], 2, self._meta(room), self._stream(room)))
+        keys = b"*14" + keys[keys.index(b"\r\n"):]  # the script call has 14 arguments, 5 of them here
+        policy = b"".join(_bulk(b"%d" % v) for v in (max(0, history.size), ttl_ms, max(ttl_ms, META_MIN_TTL_MS)))
+        head = (history, keys, policy, _bulk(self._channel(room)), ttl_ms)
+        if len(self._publish_heads) >= PUBLISH_HEADS:
+            self._publish_heads.clear()
+        self._publish_heads[room] = head
+        return head
 
     async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> Publication:
         future = self.publish_nowait(room, data, sender=sender, ts=ts, history=history, info=info, exclude=exclude)
