@@ -471,7 +471,7 @@ class HubApp(App):
         if type(cmd) is Pub and self._runner is None:
             window = session.publishing
             if window is None or (len(window) < PUB_WINDOW and self.broker.in_flight < PUB_IN_FLIGHT):
-                if self._admit(session, cmd.ref):
+                if not self._rate or self._admit(session, cmd.ref):
                     try:
                         data = self._pub_data(session, cmd)
                         if data is None:
@@ -912,10 +912,12 @@ class HubApp(App):
         window = s.publishing
         if window is None:
             window = s.publishing = collections.deque()
+        room = cmd.room
+        history = (self._policies.get(room) or self.policy(room)).history
         if info is None:
-            future = self.broker.publish_nowait(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy(cmd.room).history)
+            future = self.broker.publish_nowait(room, data, sender=s.client, ts=int(time.time() * 1000), history=history)
         else:
-            future = self.broker.publish_nowait(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy(cmd.room).history, info=info)
+            future = self.broker.publish_nowait(room, data, sender=s.client, ts=int(time.time() * 1000), history=history, info=info)
         if not window:  # the front of the window: its answer answers the client (_published)
             future.add_done_callback(functools.partial(self._published, s))
         window.append((future, cmd))
