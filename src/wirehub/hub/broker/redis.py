@@ -144,13 +144,14 @@ else
   seq = tonumber(m[2]) + n
 end
 local size = tonumber(ARGV[2])
+local seq_s = string.format('%d', seq)  -- (n and ts go on as the strings given: no number formatting)
 -- the stream first: when the append fails, nothing was written and no seq was used
 if size > 0 then
   local floor = string.format('%d', math.max(0, seq - size + 1))
   if n == 1 then
-    redis.call('XADD', stream, 'MINID', floor, string.format('%d-0', seq), 't', ARGV[6], 'b', ARGV[8])
+    redis.call('XADD', stream, 'MINID', floor, seq_s .. '-0', 't', ARGV[6], 'b', ARGV[8])
   else
-    redis.call('XADD', stream, 'MINID', floor, string.format('%d-0', seq), 't', ARGV[6], 'n', n, 'b', ARGV[8])
+    redis.call('XADD', stream, 'MINID', floor, seq_s .. '-0', 't', ARGV[6], 'n', ARGV[7], 'b', ARGV[8])
   end
   -- entries past the TTL: looked for when seq passes a multiple of 64 (reading the oldest
   -- entry costs as much as a third of this script; reads trim them before reading anyway)
@@ -161,12 +162,12 @@ if size > 0 then
 else
   redis.call('DEL', stream)
 end
-redis.call('HSET', meta, 'e', epoch, 's', string.format('%d', seq))
+redis.call('HSET', meta, 'e', epoch, 's', seq_s)
 redis.call('PEXPIRE', meta, ARGV[4])
 if n == 1 then
-  redis.call('PUBLISH', ARGV[9], 'p' .. string.format('%d', seq) .. ' ' .. epoch .. ' ' .. ARGV[8])
+  redis.call('PUBLISH', ARGV[9], 'p' .. seq_s .. ' ' .. epoch .. ' ' .. ARGV[8])
 else
-  redis.call('PUBLISH', ARGV[9], 'P' .. string.format('%d', seq) .. ' ' .. n .. ' ' .. epoch .. ' ' .. ARGV[8])
+  redis.call('PUBLISH', ARGV[9], 'P' .. seq_s .. ' ' .. ARGV[7] .. ' ' .. epoch .. ' ' .. ARGV[8])
 end
 return {seq, epoch}
 """
