@@ -510,13 +510,13 @@ class HubApp(App):
             except Exception:
                 self._failed(session, cmd)
 
-    def _broker_failed(self, session: Session, cmd: Any, exc: BrokerError) -> None:
+    def _broker_failed(self, session: Session, cmd: Any, exc: BrokerError, *, now: bool = False) -> None:
         if exc.maybe_applied:
             why = f"the broker connection failed during this request; it may or may not have taken effect: {exc}"
         else:
             why = f"the broker is unavailable, nothing was done: {exc}"
         # The server's trouble, not the client's: it does not count toward max_errors.
-        self._error(session, "internal", why, cmd.ref, counts=False)
+        self._error(session, "internal", why, cmd.ref, counts=False, now=now)
 
     def _failed(self, session: Session, cmd: Any) -> None:
         """A server bug while handling a frame (bad client input is an error reply, never an
@@ -546,10 +546,12 @@ class HubApp(App):
             return True
         return False
 
-    def _error(self, session: Session, code: str, message: str, ref: Any = None, *, counts: bool = True) -> None:
+    def _error(self, session: Session, code: str, message: str, ref: Any = None, *, counts: bool = True, now: bool = False) -> None:
+        """Send an error reply. It waits behind the publications ``session`` has in flight
+        unless ``now`` (the reply to the publication at the front of the window)."""
         conn = session.conn
         frame = wire.error(code, message, ref)
-        window = session.publishing
+        window = None if now else session.publishing
         if window:  # after the acks of the publications before it: a reply keeps its frame's place
             ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             ready.set_result(None)  # (the front's answer sends it: see _published)
@@ -947,13 +949,13 @@ class HubApp(App):
                 continue
             except BrokerError as exc:
                 self.stats.pub_failed += 1
-                self._broker_failed(s, cmd, exc)
+                self._broker_failed(s, cmd, exc, now=True)  # (it was the front: before the acks behind it)
                 continue
             except Exception as exc:  # a broker bug: logged within the same budget as _failed's
                 self.stats.pub_failed += 1
                 if _tracebacks.allow():
                     log.error("hub_op_failed", conn=s.client, op="pub", error=repr(exc))
-                self._error(s, "internal", "the server failed to handle this frame; it has been logged", cmd.ref)
+                self._error(s, "internal", "the server failed to handle this frame; it has been logged", cmd.ref, now=True)
                 continue
             published += 1
             if cmd.ref is not None:
