@@ -252,6 +252,8 @@ class HubApp(App):
         #: a broker that keeps rooms in this process (memory) shows them here: they count
         #: toward max_rooms with the joined ones, and a publish may create one
         self._room_table: Any = getattr(self.broker, "rooms_held", None)
+        #: a broker's publish_nowait whose future gives the seq alone, when it has one (base.py)
+        self._publish_seq: Callable[..., asyncio.Future[Any]] | None = getattr(self.broker, "publish_seq_nowait", None)
         #: join replays still being paced by the client's reading
         self._replays: set[asyncio.Task[None]] = set()
         #: bytes of replay a join puts into the send buffer before waiting for it to drain
@@ -916,10 +918,11 @@ class HubApp(App):
             window = s.publishing = collections.deque()
         room = cmd.room
         history = (self._policies.get(room) or self.policy(room)).history
+        start = self._publish_seq or self.broker.publish_nowait  # (the former's future gives the seq alone)
         if info is None:
-            future = self.broker.publish_nowait(room, data, sender=s.client, ts=int(time.time() * 1000), history=history)
+            future = start(room, data, sender=s.client, ts=int(time.time() * 1000), history=history)
         else:
-            future = self.broker.publish_nowait(room, data, sender=s.client, ts=int(time.time() * 1000), history=history, info=info)
+            future = start(room, data, sender=s.client, ts=int(time.time() * 1000), history=history, info=info)
         if not window:  # the front of the window: its answer answers the client (_published)
             future.add_done_callback(functools.partial(self._published, s))
         window.append((future, cmd))
@@ -944,7 +947,7 @@ class HubApp(App):
                 send(cmd)
                 continue
             try:
-                pub = future.result()
+                seq = future.result()  # the seq (publish_seq_nowait), or the Publication
             except asyncio.CancelledError:
                 continue
             except BrokerError as exc:
@@ -959,7 +962,7 @@ class HubApp(App):
                 continue
             published += 1
             if cmd.ref is not None:
-                send(ok(cmd.ref, pub.seq))
+                send(ok(cmd.ref, seq if type(seq) is int else seq.seq))
         self.stats.published += published
         if window:
             window[0][0].add_done_callback(functools.partial(self._published, s))

@@ -325,13 +325,14 @@ def _entries(items: list[Any], epoch: str) -> list[Publication]:
 class _Batch:
     """The publications of one room queued in this event-loop turn."""
 
-    __slots__ = ("room", "history", "bodies", "answers", "size")
+    __slots__ = ("room", "history", "bodies", "answers", "publications", "size")
 
     def __init__(self, room: str, history: HistoryPolicy) -> None:
         self.room = room
         self.history = history
         self.bodies: list[tuple[Any, ...]] = []  # [room, sender, ts, data(, info, exclude)]
-        self.answers: list[asyncio.Future[Publication]] = []  # the same order
+        self.answers: list[asyncio.Future[Any]] = []  # the same order: each gives the seq,
+        self.publications: set[int] | None = None  # or, at these indexes, the Publication
         self.size = 0
 
 
@@ -661,9 +662,15 @@ class RedisBroker:
         Redis as one batch (one EVALSHA, one stream entry, one message to the subscribed
         nodes), every batch of the turn in one write on the auto-pipelined connection. Redis
         runs them in call order (see the module docstring)."""
+        return self.publish_seq_nowait(room, data, sender=sender, ts=ts, history=history, info=info, exclude=exclude, publication=True)
+
+    def publish_seq_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "", publication: bool = False) -> asyncio.Future[Any]:
+        """:meth:`publish_nowait` whose future gives the publication's ``seq`` alone (with
+        ``publication``, the :class:`Publication`): no Publication is built for a caller that
+        only acks (see the Broker protocol)."""
         # the loop cached at start: asyncio.get_running_loop() costs a getpid() system call
         loop = self._loop or asyncio.get_running_loop()
-        future: asyncio.Future[Publication] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
         if self._cmd is None or self._closing or not self._up:  # (_refusal's test, without its message each time)
             refused = self._refusal(f"publish to {room!r}")
             assert refused is not None
@@ -679,6 +686,10 @@ class RedisBroker:
             self._idle.clear()  # (until this batch is answered: it counts in in_flight)
         # an application hook's info and exclude, when set, make it [room, sender, ts, data, info, exclude]
         batch.bodies.append((room, sender, ts, body, info, exclude) if info is not None or exclude else (room, sender, ts, body))
+        if publication:
+            if batch.publications is None:
+                batch.publications = set()
+            batch.publications.add(len(batch.answers))
         batch.answers.append(future)
         batch.size += len(body)
         self.in_flight += 1
@@ -718,12 +729,22 @@ class RedisBroker:
                     if not future.done():
                         future.set_exception(error)
                 return
-            last, epoch_b = reply
-            epoch = epoch_b.decode()
-            seq = int(last) - n
-            for future, body in zip(answers, bodies):
+            seq = int(reply[0]) - n
+            publications = batch.publications
+            if publications is None:  # every caller wants the seq alone
+                for future in answers:
+                    seq += 1
+                    if not future.done():
+                        future.set_result(seq)
+                return
+            epoch = reply[1].decode()
+            for k, (future, body) in enumerate(zip(answers, bodies)):
                 seq += 1
-                if not future.done():
+                if future.done():
+                    continue
+                if k not in publications:
+                    future.set_result(seq)
+                else:
                     # (room, seq, epoch, data, sender, ts[, info, exclude]): Publication's fields in order
                     if len(body) == 4:
                         future.set_result(Publication(room, seq, epoch, msgspec.Raw(body[3]), body[1], body[2]))
