@@ -25,6 +25,9 @@ Cases:
   hub-pub-hook  hub-pub-ref with a plain ``on_publish`` hook for every room that returns the
                 data unchanged (bench/apps/pub_hook.py): the cost of a hook
   hub-pub-hook-async  the same with an ``async def`` hook (run in the connection's task)
+  hub-pub-redis hub-pub-ref on ``redis://`` (a redis-server of its own on a free port, started
+                and stopped by this script; skipped without redis-server): the hub's CPU per
+                publication, its Redis connections' syscalls included, Redis's own CPU not
   hub-fanout    one publisher, 1,000 TCP subscribers joined to a room: ns per delivery
 """
 
@@ -222,6 +225,9 @@ class HubPubRef(Case):
     #: frames go to each connection's task (an async hook): a round also runs the event loop
     #: until every publication of the round is published
     in_tasks = False
+    #: in_tasks: how long to sleep between looks at the count, and how many looks at most
+    poll = 0.0
+    turns = 10_000
 
     def setup(self) -> Callable[[], Any]:
         flush = self.ctx.flusher.run
@@ -247,10 +253,10 @@ class HubPubRef(Case):
             goal = stats.published + n
             for feed, burst in feeds:
                 feed(burst)
-            for _ in range(10_000):  # bounded: a round takes a few turns of the loop
+            for _ in range(self.turns):  # bounded: a round takes a few turns of the loop
                 if stats.published >= goal:
                     break
-                await asyncio.sleep(0)
+                await asyncio.sleep(self.poll)
             else:
                 raise RuntimeError("the publications of a round were not all published")
             flush()
@@ -261,6 +267,48 @@ class HubPubRef(Case):
 
 class HubPubHookAsync(HubPubRef):
     in_tasks = True
+
+
+class HubPubRedis(HubPubRef):
+    in_tasks = True
+    # the round waits for Redis's answers: asleep in the loop (spinning would count as the hub's CPU)
+    poll = 0.0005
+    turns = 20_000  # 10 s
+
+
+class OwnRedis:
+    """A redis-server on a free loopback port, for the cases on ``redis://``; stopped by its pid."""
+
+    def __init__(self) -> None:
+        import shutil
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise ImportError("redis-server is not installed")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                      "no", "--daemonize", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(500):  # bounded: 10 s
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("redis-server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
 
 
 def hooked_hub(name: str) -> Callable[[Any], Any]:
@@ -306,12 +354,25 @@ CASES: dict[str, tuple[type[Case], Callable[[Any], Any] | None, dict]] = {
     "hub-pub-ref": (HubPubRef, None, {}),
     "hub-pub-hook": (HubPubRef, hooked_hub("hub"), {}),
     "hub-pub-hook-async": (HubPubHookAsync, hooked_hub("async_hub"), {}),
+    "hub-pub-redis": (HubPubRedis, None, {"broker": OwnRedis}),
     "hub-fanout": (HubFanout, None, {"history_size": 0}),
 }
 
 
 async def measure(name: str, seconds: float, profile: bool) -> float:
     kind, app_factory, options = CASES[name]
+    redis = options["broker"]() if options.get("broker") is OwnRedis else None
+    if redis is not None:
+        options = {**options, "broker": redis.url}
+    try:
+        return await _measure(kind, app_factory, options, seconds, profile)
+    finally:
+        if redis is not None:
+            redis.stop()
+
+
+async def _measure(kind: type[Case], app_factory: Callable[[Any], Any] | None, options: dict, seconds: float,
+                   profile: bool) -> float:
     config = load(env={}, flags={**NO_LISTENERS, **options})
     app = app_factory(config) if app_factory is not None else HubApp(config)
     server = Server(app, config)
@@ -353,6 +414,7 @@ DESCRIBE = {
     "hub-pub-ref": "hub `pub` with a `ref`, 64 B, 100 rooms (history append and ack), 16 per read",
     "hub-pub-hook": "hub `pub` as above, with a plain `on_publish` hook returning the data unchanged",
     "hub-pub-hook-async": "hub `pub` as above, with an `async def` `on_publish` hook returning the data unchanged",
+    "hub-pub-redis": "hub `pub` as above on `redis://` (the hub's CPU, Redis's not)",
     "hub-fanout": "hub fan-out: one publication to 1,000 TCP members, per delivery",
 }
 

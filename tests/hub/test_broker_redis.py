@@ -558,6 +558,24 @@ class TestRedisOnly:
             held = await a.broker.history(room, since=2, history=POLICY)
             assert held.complete is True and held.publications == before[2:] + after
 
+    async def test_publish_seq_nowait_gives_the_seq_beside_publications_in_one_batch(self, prefix):
+        """publish_seq_nowait (the hub's acks) and publish_nowait calls to one room in one
+        turn share a batch: the former get their seq, the latter their Publication, in
+        call order, and the history holds every one."""
+        room = f"{prefix}:r"
+        async with started(URL, prefix, "a") as a:
+            broker = a.broker
+            calls = [(broker.publish_seq_nowait if i % 3 else broker.publish_nowait)(room, raw(i), sender=f"c{i}", ts=now_ms(), history=POLICY) for i in range(9)]
+            answers = await asyncio.gather(*calls)
+            assert [a if type(a) is int else a.seq for a in answers] == list(range(1, 10))
+            for i, answer in enumerate(answers):
+                assert (type(answer) is int) == bool(i % 3)
+                if type(answer) is not int:
+                    assert (answer.room, bytes(answer.data), answer.sender) == (room, bytes(raw(i)), f"c{i}")
+            held = await broker.history(room, history=POLICY)
+            assert [(p.seq, bytes(p.data), p.sender) for p in held.publications] == [(i + 1, bytes(raw(i)), f"c{i}") for i in range(9)]
+            assert broker.in_flight == 0
+
     async def test_history_ttl_drops_old_entries(self, prefix):
         room = f"{prefix}:r"
         now = [1_700_000_000.0]

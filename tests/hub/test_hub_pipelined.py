@@ -36,6 +36,13 @@ def peak_tracking(cls):
             self.peak = max(self.peak, self.in_flight)
             return future
 
+        if hasattr(cls, "publish_seq_nowait"):  # what the hub calls when the broker has it
+
+            def publish_seq_nowait(self, *args, **kwargs):
+                future = super().publish_seq_nowait(*args, **kwargs)
+                self.peak = max(self.peak, self.in_flight)
+                return future
+
     return Tracked
 
 
@@ -228,3 +235,36 @@ async def test_a_client_that_publishes_then_closes_gets_every_ack(remote, transp
             assert pub.close_code == 1000
         assert [(f["op"], f["ref"]) for f in got] == [("ok", i) for i in range(n)]
         assert [f["seq"] for f in got] == list(range(1, n + 1))
+
+
+@pytest.mark.one_loop
+async def test_a_failed_publication_is_answered_in_its_place():
+    """A publication the broker fails after a later one of the same connection was acked (it
+    was in another room's batch): its error comes first, then the later one's ack."""
+    from wirehub.hub.broker import BrokerError
+
+    class HoldsFirst(RedisBroker):
+        """Answers the first publication only when the test says, and then with a failure."""
+
+        held = None
+
+        def publish_seq_nowait(self, *args, **kwargs):  # (the hub's publications come here)
+            future = super().publish_seq_nowait(*args, **kwargs)
+            if self.held is None:
+                self.held = future.get_loop().create_future()
+                return self.held
+            return future
+
+    prefix = f"wht{uuid.uuid4().hex[:12]}"
+    broker = HoldsFirst(REDIS_URL, prefix=prefix)
+    try:
+        async with hub_server("tcp", broker=broker) as hub:
+            pub = await hub.greeted()
+            await pub.send_raw(lines([{"op": "pub", "room": "a", "data": 1, "ref": 1}, {"op": "pub", "room": "b", "data": 2, "ref": 2}]), newline=False)
+            await wait_for(lambda: broker.held is not None and broker.in_flight == 0, timeout=WAIT, what="the second publication to be answered")
+            broker.held.set_exception(BrokerError("cannot publish to 'a': refused"))
+            first = await pub.recv()
+            assert (first["op"], first["ref"]) == ("error", 1), first
+            await pub.expect("ok", ref=2, seq=1)
+    finally:
+        await drop_redis(prefix)

@@ -256,6 +256,8 @@ class HubApp(App):
         #: a broker that keeps rooms in this process (memory) shows them here: they count
         #: toward max_rooms with the joined ones, and a publish may create one
         self._room_table: Any = getattr(self.broker, "rooms_held", None)
+        #: a broker's publish_nowait whose future gives the seq alone, when it has one (base.py)
+        self._publish_seq: Callable[..., asyncio.Future[Any]] | None = getattr(self.broker, "publish_seq_nowait", None)
         #: join replays still being paced by the client's reading
         self._replays: set[asyncio.Task[None]] = set()
         #: bytes of replay a join puts into the send buffer before waiting for it to drain
@@ -341,7 +343,9 @@ class HubApp(App):
         # A hook that awaits (async, or blocking in the pool) needs the task too.
         local = self.broker.local and not hooks.need_task
         self.connect = self._connect_inline if local else self._connect_async  # type: ignore[method-assign]
-        self.frame = self._frame_inline if local else self._frame_async  # type: ignore[method-assign]
+        # (with a remote broker, connect is async: the framework runs each connection's frames
+        # in a task, and awaits what _frame_pumped returns)
+        self.frame = self._frame_inline if local else self._frame_pumped  # type: ignore[method-assign]
         self._frames = InlineFrames(self)
         if local and not hooks and not self.config.rate_limit:
             # ping and pub in the compiled accelerator's code (the rest in _frame_command)
@@ -472,9 +476,30 @@ class HubApp(App):
         except Exception:
             self._failed(session, cmd)
 
-    async def _frame_async(self, conn: Connection, data: bytes) -> None:
+    def _frame_pumped(self, conn: Connection, data: bytes) -> Awaitable[None] | None:
+        """A frame in the connection's task (a remote broker, or a hook that awaits). A ``pub``
+        whose publication can start now (no hooks, room in the window) starts here, without
+        a coroutine; any other frame returns the coroutine the task awaits before the next."""
         session: Session = self.sessions[conn.id]
         cmd = wire.decode(data)
+        if type(cmd) is Pub and self._runner is None:
+            window = session.publishing
+            if window is None or (len(window) < PUB_WINDOW and self.broker.in_flight < PUB_IN_FLIGHT):
+                if not self._rate or self._admit(session, cmd.ref):
+                    try:
+                        data = self._pub_data(session, cmd)
+                        if data is None:
+                            self.stats.pub_refused += 1
+                        else:
+                            self._pub_start(session, cmd, data, None)
+                    except BrokerError as exc:
+                        self._broker_failed(session, cmd, exc)
+                    except Exception:
+                        self._failed(session, cmd)
+                return None
+        return self._frame_async(session, cmd)
+
+    async def _frame_async(self, session: Session, cmd: Any) -> None:
         if type(cmd) is Pub:
             if self._admit(session, cmd.ref):
                 try:
@@ -490,7 +515,7 @@ class HubApp(App):
             self._error(session, cmd.code, cmd.message, cmd.ref)
         elif type(cmd) is Ping:
             if self._admit(session, cmd.ref) and not self._needs_hello(session, cmd.ref):
-                conn.send(wire.pong(cmd.ref))
+                session.conn.send(wire.pong(cmd.ref))
         elif self._admit(session, cmd.ref):
             try:
                 await self._ops[type(cmd)](session, cmd)
@@ -563,9 +588,8 @@ class HubApp(App):
                 return
             session.held = held
             ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            ready.set_result(None)
+            ready.set_result(None)  # (the front's answer sends it: see _published)
             window.append((ready, frame))
-            ready.add_done_callback(functools.partial(self._published, session))
         else:
             conn.send(frame)
         errors = self.stats.errors
@@ -925,42 +949,66 @@ class HubApp(App):
         broker = self.broker
         while (window := s.publishing) and (len(window) >= PUB_WINDOW or broker.in_flight >= PUB_IN_FLIGHT):
             await asyncio.wait((window[0][0],))  # its answer takes it out of the window
+        self._pub_start(s, cmd, data, info)
+
+    def _pub_start(self, s: Session, cmd: Pub, data: bytes, info: bytes | None) -> None:
+        """Start ``cmd``'s publication at the broker and put it in ``s``'s window (which the
+        caller made sure has room)."""
+        window = s.publishing
         if window is None:
             window = s.publishing = collections.deque()
+        room = cmd.room
+        history = (self._policies.get(room) or self.policy(room)).history
+        start = self._publish_seq or self.broker.publish_nowait  # (the former's future gives the seq alone)
         if info is None:
-            future = broker.publish_nowait(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy(cmd.room).history)
+            future = start(room, data, sender=s.client, ts=int(time.time() * 1000), history=history)
         else:
-            future = broker.publish_nowait(cmd.room, data, sender=s.client, ts=int(time.time() * 1000), history=self.policy(cmd.room).history, info=info)
+            future = start(room, data, sender=s.client, ts=int(time.time() * 1000), history=history, info=info)
+        if not window:  # the front of the window: its answer answers the client (_published)
+            future.add_done_callback(functools.partial(self._published, s))
         window.append((future, cmd))
-        future.add_done_callback(functools.partial(self._published, s))
 
     def _published(self, s: Session, _: asyncio.Future[Publication]) -> None:
-        """A publication of ``s`` was answered: answer the client for every one answered at
-        the front of its window, in the order they were sent."""
+        """The publication at the front of ``s``'s window was answered: answer the client for
+        every one answered at the front, in the order they were sent. Only the front has this
+        callback (a broker answers a batch of publications in one go: one call answers them
+        all); the new front gets it, when one is left."""
         window = s.publishing
-        while window and window[0][0].done():
-            future, cmd = window.popleft()
+        if window is None:
+            return
+        send = s.conn.send
+        ok = wire.ok
+        published = 0
+        while window:
+            future, cmd = window[0]
+            if not future.done():
+                break
+            window.popleft()
             if type(cmd) is bytes:  # a reply queued behind the acks (see _error)
                 s.held -= len(cmd)
-                s.conn.send(cmd)
+                send(cmd)
                 continue
-            if future.cancelled():
+            try:
+                seq = future.result()  # the seq (publish_seq_nowait), or the Publication
+            except asyncio.CancelledError:
                 continue
-            exc = future.exception()
-            if exc is None:
-                self.stats.published += 1
-                if cmd.ref is not None:
-                    s.conn.send(wire.ok(cmd.ref, future.result().seq))
-            # a failed one is answered in its place, before the ones behind it in the window
-            elif isinstance(exc, BrokerError):
+            except BrokerError as exc:
                 self.stats.pub_failed += 1
-                self._broker_failed(s, cmd, exc, now=True)
-            else:  # a broker bug: logged within the same budget as _failed's
+                self._broker_failed(s, cmd, exc, now=True)  # (it was the front: before the acks behind it)
+                continue
+            except Exception as exc:  # a broker bug: logged within the same budget as _failed's
                 self.stats.pub_failed += 1
                 if _tracebacks.allow():
                     log.error("hub_op_failed", conn=s.client, op="pub", error=repr(exc))
                 self._error(s, "internal", "the server failed to handle this frame; it has been logged", cmd.ref, now=True)
-        if window is not None and not window:
+                continue
+            published += 1
+            if cmd.ref is not None:
+                send(ok(cmd.ref, seq if type(seq) is int else seq.seq))
+        self.stats.published += published
+        if window:
+            window[0][0].add_done_callback(functools.partial(self._published, s))
+        elif window is not None:
             s.publishing = None
 
     async def _send(self, s: Session, cmd: Send) -> None:

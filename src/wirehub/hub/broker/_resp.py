@@ -196,6 +196,10 @@ class CommandLink(_Link):
         """Queue one command; ``answer`` is its future, or a function called with the reply
         (a :class:`ReplyError` or :class:`LinkLost` instance when it failed), or None (the
         reply is not wanted)."""
+        self.then_encoded(answer, encode(args))
+
+    def then_encoded(self, answer: asyncio.Future[Any] | Callable[[Any], None] | None, command: bytes) -> None:
+        """:meth:`then` for a command already encoded as a RESP array (:func:`encode`)."""
         if not self.open:
             lost = LinkLost("is not connected", sent=False)
             if isinstance(answer, asyncio.Future):
@@ -203,7 +207,7 @@ class CommandLink(_Link):
             elif answer is not None:
                 answer(lost)
             return
-        self._out.append(encode(args))
+        self._out.append(command)
         self._unsent.append(answer)
         if not self._scheduled:
             self._scheduled = True

@@ -125,7 +125,12 @@ class Broker(Protocol):
         room, a later call gets a higher ``seq``), and many may be in flight at once: a
         remote broker sends those of one event-loop turn together. The future gives the
         :class:`Publication`, or fails with :class:`BrokerError` (never silently). The caller
-        bounds what it keeps in flight; :attr:`in_flight` counts this node's."""
+        bounds what it keeps in flight; :attr:`in_flight` counts this node's.
+
+        A broker may also have ``publish_seq_nowait`` (same arguments): the same, except
+        that its future gives the publication's ``seq`` alone, for a caller that needs
+        nothing else (the hub's acks); building the Publication is a good part of the
+        per-publication cost (the Redis broker has it)."""
 
     #: publications started with :meth:`publish_nowait` (or :meth:`publish`) and not yet answered
     in_flight: int

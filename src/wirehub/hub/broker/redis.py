@@ -58,6 +58,7 @@ import collections
 import functools
 import hashlib
 import math
+import operator
 import random
 import secrets
 import time
@@ -67,7 +68,7 @@ from typing import Any, Callable
 import msgspec
 
 from ..._log import get_logger
-from ._resp import CommandLink, Endpoint, LinkLost, ReplyError, SubscriberLink, open_link
+from ._resp import CommandLink, Endpoint, LinkLost, ReplyError, SubscriberLink, encode, open_link
 from .base import BrokerError, BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
 
 log = get_logger("wirehub.hub.broker.redis")
@@ -149,27 +150,30 @@ else
   seq = tonumber(m[2]) + n
 end
 local size = tonumber(ARGV[2])
+local seq_s = string.format('%d', seq)  -- (n and ts go on as the strings given: no number formatting)
 -- the stream first: when the append fails, nothing was written and no seq was used
 if size > 0 then
   local floor = string.format('%d', math.max(0, seq - size + 1))
   if n == 1 then
-    redis.call('XADD', stream, 'MINID', floor, string.format('%d-0', seq), 't', ARGV[6], 'b', ARGV[8])
+    redis.call('XADD', stream, 'MINID', floor, seq_s .. '-0', 't', ARGV[6], 'b', ARGV[8])
   else
-    redis.call('XADD', stream, 'MINID', floor, string.format('%d-0', seq), 't', ARGV[6], 'n', n, 'b', ARGV[8])
+    redis.call('XADD', stream, 'MINID', floor, seq_s .. '-0', 't', ARGV[6], 'n', ARGV[7], 'b', ARGV[8])
   end
-  if math.fmod(seq, 16) < n then  -- entries past the TTL: looked for every 16 publications
+  -- entries past the TTL: looked for when seq passes a multiple of 64 (reading the oldest
+  -- entry costs as much as a third of this script; reads trim them before reading anyway)
+  if math.fmod(seq, 64) < n then
     trim_old(stream, tonumber(ARGV[5]))
   end
   redis.call('PEXPIRE', stream, ARGV[3])
 else
   redis.call('DEL', stream)
 end
-redis.call('HSET', meta, 'e', epoch, 's', string.format('%d', seq))
+redis.call('HSET', meta, 'e', epoch, 's', seq_s)
 redis.call('PEXPIRE', meta, ARGV[4])
 if n == 1 then
-  redis.call('PUBLISH', ARGV[9], 'p' .. string.format('%d', seq) .. ' ' .. epoch .. ' ' .. ARGV[8])
+  redis.call('PUBLISH', ARGV[9], 'p' .. seq_s .. ' ' .. epoch .. ' ' .. ARGV[8])
 else
-  redis.call('PUBLISH', ARGV[9], 'P' .. string.format('%d', seq) .. ' ' .. n .. ' ' .. epoch .. ' ' .. ARGV[8])
+  redis.call('PUBLISH', ARGV[9], 'P' .. seq_s .. ' ' .. ARGV[7] .. ' ' .. epoch .. ' ' .. ARGV[8])
 end
 return {seq, epoch}
 """
@@ -300,6 +304,9 @@ _decode_batch = msgspec.msgpack.Decoder(list[_Body]).decode
 #: publications one batch (one stream entry, one pub/sub message) carries at most, and data bytes
 BATCH_PUBLICATIONS = 512
 BATCH_BYTES = 256 * 1024
+#: rooms whose publish script call's fixed part (keys, history settings, channel) is kept
+#: encoded; past it the cache starts again
+PUBLISH_HEADS = 4096
 
 
 def _unpack(last: int, n: int, blob: bytes, epoch: str) -> list[Publication]:
@@ -360,14 +367,23 @@ class _Writes:
 class _Batch:
     """The publications of one room queued in this event-loop turn."""
 
-    __slots__ = ("room", "history", "bodies", "answers", "size")
+    __slots__ = ("room", "history", "bodies", "answers", "publications", "size")
 
     def __init__(self, room: str, history: HistoryPolicy) -> None:
         self.room = room
         self.history = history
         self.bodies: list[tuple[Any, ...]] = []  # [room, sender, ts, data(, info, exclude)]
-        self.answers: list[tuple[asyncio.Future[Publication], msgspec.Raw]] = []
+        self.answers: list[asyncio.Future[Any]] = []  # the same order: each gives the seq,
+        self.publications: set[int] | None = None  # or, at these indexes, the Publication
         self.size = 0
+
+
+_ts_of = operator.itemgetter(2)  # a body's ts
+
+
+def _bulk(arg: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(arg), arg)
 
 
 def _publication(body: bytes, seq: int, epoch: str) -> Publication:
@@ -444,6 +460,7 @@ class RedisBroker:
         self._reading: set[asyncio.Task[None]] = set()  # their reads' tasks
         self._reads_under_way: set[tuple[str, HistoryPolicy]] = set()  # rooms with a shared read under way
         self._writes: _Writes | None = None  # lease and presence writes of this turn (_write)
+        self._publish_heads: dict[str, tuple[HistoryPolicy, bytes, bytes, bytes, int]] = {}  # see _publish_head
         self._inflight = 0  # calls under way; close() lets them finish (bounded)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -691,27 +708,38 @@ class RedisBroker:
         Redis as one batch (one EVALSHA, one stream entry, one message to the subscribed
         nodes), every batch of the turn in one write on the auto-pipelined connection. Redis
         runs them in call order (see the module docstring)."""
+        return self.publish_seq_nowait(room, data, sender=sender, ts=ts, history=history, info=info, exclude=exclude, publication=True)
+
+    def publish_seq_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "", publication: bool = False) -> asyncio.Future[Any]:
+        """:meth:`publish_nowait` whose future gives the publication's ``seq`` alone (with
+        ``publication``, the :class:`Publication`): no Publication is built for a caller that
+        only acks (see the Broker protocol)."""
         # the loop cached at start: asyncio.get_running_loop() costs a getpid() system call
-        future: asyncio.Future[Publication] = (self._loop or asyncio.get_running_loop()).create_future()
-        refused = self._refusal(f"publish to {room!r}")
-        if refused is not None:
+        loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if self._cmd is None or self._closing or not self._up:  # (_refusal's test, without its message each time)
+            refused = self._refusal(f"publish to {room!r}")
+            assert refused is not None
             future.set_exception(refused)
             return future
-        raw = data if type(data) is msgspec.Raw else msgspec.Raw(data)
+        body = data if type(data) is bytes else bytes(data)
         batches = self._batches
         batch = batches.get(room)
         if batch is None:
             if not batches:
-                (self._loop or asyncio.get_running_loop()).call_soon(self._send_batches)
+                loop.call_soon(self._send_batches)
             batch = batches[room] = _Batch(room, history)
-        body = bytes(raw)
+            self._idle.clear()  # (until this batch is answered: it counts in in_flight)
         # an application hook's info and exclude, when set, make it [room, sender, ts, data, info, exclude]
         batch.bodies.append((room, sender, ts, body, info, exclude) if info is not None or exclude else (room, sender, ts, body))
-        batch.answers.append((future, raw))
+        if publication:
+            if batch.publications is None:
+                batch.publications = set()
+            batch.publications.add(len(batch.answers))
+        batch.answers.append(future)
         batch.size += len(body)
         self.in_flight += 1
-        self._idle.clear()
-        if len(batch.bodies) >= BATCH_PUBLICATIONS or batch.size >= BATCH_BYTES:
+        if batch.size >= BATCH_BYTES or len(batch.answers) >= BATCH_PUBLICATIONS:
             del batches[room]  # full: it goes now, the room's next publications start a new one
             self._send_batch(batch)
         return future
@@ -728,15 +756,12 @@ class RedisBroker:
             log.exception("redis_publish_failed", room=batch.room)
             self.in_flight -= len(batch.answers)
             self._settle()
-            for future, _ in batch.answers:
+            for future in batch.answers:
                 if not future.done():
                     future.set_exception(exc)
 
     def _send_batch_now(self, batch: _Batch) -> None:
         room, history, bodies, answers = batch.room, batch.history, batch.bodies, batch.answers
-        what = f"publish to {room!r}"
-        ttl_ms = self._ttl_ms(history)
-        ts = max(b[2] for b in bodies)
         n = len(bodies)
 
         def answered(reply: Any) -> None:
@@ -745,43 +770,59 @@ class RedisBroker:
             if isinstance(reply, BaseException):
                 if _noscript(reply):
                     self._load_scripts()  # for the next ones; these were not applied
-                error = self._error(what, reply, unknown=True)
-                for future, _ in answers:
+                error = self._error(f"publish to {room!r}", reply, unknown=True)
+                for future in answers:
                     if not future.done():
                         future.set_exception(error)
                 return
-            last, epoch_b = reply
-            epoch = epoch_b.decode()
-            first = int(last) - n + 1
-            for k, ((future, raw), body) in enumerate(zip(answers, bodies)):
-                if not future.done():
+            seq = int(reply[0]) - n
+            publications = batch.publications
+            if publications is None:  # every caller wants the seq alone
+                for future in answers:
+                    seq += 1
+                    if not future.done():
+                        future.set_result(seq)
+                return
+            epoch = reply[1].decode()
+            for k, (future, body) in enumerate(zip(answers, bodies)):
+                seq += 1
+                if future.done():
+                    continue
+                if k not in publications:
+                    future.set_result(seq)
+                else:
+                    # (room, seq, epoch, data, sender, ts[, info, exclude]): Publication's fields in order
                     if len(body) == 4:
-                        pub = Publication(room=room, seq=first + k, epoch=epoch, data=raw, sender=body[1], ts=body[2])
+                        future.set_result(Publication(room, seq, epoch, msgspec.Raw(body[3]), body[1], body[2]))
                     else:
-                        pub = Publication(room=room, seq=first + k, epoch=epoch, data=raw, sender=body[1], ts=body[2], info=body[4], exclude=body[5])
-                    future.set_result(pub)
+                        future.set_result(Publication(room, seq, epoch, msgspec.Raw(body[3]), body[1], body[2], body[4], body[5]))
 
         cmd = self._cmd
         if cmd is None:
             answered(LinkLost("is not connected", sent=False))
             return
-        cmd.then(
-            answered,
-            b"EVALSHA",
-            SHAS["publish"],
-            2,
-            self._meta(room),
-            self._stream(room),
-            self._new_epoch(),
-            max(0, history.size),
-            ttl_ms,
-            max(ttl_ms, META_MIN_TTL_MS),
-            ts - ttl_ms,
-            ts,
-            n,
-            _encode(bodies[0]) if n == 1 else _encode(bodies),
-            self._channel(room),
-        )
+        head = self._publish_heads.get(room)
+        if head is None or (head[0] is not history and head[0] != history):
+            head = self._publish_head(room, history)
+        _, keys, policy, channel, ttl_ms = head
+        ts = max(map(_ts_of, bodies))
+        blob = _encode(bodies[0]) if n == 1 else _encode(bodies)
+        cmd.then_encoded(answered, b"%b%b%b%b%b%b%b%b" % (
+            keys, _bulk(self._new_epoch().encode()), policy, _bulk(b"%d" % (ts - ttl_ms)), _bulk(b"%d" % ts), _bulk(b"%d" % n), _bulk(blob), channel))
+
+    def _publish_head(self, room: str, history: HistoryPolicy) -> tuple[HistoryPolicy, bytes, bytes, bytes, int]:
+        """What every publish script call of ``room`` under ``history`` sends alike, encoded
+        once: (history, the command up to its keys, the size and TTL arguments, the channel
+        argument, the TTL in ms). Remembered for PUBLISH_HEADS rooms."""
+        ttl_ms = self._ttl_ms(history)
+        keys = encode((b"EVALSHA", SHAS["publish"], 2, self._meta(room), self._stream(room)))
+        keys = b"*14" + keys[keys.index(b"\r\n"):]  # the script call has 14 arguments, 5 of them here
+        policy = b"".join(_bulk(b"%d" % v) for v in (max(0, history.size), ttl_ms, max(ttl_ms, META_MIN_TTL_MS)))
+        head = (history, keys, policy, _bulk(self._channel(room)), ttl_ms)
+        if len(self._publish_heads) >= PUBLISH_HEADS:
+            self._publish_heads.clear()
+        self._publish_heads[room] = head
+        return head
 
     async def publish(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> Publication:
         future = self.publish_nowait(room, data, sender=sender, ts=ts, history=history, info=info, exclude=exclude)
