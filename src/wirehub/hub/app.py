@@ -340,7 +340,7 @@ class HubApp(App):
         self._frames = InlineFrames(self, scan=SCAN)
         if local and not hooks and not self.config.rate_limit:
             # ping and pub in the compiled accelerator's code (the rest in _frame_command)
-            self.frame = self._frames  # type: ignore[method-assign]
+            self.frame = self._frames.frame  # type: ignore[method-assign]
         self.disconnect = self._disconnect_inline if local else self._disconnect_async  # type: ignore[method-assign]
         handlers = super().handlers()
         if self.broker.local:

@@ -54,6 +54,39 @@ class _Stream:
         self.ttl_ms = 0  # the room's history TTL at its last write (for the sweep)
 
 
+def _append(broker: MemoryBroker, room: str, stream: _Stream, data: bytes, sender: str, ts: int, history: HistoryPolicy,
+            info: bytes | None, exclude: str) -> Publication:
+    """``data`` published to ``room`` as the next of ``stream``, kept in its history as
+    ``history`` says, within the broker's byte budget: the body of ``publish_now`` (compiled,
+    the stream's fields are C fields here)."""
+    seq = stream.seq = stream.seq + 1
+    raw = data if type(data) is _Raw else _Raw(data)
+    # positional: a publication is made per pub, and keywords cost more than the fields
+    pub = _Publication(room, seq, stream.epoch, raw, sender, ts, info, exclude)
+    size = history.size
+    ttl_ms = stream.ttl_ms = int(history.ttl * 1000)
+    items = stream.items
+    if size > 0:
+        cost = len(raw) + PUB_OVERHEAD
+        if items:
+            broker._lru.move_to_end(room)
+        else:
+            cost += ROOM_OVERHEAD
+            broker._lru[room] = stream
+        items.append(pub)
+        if len(items) > size:  # a full room: its oldest goes (the common case, inline)
+            cost -= len(items.popleft().data) + PUB_OVERHEAD
+        stream.bytes += cost
+        broker.bytes += cost
+        if len(items) > size or items[0].ts < ts - ttl_ms:
+            broker._trim(room, stream, size, ttl_ms, ts)
+    elif items:
+        broker._trim(room, stream, size, ttl_ms, ts)
+    if broker.bytes > broker.max_bytes:
+        broker._evict(room)
+    return pub
+
+
 class MemoryBroker:
     local = True
     in_flight = 0  # every call completes at once
@@ -231,31 +264,7 @@ class MemoryBroker:
         stream = self._streams.get(room)
         if stream is None:
             stream = self._stream(room)
-        seq = stream.seq = stream.seq + 1
-        raw = data if type(data) is _Raw else _Raw(data)
-        # positional: a publication is made per pub, and keywords cost more than the fields
-        pub = _Publication(room, seq, stream.epoch, raw, sender, ts, info, exclude)
-        size = history.size
-        ttl_ms = stream.ttl_ms = int(history.ttl * 1000)
-        items = stream.items
-        if size > 0:
-            cost = len(raw) + PUB_OVERHEAD
-            if items:
-                self._lru.move_to_end(room)
-            else:
-                cost += ROOM_OVERHEAD
-                self._lru[room] = stream
-            items.append(pub)
-            if len(items) > size:  # a full room: its oldest goes (the common case, inline)
-                cost -= len(items.popleft().data) + PUB_OVERHEAD
-            stream.bytes += cost
-            self.bytes += cost
-            if len(items) > size or items[0].ts < ts - ttl_ms:
-                self._trim(room, stream, size, ttl_ms, ts)
-        elif items:
-            self._trim(room, stream, size, ttl_ms, ts)
-        if self.bytes > self.max_bytes:
-            self._evict(room)
+        pub = _append(self, room, stream, data, sender, ts, history, info, exclude)
         if room in self._subscribed and self._handler is not None:
             self._handler.on_publication(pub)
         return pub
