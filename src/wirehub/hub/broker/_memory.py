@@ -14,6 +14,11 @@ room published to again later starts a new stream under a new epoch, so a client
 recovers across that is told ``recovered:false``, never given a silent gap. The same holds
 for a room whose history the byte budget evicted while it had members: its stream (``seq``,
 epoch) stays, its history is gone, and recovery from before it reports incomplete.
+
+This file is the implementation; import it as :mod:`wirehub.hub.broker.memory`, which picks
+this Python code or its compiled copy (the accelerator: ``_memory.pxd`` makes ``_Stream`` and
+``MemoryBroker`` extension types with C fields; keep the two in step). ``publish_now`` runs
+for every ``pub`` on a local broker.
 """
 
 from __future__ import annotations
