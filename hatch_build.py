@@ -3,8 +3,9 @@
 Compiles each module of ``MODULES`` with Cython, typed by the ``.pxd`` beside it:
 ``src/wirehub/transport/_connection.py`` into the extension module
 ``wirehub.transport._connection_c``, ``src/wirehub/protocol/_framing.py`` into
-``wirehub.protocol._framing_c`` and ``src/wirehub/hub/_frames.py`` into ``wirehub.hub._frames_c`` (in place in ``src/`` for an editable install; in the wheel
-otherwise), each with a digest of its two sources compiled in so that the module that loads it
+``wirehub.protocol._framing_c``, ``src/wirehub/hub/_frames.py`` into ``wirehub.hub._frames_c``
+and ``src/wirehub/hub/broker/_memory.py`` into ``wirehub.hub.broker._memory_c`` (in place in
+``src/`` for an editable install; in the wheel otherwise), each with a digest of its two sources compiled in so that the module that loads it
 (``wirehub._accelerator.load``) never uses a build older than the code beside it.
 
 Optional: when Cython or a C compiler is missing, or compiling fails, the build says so and
@@ -28,6 +29,7 @@ MODULES = (
     (("wirehub", "transport"), "_connection"),
     (("wirehub", "protocol"), "_framing"),
     (("wirehub", "hub"), "_frames"),
+    (("wirehub", "hub", "broker"), "_memory"),
 )
 DIRECTIVES = {
     "language_level": 3,
@@ -57,8 +59,8 @@ def build_accelerator(src: Path, package: tuple[str, ...], source: str) -> Path:
         root = Path(tmp)
         pkg = root.joinpath(*package)
         pkg.mkdir(parents=True)
-        for level in (root / package[0], pkg):  # so that Cython sees the package path
-            (level / "__init__.py").write_text("")
+        for depth in range(1, len(package) + 1):  # so that Cython sees the package path
+            (root.joinpath(*package[:depth]) / "__init__.py").write_text("")
         code = (src / (source + ".py")).read_text(encoding="utf-8")
         (pkg / (compiled + ".py")).write_text(code + f'\n_SOURCE_DIGEST = "{digest}"\n', encoding="utf-8")
         shutil.copyfile(src / (source + ".pxd"), pkg / (compiled + ".pxd"))

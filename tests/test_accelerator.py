@@ -1,5 +1,6 @@
 """The optional compiled accelerator (hatch_build.py, wirehub/_accelerator.py): the
-connection module, the frame decoders and the hub's ping/pub path, each compiled with Cython.
+connection module, the frame decoders, the hub's ping/pub path and the memory broker, each
+compiled with Cython.
 
 The whole suite runs on whichever implementation the install gave (compiled where a C
 compiler and Cython were at hand); the tests here check the choice itself, and run the
@@ -20,6 +21,7 @@ import pytest
 import wirehub
 from wirehub import _accelerator
 from wirehub.hub import frames
+from wirehub.hub.broker import memory
 from wirehub.protocol import framing
 from wirehub.transport import connection
 
@@ -43,10 +45,10 @@ def probe(env: dict[str, str], path: Path | None = None) -> subprocess.Completed
 
 
 MODULES = [(connection, "wirehub.transport._connection"), (framing, "wirehub.protocol._framing"),
-           (frames, "wirehub.hub._frames")]
+           (frames, "wirehub.hub._frames"), (memory, "wirehub.hub.broker._memory")]
 
 
-@pytest.mark.parametrize("module, source", MODULES, ids=["connection", "framing", "hub-frames"])
+@pytest.mark.parametrize("module, source", MODULES, ids=["connection", "framing", "hub-frames", "memory-broker"])
 def test_the_implementation_in_use_is_reported_and_matches_its_sources(module, source):
     assert module.ACCELERATOR in ("compiled", "not built (pure Python)", "off (WIREHUB_PURE_PYTHON is set)")
     if os.environ.get("EXPECT_WIREHUB_COMPILED") == "1":  # set by CI, where gcc and Cython are at hand

@@ -1,12 +1,14 @@
 """The optional compiled accelerator: how a module picks its compiled copy.
 
-Three modules hold the code that runs for every frame: ``wirehub/transport/_connection.py``
+Four modules hold the code that runs for every frame: ``wirehub/transport/_connection.py``
 (connections, the send buffer, the stream read path), ``wirehub/protocol/_framing.py`` (the
-frame decoders) and ``wirehub/hub/_frames.py`` (the hub's ``ping`` and ``pub`` on a local
-broker). At install time ``hatch_build.py`` compiles each with Cython, typed by the ``.pxd``
-file beside it, into ``_connection_c``, ``_framing_c`` and ``_frames_c``, with a digest of the
-two source files compiled in. The public modules (``wirehub.transport.connection``,
-``wirehub.protocol.framing``, ``wirehub.hub.frames``) load their implementation through :func:`load`, which takes:
+frame decoders), ``wirehub/hub/_frames.py`` (the hub's ``ping`` and ``pub`` on a local
+broker) and ``wirehub/hub/broker/_memory.py`` (the memory broker, whose publish every such
+``pub`` calls). At install time ``hatch_build.py`` compiles each with Cython, typed by the
+``.pxd`` file beside it, into ``_connection_c``, ``_framing_c``, ``_frames_c`` and
+``_memory_c``, with a digest of the two source files compiled in. The public modules
+(``wirehub.transport.connection``, ``wirehub.protocol.framing``, ``wirehub.hub.frames``,
+``wirehub.hub.broker.memory``) load their implementation through :func:`load`, which takes:
 
 - the compiled copy, when it was built and was built from the ``.py`` and ``.pxd`` files that
   are there now, so an edited source is never shadowed by a stale build;

@@ -16,6 +16,7 @@ import os
 from datetime import timedelta
 
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 SCALE = max(1, int(os.environ.get("WIREHUB_FUZZ_SCALE", "1")))
 
@@ -28,3 +29,16 @@ def fuzz(examples: int, deadline_ms: int = 1000) -> settings:
         deadline=timedelta(milliseconds=deadline_ms),
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
     )
+
+
+def mutate(draw, base: bytes, byte: st.SearchStrategy[int] = st.integers(0, 255)) -> bytes:
+    """``base`` with one byte (drawn from ``byte``) replaced, inserted or removed, at a drawn
+    place: for a ``@st.composite`` strategy's ``draw``."""
+    i = draw(st.integers(0, len(base)))
+    how = draw(st.sampled_from(["replace", "insert", "delete"]))
+    one = bytes([draw(byte)])
+    if how == "replace" and i < len(base):
+        return base[:i] + one + base[i + 1 :]
+    if how == "insert":
+        return base[:i] + one + base[i:]
+    return base[:i] + base[i + 1 :]

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from wirehub.hub import protocol
 from wirehub.hub.protocol import OPS, Command, ProtocolError, Pub, Send, data_bytes, decode
 
-from . import fuzz
+from . import fuzz, mutate
 
 COMMANDS = Command.__args__  # the command classes
 
@@ -49,14 +49,7 @@ def mutated(draw) -> bytes:
         b'{"op":"send","to":"abc.1","data":"hi"}', b'{"op":"history","room":"r","limit":10}',
         b'{"op":"leave","room":"r"}', b'{"op":"presence","room":"r"}', b'{"op":"refresh","token":"t"}',
     ]))
-    i = draw(st.integers(0, len(base)))
-    how = draw(st.sampled_from(["replace", "insert", "delete"]))
-    byte = bytes([draw(st.integers(0, 255))])
-    if how == "replace" and i < len(base):
-        return base[:i] + byte + base[i + 1 :]
-    if how == "insert":
-        return base[:i] + byte + base[i:]
-    return base[:i] + base[i + 1 :]
+    return mutate(draw, base)
 
 
 frames = (

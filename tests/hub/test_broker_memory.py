@@ -239,7 +239,7 @@ class TestSweep:
         assert [p.seq for p in (await broker.history("new", history=policy)).publications] == [1]
 
     async def test_sweep_runs_by_itself(self, monkeypatch):
-        monkeypatch.setattr(memory_module, "SWEEP_INTERVAL", 0.01)
+        monkeypatch.setattr(memory_module._impl, "SWEEP_INTERVAL", 0.01)  # the code's module (maybe compiled)
         clock = FakeClock()
         broker = MemoryBroker(clock=clock)
         await broker.start(RecordingHandler())

@@ -7,6 +7,16 @@ framework's connection and framing code. :class:`~wirehub.hub.app.HubApp` makes 
 server; when no hook and no rate limit apply it is the frame handler itself, and every frame
 but ping and pub goes to the app's ``_frame_command``, decoded once. Behaviour is the same as
 ``HubApp._frame_inline``'s, frame for frame.
+
+The canonical forms: when compiled (``scan``), a ``ping`` or ``pub`` frame written as the
+clients write them, ``{"op":"ping","ref":REF}`` and ``{"op":"pub","room":ROOM,"data":DATA,
+"ref":REF}`` (``ref`` optional in a pub), is recognised by its bytes, before any decoding:
+:func:`ping_reply` and :meth:`InlineFrames.pub_frame`. They take only what they can answer
+exactly as the decoder's path would (an integer ``ref`` of at most 18 digits other than
+``-0``, strings of printable ASCII without ``"`` or ``\\``, ``DATA`` any JSON value in that
+alphabet, a frame that decoding would take as the same command) and leave everything else,
+untouched, to ``msgspec`` and the code after it. tests/fuzz/test_fuzz_hub_scan.py holds them to
+that: the same replies and the same publications as the decoder's path, for any input.
 """
 
 from __future__ import annotations
@@ -24,13 +34,205 @@ _pong = wire.pong
 _data_bytes = wire.data_bytes
 _time_ns = time.time_ns
 
+_PING_HEAD = b'{"op":"ping","ref":'
+_PONG_HEAD = b'{"op":"pong"'
+_PUB_HEAD = b'{"op":"pub","room":"'
+_DATA_KEY = b',"data":'
+_REF_KEY = b',"ref":'
+#: the longest integer ``ref`` taken by its bytes: 18 digits always fit in 64 bits
+MAX_REF_DIGITS = 18
+#: the deepest nesting of ``data`` taken by its bytes (deeper: the decoder's path)
+MAX_SCAN_DEPTH = 32
+
+# The scanners take ``p``, a frame's bytes: compiled, a C pointer to them (the caller holds the
+# frame), so that reading a byte is a C load and a slice is one copy.
+
+
+def _string_end(p: bytes, i: int, end: int) -> int:
+    """Past the string whose opening quote is ``p[i]`` (closed before ``end``), when it
+    holds printable ASCII and no ``\\``: then its bytes are its canonical JSON, and its
+    text is them. -1 otherwise."""
+    i += 1
+    while i < end:
+        c = p[i]
+        if c == 34:
+            return i + 1
+        if c < 32 or c > 126 or c == 92:
+            return -1
+        i += 1
+    return -1
+
+
+def ref_end(p: bytes, i: int, end: int) -> int:
+    """Where the ``ref`` value that starts at ``p[i]`` ends (before ``end``), when it is
+    in a form whose bytes are its own canonical JSON: an integer of at most
+    :data:`MAX_REF_DIGITS` digits but ``-0``, or a string of printable ASCII without ``"`` or
+    ``\\``. -1 otherwise (the decoder's path decides)."""
+    if i >= end:
+        return -1
+    c = p[i]
+    if c == 34:  # '"': a string
+        return _string_end(p, i, end)
+    j = i
+    if c == 45:  # '-'
+        j += 1
+        if j >= end:
+            return -1
+        c = p[j]
+    if c == 48:  # '0': alone, and not "-0" (its reply says 0)
+        return j + 1 if j == i else -1
+    if c < 49 or c > 57:
+        return -1
+    k = j + 1
+    while k < end:
+        c = p[k]
+        if c < 48 or c > 57:
+            break
+        k += 1
+    if k - j > MAX_REF_DIGITS:
+        return -1
+    return k
+
+
+def ping_reply(frame: bytes) -> Any:
+    """The pong to ``{"op":"ping","ref":REF}`` written exactly so (:func:`ref_end`), the same
+    bytes as ``wire.pong(REF)``; None for any other frame."""
+    n = len(frame)
+    p = frame  # compiled: its bytes, as a C pointer (indexing and slicing them are C)
+    if n < 21 or p[n - 1] != 125 or not frame.startswith(_PING_HEAD):  # 125: '}'
+        return None
+    if ref_end(p, 19, n - 1) != n - 1:
+        return None
+    return _PONG_HEAD + p[12:n]
+
+
+def json_end(p: bytes, i: int, end: int) -> int:
+    """Where the JSON value that starts at ``p[i]`` ends (before ``end``), when it is one
+    the decoder takes and ``wire.data_bytes`` relays unchanged: ASCII, strings of printable
+    characters without ``\\``, nesting at most :data:`MAX_SCAN_DEPTH` deep, no newline. -1
+    otherwise, and for what is not JSON (the decoder's path decides)."""
+    depth = 0
+    objects = 0  # a bit per open container, the innermost lowest: 1 for an object
+    while True:
+        # a value
+        while i < end and (p[i] == 32 or p[i] == 9 or p[i] == 13):
+            i += 1
+        if i >= end:
+            return -1
+        c = p[i]
+        if c == 34:  # a string
+            i = _string_end(p, i, end)
+            if i < 0:
+                return -1
+        elif c == 123 or c == 91:  # '{' or '['
+            if depth == MAX_SCAN_DEPTH:
+                return -1
+            depth += 1
+            objects = objects * 2 + (1 if c == 123 else 0)
+            i += 1
+            while i < end and (p[i] == 32 or p[i] == 9 or p[i] == 13):
+                i += 1
+            if i >= end:
+                return -1
+            c = p[i]
+            if c == (125 if objects & 1 else 93):  # empty: '}' or ']'
+                depth -= 1
+                objects = objects // 2
+                i += 1
+            elif objects & 1:
+                i = _key_end(p, i, end)
+                if i < 0:
+                    return -1
+                continue
+            else:
+                continue
+        elif c == 45 or 48 <= c <= 57:  # a number: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?
+            if c == 45:
+                i += 1
+                if i >= end:
+                    return -1
+                c = p[i]
+            if c == 48:
+                i += 1
+            elif 49 <= c <= 57:
+                i += 1
+                while i < end and 48 <= p[i] <= 57:
+                    i += 1
+            else:
+                return -1
+            if i < end and p[i] == 46:  # '.'
+                i += 1
+                if i >= end or not 48 <= p[i] <= 57:
+                    return -1
+                while i < end and 48 <= p[i] <= 57:
+                    i += 1
+            if i < end and (p[i] == 101 or p[i] == 69):  # 'e', 'E'
+                i += 1
+                if i < end and (p[i] == 43 or p[i] == 45):
+                    i += 1
+                if i >= end or not 48 <= p[i] <= 57:
+                    return -1
+                while i < end and 48 <= p[i] <= 57:
+                    i += 1
+        elif c == 116:  # true
+            if i + 4 > end or p[i + 1] != 114 or p[i + 2] != 117 or p[i + 3] != 101:
+                return -1
+            i += 4
+        elif c == 102:  # false
+            if i + 5 > end or p[i + 1] != 97 or p[i + 2] != 108 or p[i + 3] != 115 or p[i + 4] != 101:
+                return -1
+            i += 5
+        elif c == 110:  # null
+            if i + 4 > end or p[i + 1] != 117 or p[i + 2] != 108 or p[i + 3] != 108:
+                return -1
+            i += 4
+        else:
+            return -1
+        # after a value: the end, or what follows it in its container
+        while True:
+            if depth == 0:
+                return i
+            while i < end and (p[i] == 32 or p[i] == 9 or p[i] == 13):
+                i += 1
+            if i >= end:
+                return -1
+            c = p[i]
+            if c == 44:  # ','
+                i += 1
+                if objects & 1:
+                    while i < end and (p[i] == 32 or p[i] == 9 or p[i] == 13):
+                        i += 1
+                    i = _key_end(p, i, end)
+                    if i < 0:
+                        return -1
+                break  # the next value
+            if c != (125 if objects & 1 else 93):
+                return -1
+            depth -= 1
+            objects = objects // 2
+            i += 1
+
+
+def _key_end(p: bytes, i: int, end: int) -> int:
+    """Past an object's key and its colon (a string as :func:`json_end` takes them), or -1."""
+    if i >= end or p[i] != 34:
+        return -1
+    i = _string_end(p, i, end)
+    if i < 0:
+        return -1
+    while i < end and (p[i] == 32 or p[i] == 9 or p[i] == 13):
+        i += 1
+    if i >= end or p[i] != 58:  # ':'
+        return -1
+    return i + 1
+
 
 class InlineFrames:
     """``frame(conn, data)`` for the hub: ping and pub here, the rest in the app."""
 
-    __slots__ = ("app", "sessions", "table", "policies", "stats", "publish_now", "gated")
+    __slots__ = ("app", "sessions", "table", "policies", "stats", "publish_now", "gated", "scan")
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, scan: bool = False) -> None:
         self.app = app
         self.sessions = app.sessions
         self.table = app._room_table  # the rooms a local broker holds (None: ask the app)
@@ -38,8 +240,24 @@ class InlineFrames:
         self.stats = app.stats
         self.publish_now = getattr(app.broker, "publish_now", None)  # a local broker's
         self.gated = bool(app._gate)
+        #: recognise the canonical ping and pub by their bytes first (worth it compiled)
+        self.scan = scan
 
     def __call__(self, conn: Any, data: bytes) -> None:
+        self.frame(conn, data)
+
+    def frame(self, conn: Any, data: bytes) -> None:
+        """The frame handler (the app's ``frame``: a bound method of a compiled class is
+        called without an argument tuple, the instance itself would not be)."""
+        if self.scan and type(data) is bytes and len(data) > 20 and data[7] == 112:  # '{"op":"p'
+            if data[8] == 105:  # ping
+                reply = ping_reply(data)
+                if reply is not None and (not self.gated or self.sessions[conn.id].greeted):
+                    conn.send(reply)
+                    return
+            elif data[8] == 117 and self.table is not None:  # pub
+                if self.pub_frame(conn, data):
+                    return
         try:
             cmd = _decode(data)
         except Exception:  # noqa: BLE001 - the app's path says what is wrong
@@ -58,6 +276,56 @@ class InlineFrames:
                 self.app._failed(session, cmd)
             return
         self.app._frame_command(conn, cmd)
+
+    def pub_frame(self, conn: Any, frame: bytes) -> bool:
+        """``{"op":"pub","room":ROOM,"data":DATA[,"ref":REF]}`` written in the canonical form
+        (see the module), to a room that exists, by a client who may: published as
+        :meth:`pub` would, True. False, having done nothing, for any other frame."""
+        n = len(frame)
+        end = n - 1
+        p = frame  # compiled: its bytes, as a C pointer (indexing and slicing them are C)
+        if p[end] != 125 or not frame.startswith(_PUB_HEAD):
+            return False
+        i = _string_end(p, 19, end)  # the room (from its opening quote, _PUB_HEAD's last byte)
+        if i < 0:
+            return False
+        room_end = i - 1
+        if room_end == 20 or room_end - 20 > wire.MAX_ROOM_LENGTH or not frame.startswith(_DATA_KEY, i):
+            return False
+        data_start = room_end + 9
+        c = p[data_start]
+        if c == 32 or c == 9 or c == 13:  # space before the value: not in the data the decoder gives
+            return False
+        data_end = json_end(p, data_start, end)
+        if data_end < 0:
+            return False
+        ref_start = -1
+        if data_end != end:
+            if not frame.startswith(_REF_KEY, data_end):
+                return False
+            ref_start = data_end + 7
+            if ref_end(p, ref_start, end) != end:
+                return False
+        room = p[20:room_end].decode("ascii")
+        if room not in self.table:
+            return False
+        s = self.sessions[conn.id]
+        if self.gated and not s.greeted:
+            return False
+        try:
+            if s.claims is not None and not s.claims.may_publish(room):
+                return False  # the decoder's path says why
+            self.stats.published += 1
+            policy = self.policies.get(room)
+            if policy is None:
+                policy = self.app.policy(room)
+            pub = self.publish_now(room, p[data_start:data_end], sender=s.client, ts=_time_ns() // 1_000_000,
+                                   history=policy.history)
+            if ref_start >= 0:
+                conn.send(b'{"op":"ok","ref":%b,"seq":%d}' % (p[ref_start:end], pub.seq))
+        except Exception:  # noqa: BLE001 - a server bug: logged, answered, counted (as pub's caller does)
+            self.app._failed(s, _decode(frame))
+        return True
 
     def pub(self, s: Any, cmd: Any) -> None:
         """``pub`` on a local broker: published (and fanned out) now."""

@@ -28,7 +28,7 @@ from . import protocol as wire
 from .auth import AuthError, Claims, TokenVerifier, glob_match
 from .broker import Broker, BrokerError, HistoryPolicy, Member, Publication, create_broker
 from .actions import CONTROL, USER_ROOM_PREFIX, Actions
-from .frames import InlineFrames
+from .frames import SCAN, InlineFrames
 from .hooked import HookRunner
 from .hooks import Context, Hooks
 from .metrics import HEARTBEAT_PREFIX, NODES_ROOM, HubStats, Telemetry
@@ -346,10 +346,10 @@ class HubApp(App):
         # (with a remote broker, connect is async: the framework runs each connection's frames
         # in a task, and awaits what _frame_pumped returns)
         self.frame = self._frame_inline if local else self._frame_pumped  # type: ignore[method-assign]
-        self._frames = InlineFrames(self)
+        self._frames = InlineFrames(self, scan=SCAN)
         if local and not hooks and not self.config.rate_limit:
             # ping and pub in the compiled accelerator's code (the rest in _frame_command)
-            self.frame = self._frames  # type: ignore[method-assign]
+            self.frame = self._frames.frame  # type: ignore[method-assign]
         self.disconnect = self._disconnect_inline if local else self._disconnect_async  # type: ignore[method-assign]
         handlers = super().handlers()
         if self.broker.local:

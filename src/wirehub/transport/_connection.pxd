@@ -14,7 +14,7 @@ cdef class Flusher:
 cdef class Context:
     cdef public object loop, handlers, settings, deadlines, registry, now, frame_handler
     cdef public Flusher flusher
-    cdef public Py_ssize_t max_send_buffer
+    cdef public Py_ssize_t max_send_buffer, reply_max
     cdef public bint pumped, has_replies
 
 cdef class Connection:
@@ -37,7 +37,7 @@ cdef class Connection:
     @cython.locals(pending=list, size=Py_ssize_t)
     cpdef bint send(self, payload) except -1
     cpdef bint send_wire(self, data) except -1
-    @cython.locals(ctx=Context, replies=dict)
+    @cython.locals(ctx=Context, replies=dict, reply_max=Py_ssize_t)
     cpdef _dispatch(self, items)
 
 @cython.locals(conn=Connection, pending=list)

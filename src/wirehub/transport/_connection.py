@@ -269,7 +269,7 @@ class Context:
     """What every connection of one server shares: loop, handlers, settings, registry."""
 
     __slots__ = ("loop", "handlers", "settings", "flusher", "deadlines", "registry", "now", "max_send_buffer",
-                 "frame_handler", "pumped", "has_replies")
+                 "frame_handler", "pumped", "has_replies", "reply_max")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, handlers: Handlers, settings: Settings, registry: Any) -> None:
         self.loop = loop
@@ -284,6 +284,9 @@ class Context:
         self.frame_handler = handlers.frame
         self.pumped = handlers.pumped
         self.has_replies = handlers.replies is not None
+        #: the longest frame the server answers itself: a longer one is not looked up (hashing
+        #: a frame costs more than comparing its length)
+        self.reply_max = max(map(len, handlers.replies)) if handlers.replies else -1
 
 
 class Connection:
@@ -730,13 +733,14 @@ class Connection:
             return
         frame = ctx.frame_handler
         replies = ctx.handlers.wires_for(self.encode) if ctx.has_replies else None
+        reply_max = ctx.reply_max
         try:
             for item in items:
                 if self._close_reason is not None:
                     return
                 if type(item) is bytes:
                     self.frames_in += 1
-                    if replies is not None:
+                    if replies is not None and len(item) <= reply_max:
                         reply = replies.get(item)
                         if reply is not None:
                             self.send_wire(reply)
@@ -756,7 +760,7 @@ class Connection:
             self._enqueue(frame)
             return
         self.frames_in += 1
-        if ctx.has_replies:
+        if ctx.has_replies and len(frame) <= ctx.reply_max:
             reply = ctx.handlers.wires_for(self.encode).get(frame)
             if reply is not None:
                 self.send_wire(reply)
