@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -61,8 +62,36 @@ async def read_lines(reader: asyncio.StreamReader, n: int, timeout: float = WAIT
     return out
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (``ip_local_port_range``)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS = random.Random()  # (a generator of its own: tests that seed random do not make ports collide)
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
+    """A loopback port free now, for a server a test starts (in another process) on it.
+
+    Taken below the kernel's ephemeral range: a port from ``bind(0)`` is an ephemeral one, and
+    between the test's check and the server's bind, any client connection of the suite may get
+    it as its local port, so the server's bind fails (a rare EADDRINUSE, exit 3). Ports below the
+    range are never given to connections; the randomness keeps two tests apart."""
+    high = _ephemeral_low()
+    low = max(1024, min(20000, high - 4096))
+    for _ in range(200):
+        port = _PORTS.randrange(low, high)
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, kind) as s:  # a full range: what the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -31,6 +31,7 @@ import pytest
 from wirehub.hub.broker.base import BrokerError, HistoryPolicy, Member, Position, Publication
 from wirehub.hub.broker.nats import NatsBroker
 
+from ..helpers import free_port
 from .broker_conformance import POLICY, BrokerConformance, FakeClock, Node, RecordingHandler, eventually, now_ms, raw
 
 HOST, PORT = "127.0.0.1", 4222
@@ -343,12 +344,6 @@ async def test_an_unusable_existing_stream_is_refused_with_a_clear_error(prefix)
 
 
 # -- a NATS of our own, to stop and start ----------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 class OwnNats:

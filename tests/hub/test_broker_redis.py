@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from wirehub.hub.broker.base import BrokerError, HistoryPolicy, Member
 from wirehub.hub.broker.redis import RedisBroker
 
+from ..helpers import free_port
 from .broker_conformance import POLICY, BrokerConformance, Node, RecordingHandler, eventually, now_ms, raw
 
 HOST, PORT, DB = "127.0.0.1", 6379, 11
@@ -87,12 +88,6 @@ class TestRedisBroker(BrokerConformance):
 
 
 # -- a Redis of our own, to stop and start ------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 class OwnRedis:
