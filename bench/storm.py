@@ -17,7 +17,10 @@ clients in this process (so each side has its own open-file limit):
 
 With ``--handover`` the new hub is started first, beside the old one on the same port (both
 with ``--reuse-port``, on the shared broker), and the old one is then drained: a restart without
-downtime, where a client told ``bye`` is taken at once by the new hub.
+downtime, where a client told ``bye`` is taken at once by the new hub. With ``--at-once`` the
+new hub is started as soon as the drained one has closed its listener (SIGTERM stops accepting
+first, so that a restart can bind the port at once), beside the old one's drain: a supervisor
+that restarts without waiting for the old process to exit.
 
 It reports the time from SIGTERM until every client is back and recovered, the frames each
 client received in each phase (presence frames apart), clients cut as slow consumers, and
@@ -35,6 +38,7 @@ clients on core 1. ``--py-spy FILE`` samples the hub that takes the storm (and
     python bench/storm.py --clients 500                                  # a quick look
     python bench/storm.py --clients 19000 --broker redis://127.0.0.1:6379/12 --json storm.json
     python bench/storm.py --clients 19000 --broker redis://127.0.0.1:6379/12 --handover
+    python bench/storm.py --clients 19000 --broker redis://127.0.0.1:6379/12 --at-once
 
 Bounded: at most ``--timeout`` seconds per phase, loopback only, and N at most 19,000
 (each side needs N file descriptors; the machine's limit is 20,000).
@@ -354,6 +358,22 @@ async def wait_listening(proc: subprocess.Popen, deadline: float) -> float:
         await asyncio.sleep(0.01)
 
 
+async def wait_port_free(port: int, deadline: float) -> None:
+    """Wait until ``port`` can be bound again (a drained hub closes its listener first thing)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the hub binds
+            try:
+                probe.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                pass
+        if loop.time() > deadline:
+            raise RuntimeError(f"port {port} still held by the drained hub")
+        await asyncio.sleep(0.005)
+
+
 async def wait_exit(proc: subprocess.Popen, deadline: float) -> float:
     """Wait for the hub to exit; return the CPU time (user + system) it used in all."""
     loop = asyncio.get_running_loop()
@@ -418,13 +438,24 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
         overflows = listen_overflows()
         drain_cpu = cpu_seconds(hub.pid)
         hub.send_signal(signal.SIGTERM)
-        drain_cpu = await wait_exit(hub, t0 + args.drain_timeout + 30) - drain_cpu
+        if args.at_once:  # the new hub as soon as the old one let go of the port, beside its drain
+            await wait_port_free(port, t0 + 30)
+            new_hub = start_hub(args, port)
+            procs.append(new_hub)
+            exiting = asyncio.ensure_future(wait_exit(hub, t0 + args.drain_timeout + 30))
+            listening_s = await wait_listening(new_hub, loop.time() + 30) - t0_wall
+            hub_cpu, our_cpu = cpu_seconds(new_hub.pid), time.process_time()
+            drain_cpu = await exiting - drain_cpu
+        else:
+            drain_cpu = await wait_exit(hub, t0 + args.drain_timeout + 30) - drain_cpu
         exited_s = loop.time() - t0
         old_hub = hub
         if drain_spy is not None:
             drain_spy.wait(30)  # py-spy writes its profile once the process it samples exited
         if args.handover:
             hub, listening_s = new_hub, 0.0
+        elif args.at_once:
+            hub = new_hub
         else:
             hub = start_hub(args, port)
             procs.append(hub)
@@ -449,6 +480,7 @@ async def storm(args: argparse.Namespace) -> dict[str, Any]:
             "clients": args.clients,
             "broker": args.broker.split("://")[0],
             "handover": args.handover,
+            "at_once": args.at_once,
             "pinned": args.pin,
             "serve_args": args.serve_arg,
             "fill_s": round(fill_s, 3),
@@ -533,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-arg", action="append", default=[], help="one more argument for wirehub serve (repeatable), e.g. --serve-arg=--presence-max=0")
     p.add_argument("--handover", action="store_true", help="start the new hub beside the old one (both with "
                    "--reuse-port) before the drain, as a restart without downtime does (needs a shared --broker)")
+    p.add_argument("--at-once", action="store_true", help="start the new hub as soon as the drained one has closed its "
+                   "listener (SIGTERM stops accepting first, so a restart can bind the port at once: SPEC), beside its drain, "
+                   "instead of once it has exited")
     p.add_argument("--pin", action="store_true", help="the hubs on core 0 (taskset -c 0), the clients on core 1, as "
                    "bench/peers.py pins (Redis is not pinned)")
     p.add_argument("--py-spy", metavar="FILE", help="sample the hub that takes the storm with py-spy (pip install py-spy) "
@@ -542,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS:
         p.error(f"--clients must be 1 to {MAX_CLIENTS:,}")
+    if args.handover and args.at_once:
+        p.error("--handover and --at-once are two ways to restart: give one")
     if args.handover and args.broker.startswith("memory:"):
         p.error("--handover runs two hubs at once: give them a shared --broker (redis://... or nats://...)")
     raise_fd_limit(args.clients + 200)

@@ -54,3 +54,16 @@ def test_storm_with_a_handover(tmp_path):
     assert result["slow_consumer_cuts"] == 0, result
     assert 0 < result["all_back_s"] <= result["all_recovered_s"], result
     assert result["frames_per_client_storm"]["mean"] >= 21, result  # joined + the 20 messages after
+
+
+@pytest.mark.skipif(not reachable(6379), reason="no Redis at 127.0.0.1:6379")
+def test_storm_restarted_at_once(tmp_path):
+    """--at-once: the new hub binds the port as soon as the drained one closed its listener,
+    while the old one still drains; every client moves to it and recovers with nothing lost."""
+    result = run_storm(tmp_path, 300, "--at-once")
+    assert result["at_once"] is True and result["handover"] is False and result["clients"] == 300
+    assert result["messages_lost"] == 0 and result["rejoins_not_recovered"] == 0, result
+    assert result["slow_consumer_cuts"] == 0, result
+    assert 0 < result["restart_listening_s"] <= result["all_back_s"] <= result["all_recovered_s"], result
+    assert set(result["connect_errors"]) <= {"ECONNREFUSED"}, result
+    assert result["frames_per_client_storm"]["mean"] >= 21, result  # joined + the 20 messages after
