@@ -31,7 +31,7 @@ from typing import Mapping
 
 import msgspec
 
-from .base import BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
+from .base import BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication, history_result
 
 #: bytes one held publication costs beyond its data (measured: ~105 on CPython 3.11)
 PUB_OVERHEAD = 160
@@ -301,16 +301,7 @@ class MemoryBroker:
                     self._lru.move_to_end(room)  # read: recently used
             items = list(stream.items)
             position = Position(stream.seq, stream.epoch)
-        seq = position.seq
-        if since is not None:
-            items = [p for p in items if p.seq > since]
-            first_missing = since + 1
-            complete = since <= seq and (first_missing > seq or (bool(items) and items[0].seq == first_missing))
-        else:
-            complete = True
-        if limit is not None:
-            items = items[-limit:] if limit > 0 else []
-        return HistoryResult(items, position, complete)
+        return history_result(items, position, since, limit)
 
     async def position(self, room: str) -> Position:
         stream = self._streams.get(room)

@@ -76,6 +76,20 @@ class HistoryResult:
     complete: bool  # True when nothing after ``since`` is missing (history still covers it)
 
 
+def history_result(held: list[Publication], position: Position, since: int | None, limit: int | None) -> HistoryResult:
+    """What ``history`` answers when ``held`` is every publication the room still keeps (oldest
+    first, all of ``position``'s epoch): those after ``since``, the newest ``limit`` of them, and
+    whether nothing between ``since`` and the top is missing."""
+    if since is not None:
+        held = [p for p in held if p.seq > since]
+        complete = since <= position.seq and (since + 1 > position.seq or (bool(held) and held[0].seq == since + 1))
+    else:
+        complete = True
+    if limit is not None:
+        held = held[-limit:] if limit > 0 else []
+    return HistoryResult(held, position, complete)
+
+
 class BrokerHandler(Protocol):
     """What a broker calls on the node. Calls for one room arrive in ``seq`` order."""
 

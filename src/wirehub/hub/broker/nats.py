@@ -124,7 +124,7 @@ import nats
 import nats.errors
 
 from ..._log import get_logger
-from .base import BrokerError, BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
+from .base import BrokerError, BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication, history_result
 
 log = get_logger("wirehub.hub.broker.nats")
 
@@ -1202,15 +1202,7 @@ class NatsBroker:
         start = 0
         while start < len(items) and items[start].ts < horizon:
             start += 1
-        items = items[start:]
-        if since is not None:
-            items = [p for p in items if p.seq > since]
-            complete = since <= position.seq and (since + 1 > position.seq or (bool(items) and items[0].seq == since + 1))
-        else:
-            complete = True
-        if limit is not None:
-            items = items[-limit:] if limit > 0 else []
-        return HistoryResult(items, position, complete)
+        return history_result(items[start:], position, since, limit)
 
     async def position(self, room: str) -> Position:
         try:
