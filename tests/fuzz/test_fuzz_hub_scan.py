@@ -69,7 +69,7 @@ class Broker:
         self.rec = rec
         self.seq = 0
 
-    def publish_now(self, room: str, data: Any, *, sender: str, ts: int, history: Any) -> Publication:
+    def publish_now(self, room: str, data: Any, sender: str, ts: int, history: Any) -> Publication:
         self.seq += 1
         self.rec.events.append(("publish", room, bytes(data), sender, history))
         return Publication(self.seq)
@@ -225,3 +225,10 @@ def test_the_canonical_frames_are_taken_by_their_bytes():
                   b'{"op":"pub", "room":"r","data":1}', b'{"op":"pub","room":"r","data":01}'):
         assert not frames.pub_frame(app.conn, other)
     assert len(rec.events) == 2  # nothing more done
+    # the ack's ref is the frame's own bytes, whatever its length (compiled, refs past 64 bytes
+    # are formatted another way), and its seq every digit of it
+    for ref, seq in ((b"-123456789012345678", 10**6), (b'"' + b"r" * 62 + b'"', 2), (b'"' + b"r" * 63 + b'"', 3),
+                     (b'"' + b"x" * 300 + b'"', 4)):
+        frames.publish_now.__self__.seq = seq - 1
+        assert frames.pub_frame(app.conn, b'{"op":"pub","room":"r","data":1,"ref":%b}' % ref)
+        assert rec.events[-1] == ("send", b'{"op":"ok","ref":%b,"seq":%d}' % (ref, seq))

@@ -90,6 +90,37 @@ class TestMemoryBroker(BrokerConformance):
         longer = HistoryPolicy(size=100, ttl=3600.0)
         assert [p.seq for p in (await broker.history("r", history=longer)).publications] == [4]
 
+    async def test_ttl_on_write_follows_the_oldest_held_through_trims_and_policy_changes(self):
+        # A write looks at the oldest publication only when the horizon may have passed it:
+        # that bound must follow the history through size trims, expiries and a new policy.
+        clock = FakeClock()
+        broker = MemoryBroker(clock=clock)
+        await broker.start(RecordingHandler())
+        small = HistoryPolicy(size=2, ttl=10.0)
+        for _ in range(3):  # seq 1 goes by size, 2 and 3 are held, written at t=0
+            await broker.publish("r", b"1", sender="", ts=clock.ms(), history=small)
+        clock.advance(6)
+        await broker.publish("r", b"1", sender="", ts=clock.ms(), history=small)  # 4 at t=6: 2 goes by size
+        clock.advance(5)  # t=11: 3 (t=0) expired, 4 (t=6) not
+        await broker.publish("r", b"1", sender="", ts=clock.ms(), history=small)  # 5: 3 goes
+        longer = HistoryPolicy(size=100, ttl=3600.0)
+        assert [p.seq for p in (await broker.history("r", history=longer)).publications] == [4, 5]
+        shorter = HistoryPolicy(size=100, ttl=2.0)  # a new policy is read at once
+        await broker.publish("r", b"1", sender="", ts=clock.ms(), history=shorter)  # 6 at t=11: 4 (t=6) goes
+        assert [p.seq for p in (await broker.history("r", history=longer)).publications] == [5, 6]
+
+    async def test_ttl_on_write_after_the_clock_went_back(self):
+        clock = FakeClock()
+        broker = MemoryBroker(clock=clock)
+        await broker.start(RecordingHandler())
+        policy = HistoryPolicy(size=100, ttl=10.0)
+        await broker.publish("r", b"1", sender="", ts=clock.ms(), history=policy)  # 1 at t=0
+        await broker.publish("r", b"1", sender="", ts=clock.ms() - 5000, history=policy)  # 2: the clock 5 s back
+        clock.advance(12)  # t=12: 1 (t=0) and 2 (t=-5) expired
+        await broker.publish("r", b"1", sender="", ts=clock.ms(), history=policy)
+        longer = HistoryPolicy(size=100, ttl=3600.0)
+        assert [p.seq for p in (await broker.history("r", history=longer)).publications] == [3]
+
     async def test_ttl_boundary_is_kept(self):
         clock = FakeClock()
         broker = MemoryBroker(clock=clock)

@@ -1,10 +1,56 @@
 # C types for the compiled copy of _frames.py (the optional accelerator, built by
 # hatch_build.py with Cython): the class becomes an extension type with typed fields, and the
-# byte scanners of the canonical frames C loops over a pointer to the frame's bytes.
+# byte scanners of the canonical frames C loops over a pointer to the frame's bytes. Two
+# helpers below are C code of their own (cdef inline, here), which the .py calls only when
+# compiled (_COMPILED) and otherwise does in Python.
 import cython
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.string cimport memcpy
+
+cdef extern from "<time.h>":
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clock, timespec *ts)
+    int CLOCK_REALTIME
+
+# C for the compiled copy only (the .py takes these when _COMPILED, and does the same
+# in Python otherwise): the ack of a pub, and the time in ms, without Python objects between.
+
+cdef inline bytes _ack_c(const unsigned char *ref, Py_ssize_t n, long long seq):
+    """b'{"op":"ok","ref":REF,"seq":SEQ}': REF the n bytes at ref (the frame's own), SEQ >= 0."""
+    cdef char out[112]
+    cdef char digits[24]
+    cdef Py_ssize_t k = 0, i
+    if n > 64 or seq < 0:  # a long string ref: Python's formatting (rare)
+        return b'{"op":"ok","ref":%b,"seq":%d}' % (ref[:n], seq)
+    while True:
+        digits[k] = <char>(48 + seq % 10)
+        k += 1
+        seq //= 10
+        if seq == 0:
+            break
+    memcpy(out, b'{"op":"ok","ref":', 17)
+    memcpy(out + 17, ref, n)
+    i = 17 + n
+    memcpy(out + i, b',"seq":', 7)
+    i += 7
+    while k > 0:
+        k -= 1
+        out[i] = digits[k]
+        i += 1
+    out[i] = 125  # '}'
+    return PyBytes_FromStringAndSize(out, i + 1)
+
+cdef inline long long _now_ms_c() noexcept:
+    cdef timespec t
+    clock_gettime(CLOCK_REALTIME, &t)
+    return <long long>t.tv_sec * 1000 + t.tv_nsec // 1000000
 
 cdef bytes _PING_HEAD, _PONG_HEAD, _PUB_HEAD, _DATA_KEY, _REF_KEY
-cdef Py_ssize_t MAX_REF_DIGITS, MAX_SCAN_DEPTH
+cdef Py_ssize_t MAX_REF_DIGITS, MAX_SCAN_DEPTH, _MAX_ROOM_LENGTH
+cdef bint _COMPILED
 
 @cython.locals(c=Py_ssize_t)
 cdef inline Py_ssize_t _string_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t end) noexcept
@@ -21,10 +67,12 @@ cpdef Py_ssize_t json_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t end) 
 cdef Py_ssize_t _key_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t end) noexcept
 
 cdef class InlineFrames:
-    cdef public object app, sessions, table, policies, stats, publish_now
+    cdef public object app, stats, publish_now
+    cdef public dict sessions, table, policies
     cdef public bint gated, scan
     cpdef frame(self, conn, data)
     @cython.locals(n=Py_ssize_t, end=Py_ssize_t, i=Py_ssize_t, c=Py_ssize_t, room_end=Py_ssize_t,
-                   data_start=Py_ssize_t, data_end=Py_ssize_t, ref_start=Py_ssize_t, p=cython.p_uchar)
+                   data_start=Py_ssize_t, data_end=Py_ssize_t, ref_start=Py_ssize_t, p=cython.p_uchar,
+                   ts=cython.longlong, seq=cython.longlong)
     cpdef bint pub_frame(self, conn, bytes frame) except -1
     cpdef pub(self, s, cmd)

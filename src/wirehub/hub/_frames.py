@@ -22,6 +22,7 @@ that: the same replies and the same publications as the decoder's path, for any 
 from __future__ import annotations
 
 import time
+from types import FunctionType
 from typing import Any
 
 from . import protocol as wire
@@ -34,9 +35,18 @@ _pong = wire.pong
 _data_bytes = wire.data_bytes
 _time_ns = time.time_ns
 
+
+def _probe() -> None:
+    """A function: a Python one here, a compiled one in the compiled copy."""
+
+
+#: True in the compiled copy, which then takes the C helpers its .pxd defines
+_COMPILED = not isinstance(_probe, FunctionType)
+
 _PING_HEAD = b'{"op":"ping","ref":'
 _PONG_HEAD = b'{"op":"pong"'
 _PUB_HEAD = b'{"op":"pub","room":"'
+_MAX_ROOM_LENGTH = wire.MAX_ROOM_LENGTH
 _DATA_KEY = b',"data":'
 _REF_KEY = b',"ref":'
 #: the longest integer ``ref`` taken by its bytes: 18 digits always fit in 64 bits
@@ -235,7 +245,8 @@ class InlineFrames:
     def __init__(self, app: Any, scan: bool = False) -> None:
         self.app = app
         self.sessions = app.sessions
-        self.table = app._room_table  # the rooms a local broker holds (None: ask the app)
+        table = app._room_table  # the rooms a local broker holds (None: ask the app)
+        self.table = table if type(table) is dict else None
         self.policies = app._policies
         self.stats = app.stats
         self.publish_now = getattr(app.broker, "publish_now", None)  # a local broker's
@@ -290,7 +301,7 @@ class InlineFrames:
         if i < 0:
             return False
         room_end = i - 1
-        if room_end == 20 or room_end - 20 > wire.MAX_ROOM_LENGTH or not frame.startswith(_DATA_KEY, i):
+        if room_end == 20 or room_end - 20 > _MAX_ROOM_LENGTH or not frame.startswith(_DATA_KEY, i):
             return False
         data_start = room_end + 9
         c = p[data_start]
@@ -319,10 +330,14 @@ class InlineFrames:
             policy = self.policies.get(room)
             if policy is None:
                 policy = self.app.policy(room)
-            pub = self.publish_now(room, p[data_start:data_end], sender=s.client, ts=_time_ns() // 1_000_000,
-                                   history=policy.history)
+            ts = _now_ms_c() if _COMPILED else _time_ns() // 1_000_000
+            pub = self.publish_now(room, p[data_start:data_end], s.client, ts, policy.history)
             if ref_start >= 0:
-                conn.send(b'{"op":"ok","ref":%b,"seq":%d}' % (p[ref_start:end], pub.seq))
+                seq = pub.seq
+                if _COMPILED:  # formatted in C (_frames.pxd)
+                    conn.send(_ack_c(p + ref_start, end - ref_start, seq))
+                else:
+                    conn.send(b'{"op":"ok","ref":%b,"seq":%d}' % (p[ref_start:end], seq))
         except Exception:  # noqa: BLE001 - a server bug: logged, answered, counted (as pub's caller does)
             self.app._failed(s, _decode(frame))
         return True
@@ -347,6 +362,6 @@ class InlineFrames:
         policy = self.policies.get(room)
         if policy is None:
             policy = self.app.policy(room)
-        pub = self.publish_now(room, data, sender=s.client, ts=_time_ns() // 1_000_000, history=policy.history)
+        pub = self.publish_now(room, data, s.client, _time_ns() // 1_000_000, policy.history)
         if cmd.ref is not None:
             s.conn.send(_ok(cmd.ref, pub.seq))

@@ -5,11 +5,12 @@
 # write them as C fields.
 import cython
 cdef class _Stream:
-    cdef public object epoch, items
-    cdef public long long seq, bytes, ttl_ms
+    cdef public object epoch, items, policy
+    cdef public long long seq, bytes, ttl_ms, oldest
+    cdef public Py_ssize_t size
 
 cdef class MemoryBroker:
-    cdef public object _clock, _epoch, _epoch_now, _handler, _lru, _sweeper
+    cdef public object _clock, _epoch, _epoch_now, _handler, _lru, _touch, _sweeper
     cdef public dict _streams, _presence
     cdef public set _subscribed, _clients
     cdef public list _sweep_keys
@@ -17,6 +18,7 @@ cdef class MemoryBroker:
     cdef public long long max_bytes, bytes, evictions
     cdef dict __dict__
 
-@cython.locals(seq=cython.longlong, size=Py_ssize_t, ttl_ms=cython.longlong, cost=Py_ssize_t)
+@cython.locals(seq=cython.longlong, size=Py_ssize_t, ttl_ms=cython.longlong, cost=Py_ssize_t, now=cython.longlong,
+               held=Py_ssize_t)
 cdef object _append(MemoryBroker broker, object room, _Stream stream, object data, object sender, object ts, object history,
                     object info, object exclude)

@@ -49,7 +49,7 @@ _Publication = Publication
 
 
 class _Stream:
-    __slots__ = ("epoch", "seq", "items", "bytes", "ttl_ms")
+    __slots__ = ("epoch", "seq", "items", "bytes", "ttl_ms", "policy", "size", "oldest")
 
     def __init__(self, epoch: str) -> None:
         self.epoch = epoch
@@ -57,6 +57,15 @@ class _Stream:
         self.items: collections.deque[Publication] = collections.deque()
         self.bytes = 0  # what ``items`` counts toward the budget (ROOM_OVERHEAD included while not empty)
         self.ttl_ms = 0  # the room's history TTL at its last write (for the sweep)
+        #: the HistoryPolicy of the last write, and its size (ttl_ms above): read from it only
+        #: when a write brings another
+        self.policy: HistoryPolicy | None = None
+        self.size = 0
+        #: at most the ``ts`` of the oldest publication held (the clock going back can only
+        #: delay an expiry by its step; reads and the sweep look at the publications
+        #: themselves): while the TTL's horizon is not past it, a write need not look at that
+        #: publication to know none has expired
+        self.oldest = 0
 
 
 def _append(broker: MemoryBroker, room: str, stream: _Stream, data: bytes, sender: str, ts: int, history: HistoryPolicy,
@@ -68,23 +77,37 @@ def _append(broker: MemoryBroker, room: str, stream: _Stream, data: bytes, sende
     raw = data if type(data) is _Raw else _Raw(data)
     # positional: a publication is made per pub, and keywords cost more than the fields
     pub = _Publication(room, seq, stream.epoch, raw, sender, ts, info, exclude)
-    size = history.size
-    ttl_ms = stream.ttl_ms = int(history.ttl * 1000)
+    if history is not stream.policy:
+        stream.policy = history
+        stream.size = history.size
+        stream.ttl_ms = int(history.ttl * 1000)
+    size = stream.size
+    ttl_ms = stream.ttl_ms
+    now = ts  # compiled: a C integer
     items = stream.items
     if size > 0:
         cost = len(raw) + PUB_OVERHEAD
         if items:
-            broker._lru.move_to_end(room)
+            broker._touch(room)
+            if now < stream.oldest:  # the clock went back
+                stream.oldest = now
         else:
             cost += ROOM_OVERHEAD
             broker._lru[room] = stream
+            stream.oldest = now
         items.append(pub)
-        if len(items) > size:  # a full room: its oldest goes (the common case, inline)
+        held = len(items)
+        if held > size:  # a full room: its oldest goes (the common case, inline)
             cost -= len(items.popleft().data) + PUB_OVERHEAD
+            held -= 1
         stream.bytes += cost
         broker.bytes += cost
-        if len(items) > size or items[0].ts < ts - ttl_ms:
+        if held > size:
             broker._trim(room, stream, size, ttl_ms, ts)
+        elif stream.oldest < now - ttl_ms:  # perhaps expired: the oldest held says
+            stream.oldest = items[0].ts
+            if stream.oldest < now - ttl_ms:
+                broker._trim(room, stream, size, ttl_ms, ts)
     elif items:
         broker._trim(room, stream, size, ttl_ms, ts)
     if broker.bytes > broker.max_bytes:
@@ -105,6 +128,7 @@ class MemoryBroker:
         self._streams: dict[str, _Stream] = {}
         #: rooms holding history, least recently used first
         self._lru: collections.OrderedDict[str, _Stream] = collections.OrderedDict()
+        self._touch = self._lru.move_to_end  # a room written or read: most recently used
         self._subscribed: set[str] = set()
         self._clients: set[str] = set()
         self._presence: dict[str, dict[str, Member]] = {}
@@ -176,7 +200,9 @@ class MemoryBroker:
             n += 1
         if n:
             self._drop(stream, n)
-        if not items:
+        if items:
+            stream.oldest = items[0].ts
+        else:
             self._emptied(room, stream)
 
     def _evict(self, keep: str) -> None:
@@ -264,8 +290,9 @@ class MemoryBroker:
         if stream is not None and not stream.items:
             self._forget(room, stream)
 
-    def publish_now(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> Publication:
-        """:meth:`publish` without a coroutine (a local broker's; the hub's hot path)."""
+    def publish_now(self, room: str, data: bytes, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> Publication:
+        """:meth:`publish` without a coroutine (a local broker's; the hub's hot path, which
+        passes its arguments by position: cheaper than keywords)."""
         stream = self._streams.get(room)
         if stream is None:
             stream = self._stream(room)
@@ -298,7 +325,7 @@ class MemoryBroker:
             if stream.items:
                 self._trim(room, stream, history.size, int(history.ttl * 1000), self._now_ms())
                 if stream.items:
-                    self._lru.move_to_end(room)  # read: recently used
+                    self._touch(room)  # read: recently used
             items = list(stream.items)
             position = Position(stream.seq, stream.epoch)
         return history_result(items, position, since, limit)

@@ -34,8 +34,12 @@ class Position(msgspec.Struct, frozen=True):
     epoch: str
 
 
-class Publication(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One message published to a room, as history keeps it and fan-out carries it."""
+class Publication(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
+    """One message published to a room, as history keeps it and fan-out carries it.
+
+    Not tracked by the garbage collector (``gc=False``): its fields are strings, integers and
+    bytes, which cannot form a cycle, and a hub makes one per publication and holds many in
+    history, each of which the collector would otherwise keep visiting."""
 
     room: str
     seq: int
@@ -109,8 +113,8 @@ class BrokerHandler(Protocol):
 class Broker(Protocol):
     #: True when every call completes without I/O, so the hub may run calls inline
     #: instead of in a task (the memory broker). Such a broker also has
-    #: ``publish_now(room, data, *, sender, ts, history) -> Publication``: ``publish`` without
-    #: a coroutine.
+    #: ``publish_now(room, data, sender, ts, history) -> Publication``: ``publish`` without
+    #: a coroutine (arguments by position on the hot path).
     local: bool
 
     async def start(self, handler: BrokerHandler) -> None: ...
