@@ -55,7 +55,6 @@ class Session:
 
 
 class Stats:
-    published = 0
     pub_refused = 0
 
 
@@ -120,7 +119,7 @@ def outcome(frame: bytes, scan: bool, gated: bool, greeted: bool, claims: Any) -
     frames = InlineFrames(app, scan=scan)
     frames(app.conn, frame)
     frames(app.conn, frame)  # twice: the second publication of a room has the next seq
-    return rec.events, app.stats.published, app.stats.pub_refused
+    return rec.events, frames.published, app.stats.pub_refused
 
 
 def check(frame: bytes, gated: bool = False, greeted: bool = False, claims: Any = None) -> None:

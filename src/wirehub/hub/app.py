@@ -347,6 +347,10 @@ class HubApp(App):
         # in a task, and awaits what _frame_pumped returns)
         self.frame = self._frame_inline if local else self._frame_pumped  # type: ignore[method-assign]
         self._frames = InlineFrames(self, scan=SCAN)
+        stats = self.stats
+        if stats.frames is not None:  # handlers() again: what the last one counted stays counted
+            stats.counted += stats.frames.published
+        stats.frames = self._frames  # it counts its own publications
         if local and not hooks and not self.config.rate_limit:
             # ping and pub in the compiled accelerator's code (the rest in _frame_command)
             self.frame = self._frames.frame  # type: ignore[method-assign]
@@ -1005,7 +1009,7 @@ class HubApp(App):
             published += 1
             if cmd.ref is not None:
                 send(ok(cmd.ref, seq if type(seq) is int else seq.seq))
-        self.stats.published += published
+        self.stats.counted += published
         if window:
             window[0][0].add_done_callback(functools.partial(self._published, s))
         elif window is not None:
@@ -1180,5 +1184,5 @@ class HubApp(App):
         except BrokerError:
             self.stats.pub_failed += 1
             raise
-        self.stats.published += 1
+        self.stats.counted += 1
         return pub

@@ -260,7 +260,7 @@ class HookRunner:
         if out is None:
             app.stats.pub_refused += 1
             return
-        app.stats.published += 1
+        app.stats.counted += 1
         data, keep, info = out
         if not keep:
             from .app import _drive  # (imported here: app imports this module)
@@ -291,7 +291,7 @@ class HookRunner:
             return
         data, keep, info = out
         if not keep:
-            app.stats.published += 1  # kept publications are counted when the broker answers
+            app.stats.counted += 1  # kept publications are counted when the broker answers
         if keep:
             await type(app)._pub_pipelined(app, s, cmd, data, info)
             return

@@ -61,10 +61,13 @@ class HubStats:
     """Counters the hub bumps as things happen: plain integers (one attribute increment on
     the frame path), read at scrape time."""
 
-    __slots__ = ("published", "pub_refused", "pub_failed", "joins", "leaves", "recoveries", "auth_failures", "errors")
+    __slots__ = ("counted", "frames", "pub_refused", "pub_failed", "joins", "leaves", "recoveries", "auth_failures", "errors")
 
     def __init__(self) -> None:
-        self.published = 0  # accepted by the broker (clients' and backends')
+        self.counted = 0  # publications accepted by the broker, but those ``frames`` counts
+        #: the hub's compiled frame handler (hub/_frames.py), which counts the publications
+        #: it makes itself (a C integer there, not an attribute of this object)
+        self.frames: Any = None
         self.pub_refused = 0  # refused before the broker: the client was told why (see errors)
         self.pub_failed = 0  # the broker failed it, or a server bug
         self.joins = 0
@@ -72,6 +75,11 @@ class HubStats:
         self.recoveries = dict.fromkeys(RECOVERY_OUTCOMES, 0)
         self.auth_failures = dict.fromkeys(AUTH_REASONS, 0)
         self.errors: dict[str, int] = {}  # error frames sent, by code (codes come from server code only)
+
+    @property
+    def published(self) -> int:
+        """Publications accepted by the broker (clients' and backends')."""
+        return self.counted + (self.frames.published if self.frames is not None else 0)
 
 
 class Timings:
