@@ -5,7 +5,7 @@
 # compiled (_COMPILED) and otherwise does in Python.
 import cython
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.string cimport memcpy
+from libc.string cimport memchr, memcpy
 
 cdef extern from "<time.h>":
     ctypedef long time_t
@@ -42,6 +42,23 @@ cdef inline bytes _ack_c(const unsigned char *ref, Py_ssize_t n, long long seq):
         i += 1
     out[i] = 125  # '}'
     return PyBytes_FromStringAndSize(out, i + 1)
+
+cdef inline Py_ssize_t _string_end_c(const unsigned char *p, Py_ssize_t i, Py_ssize_t end) noexcept:
+    """_string_end: memchr finds the closing quote, and a loop without branches (which the C
+    compiler vectorises) checks the bytes before it: printable ASCII but backslash."""
+    cdef const unsigned char *q
+    cdef Py_ssize_t k, stop
+    cdef unsigned int bad = 0
+    i += 1
+    if i >= end:
+        return -1
+    q = <const unsigned char *>memchr(p + i, 34, end - i)
+    if q == NULL:
+        return -1
+    stop = q - p
+    for k in range(i, stop):
+        bad |= (<unsigned char>(p[k] - 32) > 94) | (p[k] == 92)
+    return -1 if bad else stop + 1
 
 cdef inline long long _now_ms_c() noexcept:
     cdef timespec t
