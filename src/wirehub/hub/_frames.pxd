@@ -88,6 +88,7 @@ cdef class InlineFrames:
     cdef public dict sessions, table, policies
     cdef public bint gated, scan
     cdef public long long published
+    @cython.locals(head=bytes)
     cpdef frame(self, conn, data)
     @cython.locals(n=Py_ssize_t, end=Py_ssize_t, i=Py_ssize_t, c=Py_ssize_t, room_end=Py_ssize_t,
                    data_start=Py_ssize_t, data_end=Py_ssize_t, ref_start=Py_ssize_t, p=cython.p_uchar,

@@ -264,15 +264,17 @@ class InlineFrames:
     def frame(self, conn: Any, data: bytes) -> None:
         """The frame handler (the app's ``frame``: a bound method of a compiled class is
         called without an argument tuple, the instance itself would not be)."""
-        if self.scan and type(data) is bytes and len(data) > 20 and data[7] == 112:  # '{"op":"p'
-            if data[8] == 105:  # ping
-                reply = ping_reply(data)
-                if reply is not None and (not self.gated or self.sessions[conn.id].greeted):
-                    conn.send(reply)
-                    return
-            elif data[8] == 117 and self.table is not None:  # pub
-                if self.pub_frame(conn, data):
-                    return
+        if self.scan and type(data) is bytes:
+            head = data  # compiled: typed bytes, whose bytes are read in C
+            if len(head) > 20 and head[7] == 112:  # '{"op":"p'
+                if head[8] == 105:  # ping
+                    reply = ping_reply(head)
+                    if reply is not None and (not self.gated or self.sessions[conn.id].greeted):
+                        conn.send(reply)
+                        return
+                elif head[8] == 117 and self.table is not None:  # pub
+                    if self.pub_frame(conn, head):
+                        return
         try:
             cmd = _decode(data)
         except Exception:  # noqa: BLE001 - the app's path says what is wrong
