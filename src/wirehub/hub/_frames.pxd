@@ -84,7 +84,7 @@ cpdef Py_ssize_t json_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t end) 
 cdef Py_ssize_t _key_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t end) noexcept
 
 cdef class InlineFrames:
-    cdef public object app, stats, publish_now
+    cdef public object app, stats, publish_now, last_conn, last_session
     cdef public dict sessions, table, policies
     cdef public bint gated, scan
     cdef public long long published

@@ -242,7 +242,8 @@ def _key_end(p: bytes, i: int, end: int) -> int:
 class InlineFrames:
     """``frame(conn, data)`` for the hub: ping and pub here, the rest in the app."""
 
-    __slots__ = ("app", "sessions", "table", "policies", "stats", "publish_now", "gated", "scan", "published")
+    __slots__ = ("app", "sessions", "table", "policies", "stats", "publish_now", "gated", "scan", "published", "last_conn",
+                 "last_session")
 
     def __init__(self, app: Any, scan: bool = False) -> None:
         self.app = app
@@ -257,6 +258,10 @@ class InlineFrames:
         self.scan = scan
         #: publications made here (``HubStats.published`` adds them: see ``HubStats.frames``)
         self.published = 0
+        #: the connection pub_frame last served, and its session (a connection's session is
+        #: the same from connect to close, and no frame of it is handled after)
+        self.last_conn: Any = None
+        self.last_session: Any = None
 
     def __call__(self, conn: Any, data: bytes) -> None:
         self.frame(conn, data)
@@ -326,7 +331,12 @@ class InlineFrames:
         room = p[20:room_end].decode("ascii")
         if room not in self.table:
             return False
-        s = self.sessions[conn.id]
+        if conn is self.last_conn:  # the frames of one read come together
+            s = self.last_session
+        else:
+            s = self.sessions[conn.id]
+            self.last_conn = conn
+            self.last_session = s
         if self.gated and not s.greeted:
             return False
         try:

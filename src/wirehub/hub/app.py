@@ -1143,6 +1143,8 @@ class HubApp(App):
     # ------------------------------------------------------------------ disconnect
 
     def _disconnect_inline(self, conn: Connection, reason: str) -> None:
+        if self._frames.last_conn is conn:  # the frame handler's last (see InlineFrames.last_conn)
+            self._frames.last_conn = self._frames.last_session = None
         _drive(self._cleanup(conn, reason))
 
     async def _disconnect_async(self, conn: Connection, reason: str) -> None:
