@@ -4,7 +4,7 @@
 # helpers below are C code of their own (cdef inline, here), which the .py calls only when
 # compiled (_COMPILED) and otherwise does in Python.
 import cython
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.string cimport memchr, memcpy
 
 cdef extern from "<time.h>":
@@ -59,6 +59,14 @@ cdef inline Py_ssize_t _string_end_c(const unsigned char *p, Py_ssize_t i, Py_ss
     for k in range(i, stop):
         bad |= (<unsigned char>(p[k] - 32) > 94) | (p[k] == 92)
     return -1 if bad else stop + 1
+
+cdef inline bytes _pong_c(const unsigned char *p, Py_ssize_t n):
+    """b'{"op":"pong"' + p[12:n]: the pong to the ping frame p of n bytes."""
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
+    cdef char *o = PyBytes_AS_STRING(out)
+    memcpy(o, b'{"op":"pong"', 12)
+    memcpy(o + 12, p + 12, n - 12)
+    return out
 
 cdef inline long long _now_ms_c() noexcept:
     cdef timespec t
