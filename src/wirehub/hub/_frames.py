@@ -63,7 +63,7 @@ def _string_end(p: bytes, i: int, end: int) -> int:
     holds printable ASCII and no ``\\``: then its bytes are its canonical JSON, and its
     text is them. -1 otherwise."""
     if _COMPILED:
-        return _string_end_c(p, i, end)  # the same in C (_frames.pxd)
+        return _string_end_c(p, i, end)  # noqa: F821 - the same in C (_frames.pxd)
     i += 1
     while i < end:
         c = p[i]
@@ -116,7 +116,7 @@ def ping_reply(frame: bytes) -> Any:
     if ref_end(p, 19, n - 1) != n - 1:
         return None
     if _COMPILED:
-        return _pong_c(p, n)  # one allocation (_frames.pxd)
+        return _pong_c(p, n)  # noqa: F821 - one allocation (_frames.pxd)
     return _PONG_HEAD + p[12:n]
 
 
@@ -348,12 +348,12 @@ class InlineFrames:
             policy = self.policies.get(room)
             if policy is None:
                 policy = self.app.policy(room)
-            ts = _now_ms_c() if _COMPILED else _time_ns() // 1_000_000
+            ts = _now_ms_c() if _COMPILED else _time_ns() // 1_000_000  # noqa: F821 - defined in the .pxd
             pub = self.publish_now(room, p[data_start:data_end], s.client, ts, policy.history)
             if ref_start >= 0:
                 seq = pub.seq
                 if _COMPILED:  # formatted in C (_frames.pxd)
-                    conn.send(_ack_c(p + ref_start, end - ref_start, seq))
+                    conn.send(_ack_c(p + ref_start, end - ref_start, seq))  # noqa: F821 - defined in the .pxd
                 else:
                     conn.send(b'{"op":"ok","ref":%b,"seq":%d}' % (p[ref_start:end], seq))
         except Exception:  # noqa: BLE001 - a server bug: logged, answered, counted (as pub's caller does)

@@ -124,7 +124,7 @@ class LineDecoder:
                     return [self._too_large(end, False)]
                 return [chunk[:end]] if end else []
 
-        parts = _split_lines_c(chunk) if _COMPILED else chunk.split(b"\n")
+        parts = _split_lines_c(chunk) if _COMPILED else chunk.split(b"\n")  # noqa: F821 - defined in the .pxd
         tail = parts.pop()
         out: list[bytes | FrameError] = []
         if parts:
