@@ -1,0 +1,150 @@
+"""The Redis broker's publications on their way: each queued in its room's batch of the
+event-loop turn, then answered from the batch's script reply.
+
+Compiled with the accelerator (``hatch_build.py``, typed by ``_publishing.pxd``) like the
+memory broker: :class:`~wirehub.hub.broker.redis.RedisBroker` is a subclass of
+:class:`Publisher`, whose fields are the part of the broker's state this path reads, so that
+compiled they are C fields. Everything else (the script call of a batch, the connections,
+failures) is in ``redis.py``. Behaviour is the same compiled or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+
+from .base import Publication
+
+_Raw = msgspec.Raw
+
+#: publications one batch (one stream entry, one pub/sub message) carries at most, and data bytes
+BATCH_PUBLICATIONS = 512
+BATCH_BYTES = 256 * 1024
+
+
+class Batch:
+    """The publications of one room queued in this event-loop turn."""
+
+    __slots__ = ("room", "history", "bodies", "answers", "publications", "size")
+
+    def __init__(self, room: str, history: Any) -> None:
+        self.room = room
+        self.history = history
+        self.bodies: list[tuple[Any, ...]] = []  # [room, sender, ts, data(, info, exclude)]
+        self.answers: list[asyncio.Future[Any]] = []  # the same order: each gives the seq,
+        self.publications: set[int] | None = None  # or, at these indexes, the Publication
+        self.size = 0
+
+
+class Publisher:
+    """The publish path of :class:`~wirehub.hub.broker.redis.RedisBroker` (its base class)."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, from start()
+        self._cmd: Any = None  # the command connection (auto-pipelined), while there is one
+        self._up = False  # both connections are established and subscribed
+        self._closing = False
+        self.in_flight = 0  # publications queued or sent and not answered
+        self._batches: dict[str, Batch] = {}  # room -> its publications of this event-loop turn
+        self._idle = asyncio.Event()  # no call and no publication under way (close() waits for it)
+        self._idle.set()
+
+    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: Any, info: bytes | None = None, exclude: str = "") -> asyncio.Future[Publication]:
+        """Queue a publication: the publications of one room in one event-loop turn go to
+        Redis as one batch (one EVALSHA, one stream entry, one message to the subscribed
+        nodes), every batch of the turn in one write on the auto-pipelined connection. Redis
+        runs them in call order (see redis.py's docstring)."""
+        return self.publish_seq_nowait(room, data, sender=sender, ts=ts, history=history, info=info, exclude=exclude, publication=True)
+
+    def publish_seq_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: Any, info: bytes | None = None, exclude: str = "", publication: bool = False) -> asyncio.Future[Any]:
+        """:meth:`publish_nowait` whose future gives the publication's ``seq`` alone (with
+        ``publication``, the :class:`Publication`): no Publication is built for a caller that
+        only acks (see the Broker protocol)."""
+        # the loop cached at start: asyncio.get_running_loop() costs a getpid() system call
+        loop = self._loop or asyncio.get_running_loop()
+        future = loop.create_future()
+        if self._cmd is None or self._closing or not self._up:  # (_refusal's test, without its message each time)
+            refused = self._refusal(f"publish to {room!r}")
+            assert refused is not None
+            future.set_exception(refused)
+            return future
+        body = data if type(data) is bytes else bytes(data)
+        # an application hook's info and exclude, when set, make it [room, sender, ts, data, info, exclude]
+        self._queue(room, history, body, (room, sender, ts, body, info, exclude) if info is not None or exclude else (room, sender, ts, body),
+                    publication, future)
+        return future
+
+    def _queue(self, room: str, history: Any, body: bytes, entry: tuple, publication: bool, future: Any) -> None:
+        """Put a publication (``entry``, its body) and its future in ``room``'s batch of this
+        turn; a full batch goes now."""
+        batches = self._batches
+        batch = batches.get(room)
+        if batch is None:
+            if not batches:
+                (self._loop or asyncio.get_running_loop()).call_soon(self._send_batches)
+            batch = batches[room] = Batch(room, history)
+            self._idle.clear()  # (until this batch is answered: it counts in in_flight)
+        batch.bodies.append(entry)
+        if publication:
+            if batch.publications is None:
+                batch.publications = set()
+            batch.publications.add(len(batch.answers))
+        batch.answers.append(future)
+        batch.size += len(body)
+        self.in_flight += 1
+        if batch.size >= BATCH_BYTES or len(batch.answers) >= BATCH_PUBLICATIONS:
+            del batches[room]  # full: it goes now, the room's next publications start a new one
+            self._send_batch(batch)
+
+    def _answered(self, batch: Batch, reply: Any) -> None:
+        """Redis answered ``batch``'s script call (``reply``: ``[last seq, epoch]``, or the
+        exception saying why not): answer each of its publications."""
+        answers = batch.answers
+        n = len(answers)
+        self.in_flight -= n
+        self._settle()
+        if isinstance(reply, BaseException):
+            self._publish_failed(batch, reply)
+            return
+        seq = int(reply[0]) - n
+        publications = batch.publications
+        if publications is None:  # every caller wants the seq alone
+            for future in answers:
+                seq += 1
+                if not future.done():
+                    future.set_result(seq)
+            return
+        room, bodies = batch.room, batch.bodies
+        epoch = reply[1].decode()
+        for k in range(n):
+            future = answers[k]
+            seq += 1
+            if future.done():
+                continue
+            if k not in publications:
+                future.set_result(seq)
+                continue
+            body = bodies[k]
+            # (room, seq, epoch, data, sender, ts[, info, exclude]): Publication's fields in order
+            if len(body) == 4:
+                future.set_result(Publication(room, seq, epoch, _Raw(body[3]), body[1], body[2]))
+            else:
+                future.set_result(Publication(room, seq, epoch, _Raw(body[3]), body[1], body[2], body[4], body[5]))
+
+    # provided by the broker (redis.py)
+    def _refusal(self, what: str) -> Any:
+        raise NotImplementedError
+
+    def _send_batches(self) -> None:
+        raise NotImplementedError
+
+    def _send_batch(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+    def _settle(self) -> None:
+        raise NotImplementedError
+
+    def _publish_failed(self, batch: Batch, exc: BaseException) -> None:
+        raise NotImplementedError
