@@ -10,10 +10,12 @@ the callback of the publication at the front of a connection's window. Behaviour
 compiled or not, frame for frame.
 
 A connection's publications in flight are its window, ``Session.publishing``: a deque of
-``(future, cmd)``, oldest first, where ``cmd`` is the ``pub`` (or the bytes of a reply that
-waits for the acks before it, see ``HubApp._error``). The future of the front alone has a
-callback: a broker answers a batch of publications in one go, and one call answers every
-publication answered at the front.
+``(future, cmd, k)``, oldest first, where ``cmd`` is the ``pub`` (or the bytes of a reply
+that waits for the acks before it, see ``HubApp._error``) and the future gives its seq: the
+seq itself (``k`` is -1), or, shared by a batch of publications (a broker's
+``publish_batched_nowait``), the batch's first seq, to which its ``k`` is added. The future
+of the front alone has a callback: a broker answers a batch of publications in one go, and
+one call answers every publication answered at the front.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class PipelinedFrames:
     (and a ``pub`` that must wait for room in the window, or that hooks handle) is the
     coroutine the task awaits before the next."""
 
-    __slots__ = ("app", "sessions", "broker", "policies", "stats", "publish", "runner", "rate", "gated", "table")
+    __slots__ = ("app", "sessions", "broker", "policies", "stats", "publish", "batched", "runner", "rate", "gated", "table")
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -59,6 +61,8 @@ class PipelinedFrames:
         self.stats = app.stats
         #: a broker's publish_nowait whose future gives the seq alone, when it has one (base.py)
         self.publish = getattr(app.broker, "publish_seq_nowait", None) or app.broker.publish_nowait
+        #: a broker's publish whose future is shared by a batch (base.py), when it has one
+        self.batched = getattr(app.broker, "publish_batched_nowait", None)
         self.runner = app._runner  # the hooks' (None: no hooks)
         self.rate = bool(app._rate)
         self.gated = bool(app._gate)
@@ -112,13 +116,20 @@ class PipelinedFrames:
         policy = self.policies.get(room)
         if policy is None:
             policy = self.app.policy(room)
-        if info is None:
+        k = -1
+        batched = self.batched
+        if batched is not None:
+            if info is None:
+                future, k = batched(room, data, sender=s.client, ts=int(_time() * 1000), history=policy.history)
+            else:
+                future, k = batched(room, data, sender=s.client, ts=int(_time() * 1000), history=policy.history, info=info)
+        elif info is None:
             future = self.publish(room, data, sender=s.client, ts=int(_time() * 1000), history=policy.history)
         else:
             future = self.publish(room, data, sender=s.client, ts=int(_time() * 1000), history=policy.history, info=info)
         if not window:  # the front of the window: its answer answers the client (published)
             future.add_done_callback(_partial(self.published, s))
-        window.append((future, cmd))
+        window.append((future, cmd, k))
 
     def published(self, s: Any, _: Any) -> None:
         """The publication at the front of ``s``'s window was answered: answer the client for
@@ -130,16 +141,18 @@ class PipelinedFrames:
         send = s.conn.send
         published = 0
         while window:
-            future, cmd = window[0]
+            entry = window[0]
+            future = entry[0]
             if not future.done():
                 break
             window.popleft()
+            cmd = entry[1]
             if type(cmd) is bytes:  # a reply queued behind the acks (see HubApp._error)
                 s.held -= len(cmd)
                 send(cmd)
                 continue
             try:
-                seq = future.result()  # the seq (publish_seq_nowait), or the Publication
+                seq = future.result()  # the seq, a batch's first seq, or the Publication
             except CancelledError:
                 continue
             except Exception as exc:  # noqa: BLE001 - a BrokerError, or a broker bug
@@ -148,7 +161,10 @@ class PipelinedFrames:
             published += 1
             ref = cmd.ref
             if ref is not None:
-                if type(seq) is not int:
+                k = entry[2]
+                if k >= 0:
+                    seq += k
+                elif type(seq) is not int:
                     seq = seq.seq
                 if type(ref) is int:
                     send(b'{"op":"ok","ref":%d,"seq":%d}' % (ref, seq))

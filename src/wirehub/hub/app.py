@@ -145,7 +145,8 @@ class Session:
         self.expiry: Any = None
         #: this connection's publications in flight at a remote broker, oldest first (None
         #: when there are none): its other frames wait for them, so replies keep their order
-        self.publishing: collections.deque[tuple[asyncio.Future[Any], Pub | bytes]] | None = None
+        #: (see hub/_pipelined.py: (future, pub or reply, k))
+        self.publishing: collections.deque[tuple[asyncio.Future[Any], Pub | bytes, int]] | None = None
         #: bytes of the replies waiting in ``publishing`` for the acks before them: counted
         #: with the send buffer against max_send_buffer (see HubApp._error)
         self.held = 0
@@ -251,8 +252,6 @@ class HubApp(App):
         #: a broker that keeps rooms in this process (memory) shows them here: they count
         #: toward max_rooms with the joined ones, and a publish may create one
         self._room_table: Any = getattr(self.broker, "rooms_held", None)
-        #: a broker's publish_nowait whose future gives the seq alone, when it has one (base.py)
-        self._publish_seq: Callable[..., asyncio.Future[Any]] | None = getattr(self.broker, "publish_seq_nowait", None)
         #: join replays still being paced by the client's reading
         self._replays: set[asyncio.Task[None]] = set()
         #: bytes of replay a join puts into the send buffer before waiting for it to drain
@@ -483,7 +482,7 @@ class HubApp(App):
                     self._failed(session, cmd)
             return
         if session.publishing:  # replies go out in the order of the frames they answer
-            await asyncio.wait(tuple(f for f, _ in session.publishing))
+            await asyncio.wait(tuple(f for f, *_ in session.publishing))
         if type(cmd) is ProtocolError:
             self._error(session, cmd.code, cmd.message, cmd.ref)
         elif type(cmd) is Ping:
@@ -503,7 +502,7 @@ class HubApp(App):
         session = self.sessions.get(conn.id)
         if session is None or not session.publishing:
             return None
-        return asyncio.wait(tuple(f for f, _ in session.publishing))
+        return asyncio.wait(tuple(f for f, *_ in session.publishing))
 
     def _broker_failed(self, session: Session, cmd: Any, exc: BrokerError, *, now: bool = False) -> None:
         if exc.maybe_applied:
@@ -562,7 +561,7 @@ class HubApp(App):
             session.held = held
             ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             ready.set_result(None)  # (the front's answer sends it: see PipelinedFrames.published)
-            window.append((ready, frame))
+            window.append((ready, frame, -1))
         else:
             conn.send(frame)
         errors = self.stats.errors

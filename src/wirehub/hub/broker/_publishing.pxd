@@ -4,16 +4,17 @@
 import cython
 
 cdef class Batch:
-    cdef public object room, history, publications
+    cdef public object room, history, shared, publications
     cdef public list bodies, answers
-    cdef public Py_ssize_t size
+    cdef public Py_ssize_t singles, size
+    cpdef fail(self, error)
 
 cdef class Publisher:
     cdef public object _loop, _cmd, _idle
     cdef public dict _batches
     cdef public bint _up, _closing
     cdef public Py_ssize_t in_flight
-    @cython.locals(batch=Batch, batches=dict)
+    @cython.locals(batch=Batch, batches=dict, k=Py_ssize_t)
     cpdef _queue(self, room, history, bytes body, tuple entry, bint publication, future)
     @cython.locals(n=Py_ssize_t, k=Py_ssize_t, answers=list, bodies=list)
     cpdef _answered(self, Batch batch, reply)

@@ -27,15 +27,31 @@ BATCH_BYTES = 256 * 1024
 class Batch:
     """The publications of one room queued in this event-loop turn."""
 
-    __slots__ = ("room", "history", "bodies", "answers", "publications", "size")
+    __slots__ = ("room", "history", "bodies", "answers", "singles", "shared", "publications", "size")
 
     def __init__(self, room: str, history: Any) -> None:
         self.room = room
         self.history = history
         self.bodies: list[tuple[Any, ...]] = []  # [room, sender, ts, data(, info, exclude)]
-        self.answers: list[asyncio.Future[Any]] = []  # the same order: each gives the seq,
-        self.publications: set[int] | None = None  # or, at these indexes, the Publication
+        #: the same order: each publication's own future, which gives its seq (or, at the
+        #: indexes in ``publications``, its Publication); None for one that shares ``shared``
+        self.answers: list[asyncio.Future[Any] | None] = []
+        self.singles = 0  # publications with a future of their own
+        #: the future of the publications queued by publish_batched_nowait: it gives the
+        #: batch's first seq (None while there are none)
+        self.shared: asyncio.Future[int] | None = None
+        self.publications: set[int] | None = None
         self.size = 0
+
+    def fail(self, error: BaseException) -> None:
+        """Every publication of the batch fails with ``error``."""
+        shared = self.shared
+        if shared is not None and not shared.done():
+            shared.set_exception(error)
+        if self.singles:
+            for future in self.answers:
+                if future is not None and not future.done():
+                    future.set_exception(error)
 
 
 class Publisher:
@@ -76,9 +92,23 @@ class Publisher:
                     publication, future)
         return future
 
-    def _queue(self, room: str, history: Any, body: bytes, entry: tuple, publication: bool, future: Any) -> None:
+    def publish_batched_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: Any, info: bytes | None = None, exclude: str = "") -> tuple[asyncio.Future[int], int]:
+        """:meth:`publish_seq_nowait` without a future of its own (what the hub calls for the
+        acks): returns ``(future, k)``, where ``future`` is shared by the publications of
+        its batch and gives the seq of the batch's first one; this one's seq is that plus
+        ``k``. It fails as the batch does."""
+        if self._cmd is None or self._closing or not self._up:
+            future = (self._loop or asyncio.get_running_loop()).create_future()
+            future.set_exception(self._refusal(f"publish to {room!r}"))
+            return future, 0
+        body = data if type(data) is bytes else bytes(data)
+        return self._queue(room, history, body, (room, sender, ts, body, info, exclude) if info is not None or exclude else (room, sender, ts, body),
+                           False, None)
+
+    def _queue(self, room: str, history: Any, body: bytes, entry: tuple, publication: bool, future: Any) -> Any:
         """Put a publication (``entry``, its body) and its future in ``room``'s batch of this
-        turn; a full batch goes now."""
+        turn; a full batch goes now. Without a future (None), the publication shares the
+        batch's: returns ``(that future, its index in the batch)``."""
         batches = self._batches
         batch = batches.get(room)
         if batch is None:
@@ -86,17 +116,27 @@ class Publisher:
                 (self._loop or asyncio.get_running_loop()).call_soon(self._send_batches)
             batch = batches[room] = Batch(room, history)
             self._idle.clear()  # (until this batch is answered: it counts in in_flight)
+        k = len(batch.answers)
         batch.bodies.append(entry)
-        if publication:
-            if batch.publications is None:
-                batch.publications = set()
-            batch.publications.add(len(batch.answers))
         batch.answers.append(future)
+        if future is None:
+            shared = batch.shared
+            if shared is None:
+                shared = batch.shared = (self._loop or asyncio.get_running_loop()).create_future()
+            answer = (shared, k)
+        else:
+            batch.singles += 1
+            if publication:
+                if batch.publications is None:
+                    batch.publications = set()
+                batch.publications.add(k)
+            answer = None
         batch.size += len(body)
         self.in_flight += 1
-        if batch.size >= BATCH_BYTES or len(batch.answers) >= BATCH_PUBLICATIONS:
+        if batch.size >= BATCH_BYTES or k + 1 >= BATCH_PUBLICATIONS:
             del batches[room]  # full: it goes now, the room's next publications start a new one
             self._send_batch(batch)
+        return answer
 
     def _answered(self, batch: Batch, reply: Any) -> None:
         """Redis answered ``batch``'s script call (``reply``: ``[last seq, epoch]``, or the
@@ -108,22 +148,21 @@ class Publisher:
         if isinstance(reply, BaseException):
             self._publish_failed(batch, reply)
             return
-        seq = int(reply[0]) - n
-        publications = batch.publications
-        if publications is None:  # every caller wants the seq alone
-            for future in answers:
-                seq += 1
-                if not future.done():
-                    future.set_result(seq)
+        first = int(reply[0]) - n + 1
+        shared = batch.shared
+        if shared is not None and not shared.done():
+            shared.set_result(first)
+        if not batch.singles:
             return
+        publications = batch.publications
         room, bodies = batch.room, batch.bodies
-        epoch = reply[1].decode()
+        epoch = reply[1].decode() if publications is not None else ""
         for k in range(n):
             future = answers[k]
-            seq += 1
-            if future.done():
+            if future is None or future.done():
                 continue
-            if k not in publications:
+            seq = first + k
+            if publications is None or k not in publications:
                 future.set_result(seq)
                 continue
             body = bodies[k]

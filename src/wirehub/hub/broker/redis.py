@@ -694,19 +694,14 @@ class RedisBroker(Publisher):
             log.exception("redis_publish_failed", room=batch.room)
             self.in_flight -= len(batch.answers)
             self._settle()
-            for future in batch.answers:
-                if not future.done():
-                    future.set_exception(exc)
+            batch.fail(exc)
 
     def _publish_failed(self, batch: Batch, reply: BaseException) -> None:
         """``batch``'s script call failed (Redis refused it, or the connection went): each of
         its publications fails, saying whether it may have been applied."""
         if _noscript(reply):
             self._load_scripts()  # for the next ones; these were not applied
-        error = self._error(f"publish to {batch.room!r}", reply, unknown=True)
-        for future in batch.answers:
-            if not future.done():
-                future.set_exception(error)
+        batch.fail(self._error(f"publish to {batch.room!r}", reply, unknown=True))
 
     def _send_batch_now(self, batch: Batch) -> None:
         room, history, bodies = batch.room, batch.history, batch.bodies
