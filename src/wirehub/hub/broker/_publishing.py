@@ -11,13 +11,23 @@ failures) is in ``redis.py``. Behaviour is the same compiled or not.
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
+import secrets
 from typing import Any
 
 import msgspec
 
+from ..._log import get_logger
+from ._resp import LinkLost
 from .base import Publication
 
+log = get_logger("wirehub.hub.broker.redis")
+
 _Raw = msgspec.Raw
+_encode = msgspec.msgpack.Encoder().encode
+_partial = functools.partial
+_ts_of = operator.itemgetter(2)  # a body's ts
 
 #: publications one batch (one stream entry, one pub/sub message) carries at most, and data bytes
 BATCH_PUBLICATIONS = 512
@@ -66,6 +76,16 @@ class Publisher:
         self._batches: dict[str, Batch] = {}  # room -> its publications of this event-loop turn
         self._idle = asyncio.Event()  # no call and no publication under way (close() waits for it)
         self._idle.set()
+        self._epoch_seed = secrets.token_hex(6).encode()  # new epochs: this seed and a counter (_new_epoch)
+        self._epochs = 0
+        #: room -> what its script calls send alike (see RedisBroker._publish_head)
+        self._publish_heads: dict[str, tuple[Any, bytes, bytes, bytes, int]] = {}
+
+    def _new_epoch(self) -> str:
+        """The epoch a script gives a room whose stream it finds gone: unique to this process
+        and call, without a random draw (a getrandom(2) call) per script call."""
+        self._epochs += 1
+        return (b"%b%x" % (self._epoch_seed, self._epochs)).decode()
 
     def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: Any, info: bytes | None = None, exclude: str = "") -> asyncio.Future[Publication]:
         """Queue a publication: the publications of one room in one event-loop turn go to
@@ -138,6 +158,46 @@ class Publisher:
             self._send_batch(batch)
         return answer
 
+    def _send_batches(self) -> None:
+        """The batches of this turn go (scheduled by the first publication of the turn)."""
+        batches, self._batches = self._batches, {}
+        for batch in batches.values():
+            self._send_batch(batch)
+
+    def _send_batch(self, batch: Batch) -> None:
+        try:
+            self._send_batch_now(batch)
+        except Exception as exc:  # a bug (a value that does not encode): this batch fails alone
+            log.exception("redis_publish_failed", room=batch.room)
+            self.in_flight -= len(batch.answers)
+            self._settle()
+            batch.fail(exc)
+
+    def _send_batch_now(self, batch: Batch) -> None:
+        """``batch``'s script call (PUBLISH_LUA), queued on the command connection."""
+        bodies = batch.bodies
+        n = len(bodies)
+        answered = _partial(self._answered, batch)
+        cmd = self._cmd
+        if cmd is None:
+            answered(LinkLost("is not connected", sent=False))
+            return
+        room, history = batch.room, batch.history
+        head = self._publish_heads.get(room)
+        if head is None or (head[0] is not history and head[0] != history):
+            head = self._publish_head(room, history)
+        keys, policy, channel, ttl_ms = head[1], head[2], head[3], head[4]
+        ts = max(map(_ts_of, bodies))
+        blob = _encode(bodies[0]) if n == 1 else _encode(bodies)
+        self._epochs += 1
+        epoch = b"%b%x" % (self._epoch_seed, self._epochs)
+        since = b"%d" % (ts - ttl_ms)
+        newest = b"%d" % ts
+        count = b"%d" % n
+        # the head's keys, then ARGV: epoch, the head's policy (size, ttl, meta ttl), horizon, ts, n, blob, the head's channel
+        cmd.then_encoded(answered, b"%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
+            keys, len(epoch), epoch, policy, len(since), since, len(newest), newest, len(count), count, len(blob), blob, channel))
+
     def _answered(self, batch: Batch, reply: Any) -> None:
         """Redis answered ``batch``'s script call (``reply``: ``[last seq, epoch]``, or the
         exception saying why not): answer each of its publications."""
@@ -176,10 +236,7 @@ class Publisher:
     def _refusal(self, what: str) -> Any:
         raise NotImplementedError
 
-    def _send_batches(self) -> None:
-        raise NotImplementedError
-
-    def _send_batch(self, batch: Batch) -> None:
+    def _publish_head(self, room: str, history: Any) -> tuple[Any, bytes, bytes, bytes, int]:
         raise NotImplementedError
 
     def _settle(self) -> None:

@@ -58,9 +58,7 @@ import collections
 import functools
 import hashlib
 import math
-import operator
 import random
-import secrets
 import time
 import uuid
 from typing import Any, Callable
@@ -362,9 +360,6 @@ class _Writes:
         self.callers: list[tuple[asyncio.Future[list[Any]], str, int]] = []
 
 
-_ts_of = operator.itemgetter(2)  # a body's ts
-
-
 def _bulk(arg: bytes) -> bytes:
     """One RESP bulk string."""
     return b"$%d\r\n%b\r\n" % (len(arg), arg)
@@ -418,8 +413,6 @@ class RedisBroker(Publisher):
         timeout: float = 5.0,
     ) -> None:
         super().__init__()  # the loop, the connections' state, in_flight and the batches of this turn
-        self._epoch_seed = secrets.token_hex(6)  # new epochs: this seed and a counter (_new_epoch)
-        self._epochs = 0
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
         self.url = url
@@ -441,7 +434,6 @@ class RedisBroker(Publisher):
         self._reading: set[asyncio.Task[None]] = set()  # their reads' tasks
         self._reads_under_way: set[tuple[str, HistoryPolicy]] = set()  # rooms with a shared read under way
         self._writes: _Writes | None = None  # lease and presence writes of this turn (_write)
-        self._publish_heads: dict[str, tuple[HistoryPolicy, bytes, bytes, bytes, int]] = {}  # see _publish_head
         self._inflight = 0  # calls under way; close() lets them finish (bounded)
         self._sub_lock = asyncio.Lock()  # SUBSCRIBE / UNSUBSCRIBE go out in call order
         self._acks: collections.deque[tuple[bytes, bytes, asyncio.Future[None]]] = collections.deque()
@@ -476,12 +468,6 @@ class RedisBroker(Publisher):
 
     def _channel(self, room: str) -> bytes:
         return (self._room_ch + room).encode()
-
-    def _new_epoch(self) -> str:
-        """The epoch a script gives a room whose stream it finds gone: unique to this process
-        and call, without a random draw (a getrandom(2) call) per script call."""
-        self._epochs += 1
-        return f"{self._epoch_seed}{self._epochs:x}"
 
     # -- time --------------------------------------------------------------------------------
     def _now_ms(self) -> int:
@@ -682,43 +668,12 @@ class RedisBroker(Publisher):
                 except ValueError:
                     pass
 
-    def _send_batches(self) -> None:
-        batches, self._batches = self._batches, {}
-        for batch in batches.values():
-            self._send_batch(batch)
-
-    def _send_batch(self, batch: Batch) -> None:
-        try:
-            self._send_batch_now(batch)
-        except Exception as exc:  # a bug (a value that does not encode): this batch fails alone
-            log.exception("redis_publish_failed", room=batch.room)
-            self.in_flight -= len(batch.answers)
-            self._settle()
-            batch.fail(exc)
-
     def _publish_failed(self, batch: Batch, reply: BaseException) -> None:
         """``batch``'s script call failed (Redis refused it, or the connection went): each of
         its publications fails, saying whether it may have been applied."""
         if _noscript(reply):
             self._load_scripts()  # for the next ones; these were not applied
         batch.fail(self._error(f"publish to {batch.room!r}", reply, unknown=True))
-
-    def _send_batch_now(self, batch: Batch) -> None:
-        room, history, bodies = batch.room, batch.history, batch.bodies
-        n = len(bodies)
-        answered = functools.partial(self._answered, batch)
-        cmd = self._cmd
-        if cmd is None:
-            answered(LinkLost("is not connected", sent=False))
-            return
-        head = self._publish_heads.get(room)
-        if head is None or (head[0] is not history and head[0] != history):
-            head = self._publish_head(room, history)
-        _, keys, policy, channel, ttl_ms = head
-        ts = max(map(_ts_of, bodies))
-        blob = _encode(bodies[0]) if n == 1 else _encode(bodies)
-        cmd.then_encoded(answered, b"%b%b%b%b%b%b%b%b" % (
-            keys, _bulk(self._new_epoch().encode()), policy, _bulk(b"%d" % (ts - ttl_ms)), _bulk(b"%d" % ts), _bulk(b"%d" % n), _bulk(blob), channel))
 
     def _publish_head(self, room: str, history: HistoryPolicy) -> tuple[HistoryPolicy, bytes, bytes, bytes, int]:
         """What every publish script call of ``room`` under ``history`` sends alike, encoded
