@@ -1,14 +1,17 @@
 """The optional compiled accelerator: how a module picks its compiled copy.
 
-Four modules hold the code that runs for every frame: ``wirehub/transport/_connection.py``
+Six modules hold the code that runs for every frame: ``wirehub/transport/_connection.py``
 (connections, the send buffer, the stream read path), ``wirehub/protocol/_framing.py`` (the
 frame decoders), ``wirehub/hub/_frames.py`` (the hub's ``ping`` and ``pub`` on a local
-broker) and ``wirehub/hub/broker/_memory.py`` (the memory broker, whose publish every such
-``pub`` calls). At install time ``hatch_build.py`` compiles each with Cython, typed by the
-``.pxd`` file beside it, into ``_connection_c``, ``_framing_c``, ``_frames_c`` and
-``_memory_c``, with a digest of the two source files compiled in. The public modules
-(``wirehub.transport.connection``, ``wirehub.protocol.framing``, ``wirehub.hub.frames``,
-``wirehub.hub.broker.memory``) load their implementation through :func:`load`, which takes:
+broker), ``wirehub/hub/broker/_memory.py`` (the memory broker, whose publish every such
+``pub`` calls), ``wirehub/hub/_pipelined.py`` (the hub's ``pub`` and its acks on a remote
+broker) and ``wirehub/hub/broker/_publishing.py`` (the Redis broker's publish path). At
+install time ``hatch_build.py`` compiles each with Cython, typed by the ``.pxd`` file beside
+it, into ``<module>_c`` (``_connection_c``, ...), with a digest of the two source files
+compiled in. The public modules (``wirehub.transport.connection``,
+``wirehub.protocol.framing``, ``wirehub.hub.frames``, ``wirehub.hub.broker.memory``,
+``wirehub.hub.pipelined``, ``wirehub.hub.broker.publishing``) load their implementation
+through :func:`load`, which takes:
 
 - the compiled copy, when it was built and was built from the ``.py`` and ``.pxd`` files that
   are there now, so an edited source is never shadowed by a stale build;
@@ -29,7 +32,8 @@ from pathlib import Path
 from types import ModuleType
 
 COMPILED = "compiled"
-#: each accelerated module's state, by package: "compiled" or why the Python code is used
+#: each accelerated package's state: "compiled" or why the Python code is used (for one of its
+#: modules, when they differ)
 STATUS: dict[str, str] = {}
 
 
@@ -66,7 +70,8 @@ def load(package: str, source: str) -> tuple[ModuleType, str]:
 
 
 def _record(package: str, module: ModuleType, status: str) -> tuple[ModuleType, str]:
-    STATUS[package] = status
+    if STATUS.get(package, COMPILED) == COMPILED:  # a package with two modules: compiled when both are
+        STATUS[package] = status
     return module, status
 
 

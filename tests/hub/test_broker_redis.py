@@ -571,6 +571,42 @@ class TestRedisOnly:
             assert [(p.seq, bytes(p.data), p.sender) for p in held.publications] == [(i + 1, bytes(raw(i)), f"c{i}") for i in range(9)]
             assert broker.in_flight == 0
 
+    async def test_publish_batched_nowait_shares_one_future_per_batch(self, own_redis, prefix):
+        """publish_batched_nowait (what the hub calls) beside publish_seq_nowait and
+        publish_nowait in one turn: the first ones share the batch's future, which gives its
+        first seq, each adding its index; the others get theirs; all in call order. A
+        refused one fails at once; a failed batch fails the shared future."""
+        from wirehub.hub.broker import BrokerError
+
+        room = f"{prefix}:r"
+        async with started(own_redis.url, prefix, "a") as a:  # (its own Redis: SCRIPT FLUSH below)
+            broker = a.broker
+            kinds = ["batched", "seq", "batched", "publication", "batched"]
+            calls = [getattr(broker, f"publish_{kind}_nowait" if kind != "publication" else "publish_nowait")(
+                room, raw(i), sender=f"c{i}", ts=now_ms(), history=POLICY) for i, kind in enumerate(kinds)]
+            shared = {id(c[0]) for c in calls if type(c) is tuple}
+            assert len(shared) == 1 and [c[1] for c in calls if type(c) is tuple] == [0, 2, 4]
+            assert broker.in_flight == 5
+            seqs = []
+            for call in calls:
+                if type(call) is tuple:
+                    seqs.append(await call[0] + call[1])
+                else:
+                    answer = await call
+                    seqs.append(answer if type(answer) is int else answer.seq)
+            assert seqs == [1, 2, 3, 4, 5] and broker.in_flight == 0
+            more = [broker.publish_batched_nowait(f"{room}{i % 2}", raw(i), sender="c", ts=now_ms(), history=POLICY) for i in range(4)]
+            assert [k for _, k in more] == [0, 0, 1, 1] and more[0][0] is more[2][0] and more[0][0] is not more[1][0]
+            assert [await f + k for f, k in more] == [1, 1, 2, 2]  # two rooms: two batches
+            await a.broker._cmd.call(b"SCRIPT", b"FLUSH")  # the next batch is refused by Redis (NOSCRIPT)
+            future, k = broker.publish_batched_nowait(room, raw(9), sender="c", ts=now_ms(), history=POLICY)
+            with pytest.raises(BrokerError, match="lost wirehub's scripts"):
+                await future
+            assert broker.in_flight == 0
+        future, k = broker.publish_batched_nowait(room, raw(9), sender="c", ts=now_ms(), history=POLICY)  # closed
+        with pytest.raises(BrokerError, match="not running"):
+            await future
+
     async def test_history_ttl_drops_old_entries(self, prefix):
         room = f"{prefix}:r"
         now = [1_700_000_000.0]

@@ -218,6 +218,52 @@ async def test_async_handlers_keep_order_and_pause_reading():
         writer.close()
 
 
+async def test_a_plain_frame_handler_among_async_ones_runs_inline_until_it_returns_an_awaitable():
+    """With an async connect, a plain frame handler runs as the bytes arrive while nothing is
+    queued before it (no task for it); what it returns is awaited by the connection's task
+    before the frames after it, which stay in order behind it."""
+    app = App()
+    release = asyncio.Event()
+    inline: list[bool] = []
+
+    @app.on_connect
+    async def connect(conn):
+        await asyncio.sleep(0)
+        conn.send(b"hello")
+
+    async def later(conn, data):
+        await release.wait()
+        conn.send(b"late " + data)
+
+    @app.on_frame
+    def frame(conn, data):
+        inline.append(asyncio.current_task() is None)
+        if data.startswith(b"wait"):
+            return later(conn, data)
+        conn.send(data)
+        return None
+
+    async with serving(app, tcp="127.0.0.1:0") as server:
+        reader, writer = await asyncio.open_connection(*addr(server))
+        assert await read_lines(reader, 1) == [b"hello"]
+        writer.write(b"a\nb\n")
+        assert await read_lines(reader, 2) == [b"a", b"b"]
+        assert inline == [True, True]  # nothing was queued: run in the read, no task
+        writer.write(b"wait1\nc\n")
+        await wait_for(lambda: len(inline) == 3, what="wait1 to be handled")
+        writer.write(b"d\n")
+        await wait_for(lambda: len(server.connections()[0]._queue or ()) == 2, what="c and d to wait behind wait1")
+        assert len(inline) == 3  # c and d wait for wait1's coroutine
+        release.set()
+        assert await read_lines(reader, 3) == [b"late wait1", b"c", b"d"]
+        assert inline[3:] == [False, False]  # in the connection's task, after the awaited one
+        writer.write(b"e\n")
+        assert await read_lines(reader, 1) == [b"e"]
+        await wait_for(lambda: len(inline) == 6, what="e to be handled")
+        assert inline[5] is True  # the task is done: inline again
+        writer.close()
+
+
 async def test_drain_waits_for_the_peer():
     app = App()
     done = asyncio.Event()

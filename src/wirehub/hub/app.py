@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -29,6 +28,7 @@ from .auth import AuthError, Claims, TokenVerifier, glob_match
 from .broker import Broker, BrokerError, HistoryPolicy, Member, Publication, create_broker
 from .actions import CONTROL, USER_ROOM_PREFIX, Actions
 from .frames import SCAN, InlineFrames
+from .pipelined import PUB_IN_FLIGHT, PUB_WINDOW, PipelinedFrames
 from .hooked import HookRunner
 from .hooks import Context, Hooks
 from .metrics import HEARTBEAT_PREFIX, NODES_ROOM, HubStats, Telemetry
@@ -57,11 +57,6 @@ BYE = {
 
 ERROR_WINDOW_S = 60.0
 POLICY_CACHE = 10_000  # rooms whose resolved settings are remembered
-#: publications one connection may have in flight at a remote broker; its next one waits
-#: (and its reads pause once its queue of frames fills) until the oldest is answered
-PUB_WINDOW = 64
-#: publications the whole node may have in flight; beyond it a connection waits for its own
-PUB_IN_FLIGHT = 8192
 #: tracebacks of failed ops logged per minute by one process; the rest are counted and
 #: reported in one line (a client able to trigger a server bug cannot flood the log)
 TRACEBACK_BUDGET = 10
@@ -150,7 +145,8 @@ class Session:
         self.expiry: Any = None
         #: this connection's publications in flight at a remote broker, oldest first (None
         #: when there are none): its other frames wait for them, so replies keep their order
-        self.publishing: collections.deque[tuple[asyncio.Future[Any], Pub | bytes]] | None = None
+        #: (see hub/_pipelined.py: (future, pub or reply, k))
+        self.publishing: collections.deque[tuple[asyncio.Future[Any], Pub | bytes, int]] | None = None
         #: bytes of the replies waiting in ``publishing`` for the acks before them: counted
         #: with the send buffer against max_send_buffer (see HubApp._error)
         self.held = 0
@@ -256,8 +252,6 @@ class HubApp(App):
         #: a broker that keeps rooms in this process (memory) shows them here: they count
         #: toward max_rooms with the joined ones, and a publish may create one
         self._room_table: Any = getattr(self.broker, "rooms_held", None)
-        #: a broker's publish_nowait whose future gives the seq alone, when it has one (base.py)
-        self._publish_seq: Callable[..., asyncio.Future[Any]] | None = getattr(self.broker, "publish_seq_nowait", None)
         #: join replays still being paced by the client's reading
         self._replays: set[asyncio.Task[None]] = set()
         #: bytes of replay a join puts into the send buffer before waiting for it to drain
@@ -344,8 +338,9 @@ class HubApp(App):
         local = self.broker.local and not hooks.need_task
         self.connect = self._connect_inline if local else self._connect_async  # type: ignore[method-assign]
         # (with a remote broker, connect is async: the framework runs each connection's frames
-        # in a task, and awaits what _frame_pumped returns)
-        self.frame = self._frame_inline if local else self._frame_pumped  # type: ignore[method-assign]
+        # in a task, and awaits what the frame handler returns: hub/_pipelined.py)
+        self._pipelined = PipelinedFrames(self)
+        self.frame = self._frame_inline if local else self._pipelined.frame  # type: ignore[method-assign]
         self._frames = InlineFrames(self, scan=SCAN)
         stats = self.stats
         if stats.frames is not None:  # handlers() again: what the last one counted stays counted
@@ -480,29 +475,6 @@ class HubApp(App):
         except Exception:
             self._failed(session, cmd)
 
-    def _frame_pumped(self, conn: Connection, data: bytes) -> Awaitable[None] | None:
-        """A frame in the connection's task (a remote broker, or a hook that awaits). A ``pub``
-        whose publication can start now (no hooks, room in the window) starts here, without
-        a coroutine; any other frame returns the coroutine the task awaits before the next."""
-        session: Session = self.sessions[conn.id]
-        cmd = wire.decode(data)
-        if type(cmd) is Pub and self._runner is None:
-            window = session.publishing
-            if window is None or (len(window) < PUB_WINDOW and self.broker.in_flight < PUB_IN_FLIGHT):
-                if not self._rate or self._admit(session, cmd.ref):
-                    try:
-                        data = self._pub_data(session, cmd)
-                        if data is None:
-                            self.stats.pub_refused += 1
-                        else:
-                            self._pub_start(session, cmd, data, None)
-                    except BrokerError as exc:
-                        self._broker_failed(session, cmd, exc)
-                    except Exception:
-                        self._failed(session, cmd)
-                return None
-        return self._frame_async(session, cmd)
-
     async def _frame_async(self, session: Session, cmd: Any) -> None:
         if type(cmd) is Pub:
             if self._admit(session, cmd.ref):
@@ -514,7 +486,7 @@ class HubApp(App):
                     self._failed(session, cmd)
             return
         if session.publishing:  # replies go out in the order of the frames they answer
-            await asyncio.wait(tuple(f for f, _ in session.publishing))
+            await asyncio.wait(tuple(f for f, *_ in session.publishing))
         if type(cmd) is ProtocolError:
             self._error(session, cmd.code, cmd.message, cmd.ref)
         elif type(cmd) is Ping:
@@ -534,7 +506,7 @@ class HubApp(App):
         session = self.sessions.get(conn.id)
         if session is None or not session.publishing:
             return None
-        return asyncio.wait(tuple(f for f, _ in session.publishing))
+        return asyncio.wait(tuple(f for f, *_ in session.publishing))
 
     def _broker_failed(self, session: Session, cmd: Any, exc: BrokerError, *, now: bool = False) -> None:
         if exc.maybe_applied:
@@ -592,8 +564,8 @@ class HubApp(App):
                 return
             session.held = held
             ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            ready.set_result(None)  # (the front's answer sends it: see _published)
-            window.append((ready, frame))
+            ready.set_result(None)  # (the front's answer sends it: see PipelinedFrames.published)
+            window.append((ready, frame, -1))
         else:
             conn.send(frame)
         errors = self.stats.errors
@@ -957,63 +929,15 @@ class HubApp(App):
 
     def _pub_start(self, s: Session, cmd: Pub, data: bytes, info: bytes | None) -> None:
         """Start ``cmd``'s publication at the broker and put it in ``s``'s window (which the
-        caller made sure has room)."""
-        window = s.publishing
-        if window is None:
-            window = s.publishing = collections.deque()
-        room = cmd.room
-        history = (self._policies.get(room) or self.policy(room)).history
-        start = self._publish_seq or self.broker.publish_nowait  # (the former's future gives the seq alone)
-        if info is None:
-            future = start(room, data, sender=s.client, ts=int(time.time() * 1000), history=history)
-        else:
-            future = start(room, data, sender=s.client, ts=int(time.time() * 1000), history=history, info=info)
-        if not window:  # the front of the window: its answer answers the client (_published)
-            future.add_done_callback(functools.partial(self._published, s))
-        window.append((future, cmd))
+        caller made sure has room); its ack goes out when the broker answers (hub/_pipelined.py)."""
+        self._pipelined.start(s, cmd, data, info)
 
-    def _published(self, s: Session, _: asyncio.Future[Publication]) -> None:
-        """The publication at the front of ``s``'s window was answered: answer the client for
-        every one answered at the front, in the order they were sent. Only the front has this
-        callback (a broker answers a batch of publications in one go: one call answers them
-        all); the new front gets it, when one is left."""
-        window = s.publishing
-        if window is None:
-            return
-        send = s.conn.send
-        ok = wire.ok
-        published = 0
-        while window:
-            future, cmd = window[0]
-            if not future.done():
-                break
-            window.popleft()
-            if type(cmd) is bytes:  # a reply queued behind the acks (see _error)
-                s.held -= len(cmd)
-                send(cmd)
-                continue
-            try:
-                seq = future.result()  # the seq (publish_seq_nowait), or the Publication
-            except asyncio.CancelledError:
-                continue
-            except BrokerError as exc:
-                self.stats.pub_failed += 1
-                self._broker_failed(s, cmd, exc, now=True)  # (it was the front: before the acks behind it)
-                continue
-            except Exception as exc:  # a broker bug: logged within the same budget as _failed's
-                self.stats.pub_failed += 1
-                if _tracebacks.allow():
-                    log.error("hub_op_failed", conn=s.client, op="pub", error=repr(exc))
-                self._error(s, "internal", "the server failed to handle this frame; it has been logged", cmd.ref, now=True)
-                continue
-            published += 1
-            if cmd.ref is not None:
-                send(ok(cmd.ref, seq if type(seq) is int else seq.seq))
-        self.stats.counted += published
-        if window:
-            window[0][0].add_done_callback(functools.partial(self._published, s))
-        elif window is not None:
-            s.publishing = None
+    def _pub_bug(self, s: Session, cmd: Pub, exc: Exception) -> None:
+        """A publication failed with something other than a BrokerError: a broker bug, logged
+        within the same budget as _failed's, and answered."""
+        if _tracebacks.allow():
+            log.error("hub_op_failed", conn=s.client, op="pub", error=repr(exc))
+        self._error(s, "internal", "the server failed to handle this frame; it has been logged", cmd.ref, now=True)
 
     async def _send(self, s: Session, cmd: Send) -> None:
         if self._needs_hello(s, cmd.ref):

@@ -61,7 +61,7 @@ class HookRunner:
             return await asyncio.wait_for(hook.fn(ctx, *args), self.timeout)
         except Exception as exc:
             if s.publishing:  # earlier publications are answered first: replies keep frame order
-                await asyncio.wait(tuple(f for f, _ in s.publishing))
+                await asyncio.wait(tuple(f for f, *_ in s.publishing))
             self.failed(hook, s, ref, exc)
             return FAILED
 
@@ -296,7 +296,7 @@ class HookRunner:
             await type(app)._pub_pipelined(app, s, cmd, data, info)
             return
         if s.publishing:  # after the publications before it, as for the sender
-            await asyncio.wait(tuple(f for f, _ in s.publishing))
+            await asyncio.wait(tuple(f for f, *_ in s.publishing))
         await self.actions.publish_ephemeral(s, cmd.room, data, info)
         if cmd.ref is not None:
             s.conn.send(wire.with_ref({"op": "ok"}, cmd.ref))

@@ -15,7 +15,7 @@ cdef class Context:
     cdef public object loop, handlers, settings, deadlines, registry, now, frame_handler
     cdef public Flusher flusher
     cdef public Py_ssize_t max_send_buffer, reply_max
-    cdef public bint pumped, has_replies
+    cdef public bint pumped, frame_now, has_replies
 
 cdef class Connection:
     cdef public object id, transport, peer, peer_ip, connected_at, _state
@@ -37,7 +37,7 @@ cdef class Connection:
     @cython.locals(pending=list, size=Py_ssize_t)
     cpdef bint send(self, payload) except -1
     cpdef bint send_wire(self, data) except -1
-    @cython.locals(ctx=Context, replies=dict, reply_max=Py_ssize_t)
+    @cython.locals(ctx=Context, replies=dict, reply_max=Py_ssize_t, n=Py_ssize_t, i=Py_ssize_t, pumped=bint)
     cpdef _dispatch(self, items)
 
 @cython.locals(conn=Connection, pending=list)

@@ -269,7 +269,7 @@ class Context:
     """What every connection of one server shares: loop, handlers, settings, registry."""
 
     __slots__ = ("loop", "handlers", "settings", "flusher", "deadlines", "registry", "now", "max_send_buffer",
-                 "frame_handler", "pumped", "has_replies", "reply_max")
+                 "frame_handler", "pumped", "frame_now", "has_replies", "reply_max")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, handlers: Handlers, settings: Settings, registry: Any) -> None:
         self.loop = loop
@@ -283,6 +283,9 @@ class Context:
         self.max_send_buffer = settings.max_send_buffer
         self.frame_handler = handlers.frame
         self.pumped = handlers.pumped
+        #: frames go through the connection's task (pumped) but the frame handler is a plain
+        #: function: it runs at once while nothing is queued before it (Connection._dispatch)
+        self.frame_now = handlers.pumped and not handlers.frame_async
         self.has_replies = handlers.replies is not None
         #: the longest frame the server answers itself: a longer one is not looked up (hashing
         #: a frame costs more than comparing its length)
@@ -720,36 +723,58 @@ class Connection:
                     write_out((self,), False)
 
     def _dispatch(self, items: list) -> None:
-        """Hand decoded frames (bytes) and framing errors to the app, in order."""
+        """Hand decoded frames (bytes) and framing errors to the app, in order.
+
+        With handlers that await (``ctx.pumped``) the items go to the connection's task,
+        except while nothing is queued there and the frame handler is a plain function
+        (``ctx.frame_now``): then it runs now, frame after frame, as long as it returns None
+        (no task and no turn of the loop for such a frame); what it returns to be awaited,
+        and every item after it, go to the task, which keeps them in order. A framing error
+        goes there too (its handler may await)."""
         if not self._greeted:
             for item in items:
                 if type(item) is bytes:
                     self._greet()
                     break
         ctx = self._ctx
-        if ctx.pumped:
+        pumped = ctx.pumped
+        if pumped and not (ctx.frame_now and self._pump is None):
             for item in items:
                 self._enqueue(item)
             return
         frame = ctx.frame_handler
         replies = ctx.handlers.wires_for(self.encode) if ctx.has_replies else None
         reply_max = ctx.reply_max
+        n = len(items)
+        i = 0
         try:
-            for item in items:
+            while i < n:
                 if self._close_reason is not None:
                     return
+                item = items[i]
                 if type(item) is bytes:
+                    i += 1
                     self.frames_in += 1
                     if replies is not None and len(item) <= reply_max:
                         reply = replies.get(item)
                         if reply is not None:
                             self.send_wire(reply)
                             continue
-                    frame(self, item)
+                    result = frame(self, item)
+                    if pumped and result is not None:
+                        self._enqueue(_Awaited(result))
+                        break
+                elif pumped:
+                    break
                 else:
+                    i += 1
                     ctx.handlers.frame_error(self, item)
         except Exception:
             self._handler_failed("frame")
+            return
+        while i < n:  # (pumped) behind what the task awaits
+            self._enqueue(items[i])
+            i += 1
 
     def _dispatch_one(self, frame: bytes) -> None:
         """:meth:`_dispatch` for one frame (a WebSocket message, a datagram): no list."""
@@ -757,7 +782,10 @@ class Connection:
             self._greet()
         ctx = self._ctx
         if ctx.pumped:
-            self._enqueue(frame)
+            if ctx.frame_now and self._pump is None:
+                self._dispatch([frame])
+            else:
+                self._enqueue(frame)
             return
         self.frames_in += 1
         if ctx.has_replies and len(frame) <= ctx.reply_max:
@@ -803,13 +831,20 @@ class Connection:
                     if self._close_reason is not None:
                         continue
                     self.frames_in += 1
-                    reply = handlers.wires_for(self.encode).get(item) if handlers.replies is not None else None
+                    reply = handlers.wires_for(self.encode).get(item) if handlers.replies is not None and len(item) <= self._ctx.reply_max else None
                     if reply is not None:
                         self.send_wire(reply)
                     else:  # the frame handler, awaited when it is async (no isinstance check for a coroutine)
                         result = handlers.frame(self, item)
                         if result is not None:
                             await (result if type(result) is _COROUTINE else _maybe_await(result))
+                elif type(item) is _Awaited:  # what a frame handler run by _dispatch returned
+                    result = item.result
+                    if self._close_reason is not None:  # closing: the rest of that frame is dropped
+                        if type(result) is _COROUTINE:
+                            result.close()
+                        continue
+                    await (result if type(result) is _COROUTINE else _maybe_await(result))
                 elif type(item) is _Disconnect:
                     await _maybe_await(handlers.disconnect(self, item.reason))
                 elif item is _OWED:  # the peer finished: what the app still owes it, then the close
@@ -889,6 +924,15 @@ class _Disconnect:
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
+
+
+class _Awaited:
+    """What a frame handler run by ``_dispatch`` returned, for the connection's task to await."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
 
 
 _CONNECT = object()

@@ -148,7 +148,11 @@ class Broker(Protocol):
         A broker may also have ``publish_seq_nowait`` (same arguments): the same, except
         that its future gives the publication's ``seq`` alone, for a caller that needs
         nothing else (the hub's acks); building the Publication is a good part of the
-        per-publication cost (the Redis broker has it)."""
+        per-publication cost (the Redis broker has it). And ``publish_batched_nowait``
+        (same arguments), which the hub prefers: it returns ``(future, k)``, where the
+        future is shared by the publications the broker sends together and gives the seq of
+        the first of them, this one's being that plus ``k`` (no future per publication; the
+        Redis broker has it)."""
 
     #: publications started with :meth:`publish_nowait` (or :meth:`publish`) and not yet answered
     in_flight: int

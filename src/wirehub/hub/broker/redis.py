@@ -58,9 +58,7 @@ import collections
 import functools
 import hashlib
 import math
-import operator
 import random
-import secrets
 import time
 import uuid
 from typing import Any, Callable
@@ -68,6 +66,7 @@ from typing import Any, Callable
 import msgspec
 
 from ..._log import get_logger
+from .publishing import Batch, Publisher
 from ._resp import CommandLink, Endpoint, LinkLost, ReplyError, SubscriberLink, encode, open_link
 from .base import BrokerError, BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
 
@@ -301,9 +300,6 @@ _decode_member = msgspec.msgpack.Decoder(Member).decode
 
 
 _decode_batch = msgspec.msgpack.Decoder(list[_Body]).decode
-#: publications one batch (one stream entry, one pub/sub message) carries at most, and data bytes
-BATCH_PUBLICATIONS = 512
-BATCH_BYTES = 256 * 1024
 #: rooms whose publish script call's fixed part (keys, history settings, channel) is kept
 #: encoded; past it the cache starts again
 PUBLISH_HEADS = 4096
@@ -364,23 +360,6 @@ class _Writes:
         self.callers: list[tuple[asyncio.Future[list[Any]], str, int]] = []
 
 
-class _Batch:
-    """The publications of one room queued in this event-loop turn."""
-
-    __slots__ = ("room", "history", "bodies", "answers", "publications", "size")
-
-    def __init__(self, room: str, history: HistoryPolicy) -> None:
-        self.room = room
-        self.history = history
-        self.bodies: list[tuple[Any, ...]] = []  # [room, sender, ts, data(, info, exclude)]
-        self.answers: list[asyncio.Future[Any]] = []  # the same order: each gives the seq,
-        self.publications: set[int] | None = None  # or, at these indexes, the Publication
-        self.size = 0
-
-
-_ts_of = operator.itemgetter(2)  # a body's ts
-
-
 def _bulk(arg: bytes) -> bytes:
     """One RESP bulk string."""
     return b"$%d\r\n%b\r\n" % (len(arg), arg)
@@ -416,8 +395,10 @@ def _noscript(reply: Any) -> bool:
     return type(reply) is ReplyError and str(reply).startswith("NOSCRIPT")
 
 
-class RedisBroker:
-    """:class:`~wirehub.hub.broker.base.Broker` on Redis (see the module docstring)."""
+class RedisBroker(Publisher):
+    """:class:`~wirehub.hub.broker.base.Broker` on Redis (see the module docstring). Its
+    publish path, ``publish_nowait`` and ``publish_seq_nowait``, is :class:`Publisher`'s
+    (``_publishing.py``, compiled with the accelerator)."""
 
     local = False
 
@@ -431,9 +412,7 @@ class RedisBroker:
         clock: Callable[[], float] = time.time,
         timeout: float = 5.0,
     ) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, from start()
-        self._epoch_seed = secrets.token_hex(6)  # new epochs: this seed and a counter (_new_epoch)
-        self._epochs = 0
+        super().__init__()  # the loop, the connections' state, in_flight and the batches of this turn
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
         self.url = url
@@ -445,25 +424,17 @@ class RedisBroker:
         self._timeout = timeout  # every call is bounded by it, and so is Redis's silence
         self._where = self._endpoint.where
         self._handler: BrokerHandler | None = None
-        self._closing = False
-        self._up = False  # both connections are established and subscribed
-        self._cmd: CommandLink | None = None  # commands, auto-pipelined
         self._sub: SubscriberLink | None = None  # pub/sub
         self._holding: list[Any] | None = None  # messages held while (re)subscribing
         self._opening: tuple[SubscriberLink, set[bytes], asyncio.Future[None]] | None = None
         self._next_sub: SubscriberLink | None = None  # the pub/sub connection being set up
         self._reader: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
-        self.in_flight = 0  # publications queued or sent and not answered
-        self._batches: dict[str, _Batch] = {}  # room -> its publications of this event-loop turn
         self._reads: dict[tuple[str, HistoryPolicy], _SharedRead] = {}  # history(since) calls of this turn
         self._reading: set[asyncio.Task[None]] = set()  # their reads' tasks
         self._reads_under_way: set[tuple[str, HistoryPolicy]] = set()  # rooms with a shared read under way
         self._writes: _Writes | None = None  # lease and presence writes of this turn (_write)
-        self._publish_heads: dict[str, tuple[HistoryPolicy, bytes, bytes, bytes, int]] = {}  # see _publish_head
         self._inflight = 0  # calls under way; close() lets them finish (bounded)
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._sub_lock = asyncio.Lock()  # SUBSCRIBE / UNSUBSCRIBE go out in call order
         self._acks: collections.deque[tuple[bytes, bytes, asyncio.Future[None]]] = collections.deque()
         self._pings: dict[bytes, asyncio.Future[None]] = {}  # PING token -> awaiting its PONG
@@ -497,12 +468,6 @@ class RedisBroker:
 
     def _channel(self, room: str) -> bytes:
         return (self._room_ch + room).encode()
-
-    def _new_epoch(self) -> str:
-        """The epoch a script gives a room whose stream it finds gone: unique to this process
-        and call, without a random draw (a getrandom(2) call) per script call."""
-        self._epochs += 1
-        return f"{self._epoch_seed}{self._epochs:x}"
 
     # -- time --------------------------------------------------------------------------------
     def _now_ms(self) -> int:
@@ -703,112 +668,12 @@ class RedisBroker:
                 except ValueError:
                     pass
 
-    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> asyncio.Future[Publication]:
-        """Queue a publication: the publications of one room in one event-loop turn go to
-        Redis as one batch (one EVALSHA, one stream entry, one message to the subscribed
-        nodes), every batch of the turn in one write on the auto-pipelined connection. Redis
-        runs them in call order (see the module docstring)."""
-        return self.publish_seq_nowait(room, data, sender=sender, ts=ts, history=history, info=info, exclude=exclude, publication=True)
-
-    def publish_seq_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "", publication: bool = False) -> asyncio.Future[Any]:
-        """:meth:`publish_nowait` whose future gives the publication's ``seq`` alone (with
-        ``publication``, the :class:`Publication`): no Publication is built for a caller that
-        only acks (see the Broker protocol)."""
-        # the loop cached at start: asyncio.get_running_loop() costs a getpid() system call
-        loop = self._loop or asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if self._cmd is None or self._closing or not self._up:  # (_refusal's test, without its message each time)
-            refused = self._refusal(f"publish to {room!r}")
-            assert refused is not None
-            future.set_exception(refused)
-            return future
-        body = data if type(data) is bytes else bytes(data)
-        batches = self._batches
-        batch = batches.get(room)
-        if batch is None:
-            if not batches:
-                loop.call_soon(self._send_batches)
-            batch = batches[room] = _Batch(room, history)
-            self._idle.clear()  # (until this batch is answered: it counts in in_flight)
-        # an application hook's info and exclude, when set, make it [room, sender, ts, data, info, exclude]
-        batch.bodies.append((room, sender, ts, body, info, exclude) if info is not None or exclude else (room, sender, ts, body))
-        if publication:
-            if batch.publications is None:
-                batch.publications = set()
-            batch.publications.add(len(batch.answers))
-        batch.answers.append(future)
-        batch.size += len(body)
-        self.in_flight += 1
-        if batch.size >= BATCH_BYTES or len(batch.answers) >= BATCH_PUBLICATIONS:
-            del batches[room]  # full: it goes now, the room's next publications start a new one
-            self._send_batch(batch)
-        return future
-
-    def _send_batches(self) -> None:
-        batches, self._batches = self._batches, {}
-        for batch in batches.values():
-            self._send_batch(batch)
-
-    def _send_batch(self, batch: _Batch) -> None:
-        try:
-            self._send_batch_now(batch)
-        except Exception as exc:  # a bug (a value that does not encode): this batch fails alone
-            log.exception("redis_publish_failed", room=batch.room)
-            self.in_flight -= len(batch.answers)
-            self._settle()
-            for future in batch.answers:
-                if not future.done():
-                    future.set_exception(exc)
-
-    def _send_batch_now(self, batch: _Batch) -> None:
-        room, history, bodies, answers = batch.room, batch.history, batch.bodies, batch.answers
-        n = len(bodies)
-
-        def answered(reply: Any) -> None:
-            self.in_flight -= n
-            self._settle()
-            if isinstance(reply, BaseException):
-                if _noscript(reply):
-                    self._load_scripts()  # for the next ones; these were not applied
-                error = self._error(f"publish to {room!r}", reply, unknown=True)
-                for future in answers:
-                    if not future.done():
-                        future.set_exception(error)
-                return
-            seq = int(reply[0]) - n
-            publications = batch.publications
-            if publications is None:  # every caller wants the seq alone
-                for future in answers:
-                    seq += 1
-                    if not future.done():
-                        future.set_result(seq)
-                return
-            epoch = reply[1].decode()
-            for k, (future, body) in enumerate(zip(answers, bodies)):
-                seq += 1
-                if future.done():
-                    continue
-                if k not in publications:
-                    future.set_result(seq)
-                else:
-                    # (room, seq, epoch, data, sender, ts[, info, exclude]): Publication's fields in order
-                    if len(body) == 4:
-                        future.set_result(Publication(room, seq, epoch, msgspec.Raw(body[3]), body[1], body[2]))
-                    else:
-                        future.set_result(Publication(room, seq, epoch, msgspec.Raw(body[3]), body[1], body[2], body[4], body[5]))
-
-        cmd = self._cmd
-        if cmd is None:
-            answered(LinkLost("is not connected", sent=False))
-            return
-        head = self._publish_heads.get(room)
-        if head is None or (head[0] is not history and head[0] != history):
-            head = self._publish_head(room, history)
-        _, keys, policy, channel, ttl_ms = head
-        ts = max(map(_ts_of, bodies))
-        blob = _encode(bodies[0]) if n == 1 else _encode(bodies)
-        cmd.then_encoded(answered, b"%b%b%b%b%b%b%b%b" % (
-            keys, _bulk(self._new_epoch().encode()), policy, _bulk(b"%d" % (ts - ttl_ms)), _bulk(b"%d" % ts), _bulk(b"%d" % n), _bulk(blob), channel))
+    def _publish_failed(self, batch: Batch, reply: BaseException) -> None:
+        """``batch``'s script call failed (Redis refused it, or the connection went): each of
+        its publications fails, saying whether it may have been applied."""
+        if _noscript(reply):
+            self._load_scripts()  # for the next ones; these were not applied
+        batch.fail(self._error(f"publish to {batch.room!r}", reply, unknown=True))
 
     def _publish_head(self, room: str, history: HistoryPolicy) -> tuple[HistoryPolicy, bytes, bytes, bytes, int]:
         """What every publish script call of ``room`` under ``history`` sends alike, encoded

@@ -1,0 +1,246 @@
+"""The Redis broker's publications on their way: each queued in its room's batch of the
+event-loop turn, then answered from the batch's script reply.
+
+Compiled with the accelerator (``hatch_build.py``, typed by ``_publishing.pxd``) like the
+memory broker: :class:`~wirehub.hub.broker.redis.RedisBroker` is a subclass of
+:class:`Publisher`, whose fields are the part of the broker's state this path reads, so that
+compiled they are C fields. Everything else (the script call of a batch, the connections,
+failures) is in ``redis.py``. Behaviour is the same compiled or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import operator
+import secrets
+from typing import Any
+
+import msgspec
+
+from ..._log import get_logger
+from ._resp import LinkLost
+from .base import Publication
+
+log = get_logger("wirehub.hub.broker.redis")
+
+_Raw = msgspec.Raw
+_encode = msgspec.msgpack.Encoder().encode
+_partial = functools.partial
+_ts_of = operator.itemgetter(2)  # a body's ts
+
+#: publications one batch (one stream entry, one pub/sub message) carries at most, and data bytes
+BATCH_PUBLICATIONS = 512
+BATCH_BYTES = 256 * 1024
+
+
+class Batch:
+    """The publications of one room queued in this event-loop turn."""
+
+    __slots__ = ("room", "history", "bodies", "answers", "singles", "shared", "publications", "size")
+
+    def __init__(self, room: str, history: Any) -> None:
+        self.room = room
+        self.history = history
+        self.bodies: list[tuple[Any, ...]] = []  # [room, sender, ts, data(, info, exclude)]
+        #: the same order: each publication's own future, which gives its seq (or, at the
+        #: indexes in ``publications``, its Publication); None for one that shares ``shared``
+        self.answers: list[asyncio.Future[Any] | None] = []
+        self.singles = 0  # publications with a future of their own
+        #: the future of the publications queued by publish_batched_nowait: it gives the
+        #: batch's first seq (None while there are none)
+        self.shared: asyncio.Future[int] | None = None
+        self.publications: set[int] | None = None
+        self.size = 0
+
+    def fail(self, error: BaseException) -> None:
+        """Every publication of the batch fails with ``error``."""
+        shared = self.shared
+        if shared is not None and not shared.done():
+            shared.set_exception(error)
+        if self.singles:
+            for future in self.answers:
+                if future is not None and not future.done():
+                    future.set_exception(error)
+
+
+class Publisher:
+    """The publish path of :class:`~wirehub.hub.broker.redis.RedisBroker` (its base class)."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, from start()
+        self._cmd: Any = None  # the command connection (auto-pipelined), while there is one
+        self._up = False  # both connections are established and subscribed
+        self._closing = False
+        self.in_flight = 0  # publications queued or sent and not answered
+        self._batches: dict[str, Batch] = {}  # room -> its publications of this event-loop turn
+        self._idle = asyncio.Event()  # no call and no publication under way (close() waits for it)
+        self._idle.set()
+        self._epoch_seed = secrets.token_hex(6).encode()  # new epochs: this seed and a counter (_new_epoch)
+        self._epochs = 0
+        #: room -> what its script calls send alike (see RedisBroker._publish_head)
+        self._publish_heads: dict[str, tuple[Any, bytes, bytes, bytes, int]] = {}
+
+    def _new_epoch(self) -> str:
+        """The epoch a script gives a room whose stream it finds gone: unique to this process
+        and call, without a random draw (a getrandom(2) call) per script call."""
+        self._epochs += 1
+        return (b"%b%x" % (self._epoch_seed, self._epochs)).decode()
+
+    def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: Any, info: bytes | None = None, exclude: str = "") -> asyncio.Future[Publication]:
+        """Queue a publication: the publications of one room in one event-loop turn go to
+        Redis as one batch (one EVALSHA, one stream entry, one message to the subscribed
+        nodes), every batch of the turn in one write on the auto-pipelined connection. Redis
+        runs them in call order (see redis.py's docstring)."""
+        return self.publish_seq_nowait(room, data, sender=sender, ts=ts, history=history, info=info, exclude=exclude, publication=True)
+
+    def publish_seq_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: Any, info: bytes | None = None, exclude: str = "", publication: bool = False) -> asyncio.Future[Any]:
+        """:meth:`publish_nowait` whose future gives the publication's ``seq`` alone (with
+        ``publication``, the :class:`Publication`): no Publication is built for a caller that
+        only acks (see the Broker protocol)."""
+        # the loop cached at start: asyncio.get_running_loop() costs a getpid() system call
+        loop = self._loop or asyncio.get_running_loop()
+        future = loop.create_future()
+        if self._cmd is None or self._closing or not self._up:  # (_refusal's test, without its message each time)
+            refused = self._refusal(f"publish to {room!r}")
+            assert refused is not None
+            future.set_exception(refused)
+            return future
+        body = data if type(data) is bytes else bytes(data)
+        # an application hook's info and exclude, when set, make it [room, sender, ts, data, info, exclude]
+        self._queue(room, history, body, (room, sender, ts, body, info, exclude) if info is not None or exclude else (room, sender, ts, body),
+                    publication, future)
+        return future
+
+    def publish_batched_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: Any, info: bytes | None = None, exclude: str = "") -> tuple[asyncio.Future[int], int]:
+        """:meth:`publish_seq_nowait` without a future of its own (what the hub calls for the
+        acks): returns ``(future, k)``, where ``future`` is shared by the publications of
+        its batch and gives the seq of the batch's first one; this one's seq is that plus
+        ``k``. It fails as the batch does."""
+        if self._cmd is None or self._closing or not self._up:
+            future = (self._loop or asyncio.get_running_loop()).create_future()
+            future.set_exception(self._refusal(f"publish to {room!r}"))
+            return future, 0
+        body = data if type(data) is bytes else bytes(data)
+        return self._queue(room, history, body, (room, sender, ts, body, info, exclude) if info is not None or exclude else (room, sender, ts, body),
+                           False, None)
+
+    def _queue(self, room: str, history: Any, body: bytes, entry: tuple, publication: bool, future: Any) -> Any:
+        """Put a publication (``entry``, its body) and its future in ``room``'s batch of this
+        turn; a full batch goes now. Without a future (None), the publication shares the
+        batch's: returns ``(that future, its index in the batch)``."""
+        batches = self._batches
+        batch = batches.get(room)
+        if batch is None:
+            if not batches:
+                (self._loop or asyncio.get_running_loop()).call_soon(self._send_batches)
+            batch = batches[room] = Batch(room, history)
+            self._idle.clear()  # (until this batch is answered: it counts in in_flight)
+        k = len(batch.answers)
+        batch.bodies.append(entry)
+        batch.answers.append(future)
+        if future is None:
+            shared = batch.shared
+            if shared is None:
+                shared = batch.shared = (self._loop or asyncio.get_running_loop()).create_future()
+            answer = (shared, k)
+        else:
+            batch.singles += 1
+            if publication:
+                if batch.publications is None:
+                    batch.publications = set()
+                batch.publications.add(k)
+            answer = None
+        batch.size += len(body)
+        self.in_flight += 1
+        if batch.size >= BATCH_BYTES or k + 1 >= BATCH_PUBLICATIONS:
+            del batches[room]  # full: it goes now, the room's next publications start a new one
+            self._send_batch(batch)
+        return answer
+
+    def _send_batches(self) -> None:
+        """The batches of this turn go (scheduled by the first publication of the turn)."""
+        batches, self._batches = self._batches, {}
+        for batch in batches.values():
+            self._send_batch(batch)
+
+    def _send_batch(self, batch: Batch) -> None:
+        try:
+            self._send_batch_now(batch)
+        except Exception as exc:  # a bug (a value that does not encode): this batch fails alone
+            log.exception("redis_publish_failed", room=batch.room)
+            self.in_flight -= len(batch.answers)
+            self._settle()
+            batch.fail(exc)
+
+    def _send_batch_now(self, batch: Batch) -> None:
+        """``batch``'s script call (PUBLISH_LUA), queued on the command connection."""
+        bodies = batch.bodies
+        n = len(bodies)
+        answered = _partial(self._answered, batch)
+        cmd = self._cmd
+        if cmd is None:
+            answered(LinkLost("is not connected", sent=False))
+            return
+        room, history = batch.room, batch.history
+        head = self._publish_heads.get(room)
+        if head is None or (head[0] is not history and head[0] != history):
+            head = self._publish_head(room, history)
+        keys, policy, channel, ttl_ms = head[1], head[2], head[3], head[4]
+        ts = max(map(_ts_of, bodies))
+        blob = _encode(bodies[0]) if n == 1 else _encode(bodies)
+        self._epochs += 1
+        epoch = b"%b%x" % (self._epoch_seed, self._epochs)
+        since = b"%d" % (ts - ttl_ms)
+        newest = b"%d" % ts
+        count = b"%d" % n
+        # the head's keys, then ARGV: epoch, the head's policy (size, ttl, meta ttl), horizon, ts, n, blob, the head's channel
+        cmd.then_encoded(answered, b"%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
+            keys, len(epoch), epoch, policy, len(since), since, len(newest), newest, len(count), count, len(blob), blob, channel))
+
+    def _answered(self, batch: Batch, reply: Any) -> None:
+        """Redis answered ``batch``'s script call (``reply``: ``[last seq, epoch]``, or the
+        exception saying why not): answer each of its publications."""
+        answers = batch.answers
+        n = len(answers)
+        self.in_flight -= n
+        self._settle()
+        if isinstance(reply, BaseException):
+            self._publish_failed(batch, reply)
+            return
+        first = int(reply[0]) - n + 1
+        shared = batch.shared
+        if shared is not None and not shared.done():
+            shared.set_result(first)
+        if not batch.singles:
+            return
+        publications = batch.publications
+        room, bodies = batch.room, batch.bodies
+        epoch = reply[1].decode() if publications is not None else ""
+        for k in range(n):
+            future = answers[k]
+            if future is None or future.done():
+                continue
+            seq = first + k
+            if publications is None or k not in publications:
+                future.set_result(seq)
+                continue
+            body = bodies[k]
+            # (room, seq, epoch, data, sender, ts[, info, exclude]): Publication's fields in order
+            if len(body) == 4:
+                future.set_result(Publication(room, seq, epoch, _Raw(body[3]), body[1], body[2]))
+            else:
+                future.set_result(Publication(room, seq, epoch, _Raw(body[3]), body[1], body[2], body[4], body[5]))
+
+    # provided by the broker (redis.py)
+    def _refusal(self, what: str) -> Any:
+        raise NotImplementedError
+
+    def _publish_head(self, room: str, history: Any) -> tuple[Any, bytes, bytes, bytes, int]:
+        raise NotImplementedError
+
+    def _settle(self) -> None:
+        raise NotImplementedError
+
+    def _publish_failed(self, batch: Batch, exc: BaseException) -> None:
+        raise NotImplementedError
