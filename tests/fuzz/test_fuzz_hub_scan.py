@@ -231,3 +231,13 @@ def test_the_canonical_frames_are_taken_by_their_bytes():
         frames.publish_now.__self__.seq = seq - 1
         assert frames.pub_frame(app.conn, b'{"op":"pub","room":"r","data":1,"ref":%b}' % ref)
         assert rec.events[-1] == ("send", b'{"op":"ok","ref":%b,"seq":%d}' % (ref, seq))
+    # the room published to last is known again by its bytes (its name and policy kept): rooms
+    # of the same length stay apart
+    rec = Recorder()
+    app = App(rec, False, False, None)
+    app._room_table.update(dict.fromkeys(("ab", "ac", "abc")))
+    frames = InlineFrames(app, scan=True)
+    rooms = ("ab", "ab", "ac", "ab", "abc", "r", "r")
+    for room in rooms:
+        assert frames.pub_frame(app.conn, b'{"op":"pub","room":"%b","data":1}' % room.encode())
+    assert [(e[0], e[1], e[4]) for e in rec.events] == [("publish", r, HistoryPolicy(size=len(r))) for r in rooms]

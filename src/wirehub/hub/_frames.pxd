@@ -4,8 +4,8 @@
 # helpers below are C code of their own (cdef inline, here), which the .py calls only when
 # compiled (_COMPILED) and otherwise does in Python.
 import cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.string cimport memchr, memcpy
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.string cimport memchr, memcmp, memcpy
 
 cdef extern from "<time.h>":
     ctypedef long time_t
@@ -68,6 +68,10 @@ cdef inline bytes _pong_c(const unsigned char *p, Py_ssize_t n):
     memcpy(o + 12, p + 12, n - 12)
     return out
 
+cdef inline bint _same_c(const unsigned char *p, bytes key) noexcept:
+    """The len(key) bytes at p are key's."""
+    return memcmp(p, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)) == 0
+
 cdef inline long long _now_ms_c() noexcept:
     cdef timespec t
     clock_gettime(CLOCK_REALTIME, &t)
@@ -92,7 +96,8 @@ cpdef Py_ssize_t json_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t end) 
 cdef Py_ssize_t _key_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t end) noexcept
 
 cdef class InlineFrames:
-    cdef public object app, stats, publish_now, last_conn, last_session
+    cdef public object app, stats, publish_now, last_conn, last_session, last_room, last_history
+    cdef public bytes last_room_key
     cdef public dict sessions, table, policies
     cdef public bint gated, scan
     cdef public long long published
@@ -100,6 +105,6 @@ cdef class InlineFrames:
     cpdef frame(self, conn, data)
     @cython.locals(n=Py_ssize_t, end=Py_ssize_t, i=Py_ssize_t, c=Py_ssize_t, room_end=Py_ssize_t,
                    data_start=Py_ssize_t, data_end=Py_ssize_t, ref_start=Py_ssize_t, p=cython.p_uchar,
-                   ts=cython.longlong, seq=cython.longlong)
+                   ts=cython.longlong, seq=cython.longlong, key=bytes)
     cpdef bint pub_frame(self, conn, bytes frame) except -1
     cpdef pub(self, s, cmd)

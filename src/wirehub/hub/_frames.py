@@ -245,7 +245,7 @@ class InlineFrames:
     """``frame(conn, data)`` for the hub: ping and pub here, the rest in the app."""
 
     __slots__ = ("app", "sessions", "table", "policies", "stats", "publish_now", "gated", "scan", "published", "last_conn",
-                 "last_session")
+                 "last_session", "last_room_key", "last_room", "last_history")
 
     def __init__(self, app: Any, scan: bool = False) -> None:
         self.app = app
@@ -264,6 +264,11 @@ class InlineFrames:
         #: the same from connect to close, and no frame of it is handled after)
         self.last_conn: Any = None
         self.last_session: Any = None
+        #: the room pub_frame last published to: its name's bytes, its name, its history
+        #: policy (a room's policy is the same for the server's life: the config's)
+        self.last_room_key: bytes | None = None
+        self.last_room: Any = None
+        self.last_history: Any = None
 
     def __call__(self, conn: Any, data: bytes) -> None:
         self.frame(conn, data)
@@ -330,7 +335,13 @@ class InlineFrames:
             ref_start = data_end + 7
             if ref_end(p, ref_start, end) != end:
                 return False
-        room = p[20:room_end].decode("ascii")
+        key = self.last_room_key
+        if key is not None and len(key) == room_end - 20 and (_same_c(p + 20, key) if _COMPILED else frame.startswith(key, 20)):  # noqa: F821 - defined in the .pxd
+            room = self.last_room  # the room published to last: its name and history policy again
+            history = self.last_history
+        else:
+            room = p[20:room_end].decode("ascii")
+            history = None
         if room not in self.table:
             return False
         if conn is self.last_conn:  # the frames of one read come together
@@ -345,11 +356,16 @@ class InlineFrames:
             if s.claims is not None and not s.claims.may_publish(room):
                 return False  # the decoder's path says why
             self.published += 1
-            policy = self.policies.get(room)
-            if policy is None:
-                policy = self.app.policy(room)
+            if history is None:
+                policy = self.policies.get(room)
+                if policy is None:
+                    policy = self.app.policy(room)
+                history = policy.history
+                self.last_room_key = p[20:room_end]
+                self.last_room = room
+                self.last_history = history
             ts = _now_ms_c() if _COMPILED else _time_ns() // 1_000_000  # noqa: F821 - defined in the .pxd
-            pub = self.publish_now(room, p[data_start:data_end], s.client, ts, policy.history)
+            pub = self.publish_now(room, p[data_start:data_end], s.client, ts, history)
             if ref_start >= 0:
                 seq = pub.seq
                 if _COMPILED:  # formatted in C (_frames.pxd)
