@@ -119,12 +119,7 @@ class PipelinedFrames:
         k = -1
         batched = self.batched
         if batched is not None:
-            if info is None:
-                future, k = batched(room, data, sender=s.client, ts=int(_time() * 1000), history=policy.history)
-            else:
-                future, k = batched(room, data, sender=s.client, ts=int(_time() * 1000), history=policy.history, info=info)
-        elif info is None:
-            future = self.publish(room, data, sender=s.client, ts=int(_time() * 1000), history=policy.history)
+            future, k = batched(room, data, sender=s.client, ts=int(_time() * 1000), history=policy.history, info=info)
         else:
             future = self.publish(room, data, sender=s.client, ts=int(_time() * 1000), history=policy.history, info=info)
         if not window:  # the front of the window: its answer answers the client (published)
@@ -166,10 +161,7 @@ class PipelinedFrames:
                     seq += k
                 elif type(seq) is not int:
                     seq = seq.seq
-                if type(ref) is int:
-                    send(b'{"op":"ok","ref":%d,"seq":%d}' % (ref, seq))
-                else:
-                    send(_ok(ref, seq))
+                send(_ok(ref, seq))
         self.stats.counted += published
         if window:
             window[0][0].add_done_callback(_partial(self.published, s))
