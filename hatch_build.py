@@ -4,8 +4,7 @@ Compiles each module of ``MODULES`` with Cython, typed by the ``.pxd`` beside it
 ``src/wirehub/transport/_connection.py`` into the extension module
 ``wirehub.transport._connection_c``, ``src/wirehub/protocol/_framing.py`` into
 ``wirehub.protocol._framing_c``, ``src/wirehub/hub/_frames.py`` into ``wirehub.hub._frames_c``,
-``src/wirehub/hub/broker/_memory.py`` into ``wirehub.hub.broker._memory_c``,
-``src/wirehub/hub/_pipelined.py`` into ``wirehub.hub._pipelined_c`` and
+``src/wirehub/hub/broker/_memory.py`` into ``wirehub.hub.broker._memory_c`` and
 ``src/wirehub/hub/broker/_publishing.py`` into ``wirehub.hub.broker._publishing_c`` (in place in
 ``src/`` for an editable install; in the wheel otherwise), each with a digest of its two sources compiled in so that the module that loads it
 (``wirehub._accelerator.load``) never uses a build older than the code beside it.
@@ -32,7 +31,6 @@ MODULES = (
     (("wirehub", "protocol"), "_framing"),
     (("wirehub", "hub"), "_frames"),
     (("wirehub", "hub", "broker"), "_memory"),
-    (("wirehub", "hub"), "_pipelined"),
     (("wirehub", "hub", "broker"), "_publishing"),
 )
 DIRECTIVES = {

@@ -20,7 +20,7 @@ import pytest
 
 import wirehub
 from wirehub import _accelerator
-from wirehub.hub import frames, pipelined
+from wirehub.hub import frames
 from wirehub.hub.broker import memory, publishing
 from wirehub.protocol import framing
 from wirehub.transport import connection
@@ -46,11 +46,10 @@ def probe(env: dict[str, str], path: Path | None = None) -> subprocess.Completed
 
 MODULES = [(connection, "wirehub.transport._connection"), (framing, "wirehub.protocol._framing"),
            (frames, "wirehub.hub._frames"), (memory, "wirehub.hub.broker._memory"),
-           (pipelined, "wirehub.hub._pipelined"), (publishing, "wirehub.hub.broker._publishing")]
+           (publishing, "wirehub.hub.broker._publishing")]
 
 
-@pytest.mark.parametrize("module, source", MODULES, ids=["connection", "framing", "hub-frames", "memory-broker", "hub-pipelined",
-                                                            "redis-publishing"])
+@pytest.mark.parametrize("module, source", MODULES, ids=["connection", "framing", "hub-frames", "memory-broker", "redis-publishing"])
 def test_the_implementation_in_use_is_reported_and_matches_its_sources(module, source):
     assert module.ACCELERATOR in ("compiled", "not built (pure Python)", "off (WIREHUB_PURE_PYTHON is set)")
     if os.environ.get("EXPECT_WIREHUB_COMPILED") == "1":  # set by CI, where gcc and Cython are at hand

@@ -1,16 +1,16 @@
 """The optional compiled accelerator: how a module picks its compiled copy.
 
-Six modules hold the code that runs for every frame: ``wirehub/transport/_connection.py``
+Five modules hold the code that runs for every frame: ``wirehub/transport/_connection.py``
 (connections, the send buffer, the stream read path), ``wirehub/protocol/_framing.py`` (the
-frame decoders), ``wirehub/hub/_frames.py`` (the hub's ``ping`` and ``pub`` on a local
-broker), ``wirehub/hub/broker/_memory.py`` (the memory broker, whose publish every such
-``pub`` calls), ``wirehub/hub/_pipelined.py`` (the hub's ``pub`` and its acks on a remote
-broker) and ``wirehub/hub/broker/_publishing.py`` (the Redis broker's publish path). At
+frame decoders), ``wirehub/hub/_frames.py`` (the hub's ``ping`` and ``pub``, and their acks,
+on a local and on a remote broker), ``wirehub/hub/broker/_memory.py`` (the memory broker,
+whose publish every local ``pub`` calls) and ``wirehub/hub/broker/_publishing.py`` (the Redis
+broker's publish path). At
 install time ``hatch_build.py`` compiles each with Cython, typed by the ``.pxd`` file beside
 it, into ``<module>_c`` (``_connection_c``, ...), with a digest of the two source files
 compiled in. The public modules (``wirehub.transport.connection``,
 ``wirehub.protocol.framing``, ``wirehub.hub.frames``, ``wirehub.hub.broker.memory``,
-``wirehub.hub.pipelined``, ``wirehub.hub.broker.publishing``) load their implementation
+``wirehub.hub.broker.publishing``) load their implementation
 through :func:`load`, which takes:
 
 - the compiled copy, when it was built and was built from the ``.py`` and ``.pxd`` files that

@@ -95,16 +95,39 @@ cpdef Py_ssize_t json_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t end) 
 
 cdef Py_ssize_t _key_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t end) noexcept
 
-cdef class InlineFrames:
-    cdef public object app, stats, publish_now, last_conn, last_session, last_room, last_history
+cdef class PubScanner:
+    cdef public object app, sessions, policies, last_room, last_history, last_conn, last_session
     cdef public bytes last_room_key
-    cdef public dict sessions, table, policies
+    cdef public Py_ssize_t room_end, data_end, ref_start
+    cdef public bint known
+    cpdef session_of(self, conn)
+    @cython.locals(n=Py_ssize_t, end=Py_ssize_t, i=Py_ssize_t, c=Py_ssize_t, room_end=Py_ssize_t,
+                   data_start=Py_ssize_t, data_end=Py_ssize_t, ref_start=Py_ssize_t, p=cython.p_uchar)
+    cpdef bint scan_pub(self, bytes frame) except -1
+    @cython.locals(p=cython.p_uchar, room_end=Py_ssize_t, key=bytes)
+    cpdef room_of(self, bytes frame)
+    cpdef history_of(self, bytes frame, room)
+
+cdef class InlineFrames(PubScanner):
+    cdef public object stats, publish_now
+    cdef public dict table
     cdef public bint gated, scan
     cdef public long long published
     @cython.locals(head=bytes)
     cpdef frame(self, conn, data)
-    @cython.locals(n=Py_ssize_t, end=Py_ssize_t, i=Py_ssize_t, c=Py_ssize_t, room_end=Py_ssize_t,
-                   data_start=Py_ssize_t, data_end=Py_ssize_t, ref_start=Py_ssize_t, p=cython.p_uchar,
-                   ts=cython.longlong, seq=cython.longlong, key=bytes)
+    @cython.locals(end=Py_ssize_t, ref_start=Py_ssize_t, p=cython.p_uchar, seq=cython.longlong)
     cpdef bint pub_frame(self, conn, bytes frame) except -1
     cpdef pub(self, s, cmd)
+
+cdef class PipelinedFrames(PubScanner):
+    cdef public object broker, stats, publish, batched, runner, table
+    cdef public bint rate, gated, scan
+    @cython.locals(head=bytes)
+    cpdef frame(self, conn, data)
+    @cython.locals(p=cython.p_uchar, ts=cython.longlong, k=Py_ssize_t)
+    cpdef bint pub_frame(self, conn, bytes frame) except -1
+    @cython.locals(k=Py_ssize_t, ts=cython.longlong)
+    cpdef start(self, s, cmd, data, info)
+    @cython.locals(published=Py_ssize_t, entry=tuple, k=Py_ssize_t, n=Py_ssize_t, ref=bytes, rp=cython.p_uchar)
+    cpdef published(self, s, _)
+    cpdef failed(self, s, cmd, exc)

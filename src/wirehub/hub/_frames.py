@@ -1,17 +1,19 @@
-"""The hub's per-frame path on a local broker, for the frames that are most of the traffic:
-``ping``, and ``pub`` (:meth:`InlineFrames.pub` is the hub's one ``pub`` on a local broker:
-``HubApp._pub_local`` calls it, hooks or not).
+"""The hub's per-frame path for the frames that are most of the traffic, ``ping`` and
+``pub``: on a local broker (:class:`InlineFrames`) and on a remote one (:class:`PipelinedFrames`).
 
 Compiled with the accelerator (``hatch_build.py``, typed by ``_frames.pxd``) like the
-framework's connection and framing code. :class:`~wirehub.hub.app.HubApp` makes one per
-server; when no hook and no rate limit apply it is the frame handler itself, and every frame
-but ping and pub goes to the app's ``_frame_command``, decoded once. Behaviour is the same as
-``HubApp._frame_inline``'s, frame for frame.
+framework's connection and framing code. :class:`~wirehub.hub.app.HubApp` makes one of each
+per server. On a local broker, when no hook and no rate limit apply, InlineFrames is the frame
+handler itself, and every frame but ping and pub goes to the app's ``_frame_command``, decoded
+once; :meth:`InlineFrames.pub` is the hub's one ``pub`` on a local broker (``HubApp._pub_local``
+calls it, hooks or not). On a remote broker PipelinedFrames is the frame handler: it starts a
+publication without a coroutine, and sends the acks in frame order as the broker answers.
+Behaviour is the same as the decoder's path, frame for frame, compiled or not.
 
 The canonical forms: when compiled (``scan``), a ``ping`` or ``pub`` frame written as the
 clients write them, ``{"op":"ping","ref":REF}`` and ``{"op":"pub","room":ROOM,"data":DATA,
 "ref":REF}`` (``ref`` optional in a pub), is recognised by its bytes, before any decoding:
-:func:`ping_reply` and :meth:`InlineFrames.pub_frame`. They take only what they can answer
+:func:`ping_reply`, :meth:`InlineFrames.pub_frame` and :meth:`PipelinedFrames.pub_frame`. They take only what they can answer
 exactly as the decoder's path would (an integer ``ref`` of at most 18 digits other than
 ``-0``, strings of printable ASCII without ``"`` or ``\\``, ``DATA`` any JSON value in that
 alphabet, a frame that decoding would take as the same command) and leave everything else,
@@ -21,19 +23,29 @@ that: the same replies and the same publications as the decoder's path, for any 
 
 from __future__ import annotations
 
+import collections
+import functools
 import time
+from asyncio import CancelledError
 from types import FunctionType
 from typing import Any
 
+import msgspec
+
 from . import protocol as wire
+from .broker.base import BrokerError
 
 _Ping = wire.Ping
 _Pub = wire.Pub
 _decode = wire._decoder.decode
+_explain = wire.decode  # a frame the decoder refused: the ProtocolError that says why
+_json_decode = msgspec.json.decode
 _ok = wire.ok
 _pong = wire.pong
 _data_bytes = wire.data_bytes
 _time_ns = time.time_ns
+_deque = collections.deque
+_partial = functools.partial
 
 
 def _probe() -> None:
@@ -241,18 +253,113 @@ def _key_end(p: bytes, i: int, end: int) -> int:
     return i + 1
 
 
-class InlineFrames:
-    """``frame(conn, data)`` for the hub: ping and pub here, the rest in the app."""
+class PubScanner:
+    """What :class:`InlineFrames` and :class:`PipelinedFrames` share: the canonical ``pub``
+    read by its bytes (:meth:`scan_pub`), and the room published to last, known again by its
+    bytes (:meth:`room_of`, :meth:`history_of`): its name, and its history policy (a room's
+    policy is the config's for the server's life)."""
 
-    __slots__ = ("app", "sessions", "table", "policies", "stats", "publish_now", "gated", "scan", "published", "last_conn",
-                 "last_session", "last_room_key", "last_room", "last_history")
+    __slots__ = ("app", "sessions", "policies", "room_end", "data_end", "ref_start", "known", "last_room_key", "last_room",
+                 "last_history", "last_conn", "last_session")
 
-    def __init__(self, app: Any, scan: bool = False) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
         self.sessions = app.sessions
+        self.policies = app._policies
+        #: where scan_pub found the room's closing quote, the data's end and the ref's start
+        #: (the frame's last byte when it has none); the data starts 9 bytes past the room
+        self.room_end = 0
+        self.data_end = 0
+        self.ref_start = 0
+        self.known = False  # room_of's room was the last one (its history is last_history)
+        self.last_room_key: bytes | None = None
+        self.last_room: Any = None
+        self.last_history: Any = None
+        #: the connection a frame was last taken from, and its session (a connection's
+        #: session is the same from connect to close, and no frame of it is handled after;
+        #: the app forgets it when it closes)
+        self.last_conn: Any = None
+        self.last_session: Any = None
+
+    def session_of(self, conn: Any) -> Any:
+        """``conn``'s session (the frames of one read come together)."""
+        if conn is self.last_conn:
+            return self.last_session
+        s = self.sessions[conn.id]
+        self.last_conn = conn
+        self.last_session = s
+        return s
+
+    def scan_pub(self, frame: bytes) -> bool:
+        """``{"op":"pub","room":ROOM,"data":DATA[,"ref":REF]}`` written in the canonical form
+        (see the module): True, and where its parts are in ``room_end``, ``data_end`` and
+        ``ref_start``. False for any other frame."""
+        n = len(frame)
+        end = n - 1
+        p = frame  # compiled: its bytes, as a C pointer (indexing and slicing them are C)
+        if p[end] != 125 or not frame.startswith(_PUB_HEAD):
+            return False
+        i = _string_end(p, 19, end)  # the room (from its opening quote, _PUB_HEAD's last byte)
+        if i < 0:
+            return False
+        room_end = i - 1
+        if room_end == 20 or room_end - 20 > _MAX_ROOM_LENGTH or not frame.startswith(_DATA_KEY, i):
+            return False
+        data_start = room_end + 9
+        c = p[data_start]
+        if c == 32 or c == 9 or c == 13:  # space before the value: not in the data the decoder gives
+            return False
+        data_end = json_end(p, data_start, end)
+        if data_end < 0:
+            return False
+        ref_start = end
+        if data_end != end:
+            if not frame.startswith(_REF_KEY, data_end):
+                return False
+            ref_start = data_end + 7
+            if ref_end(p, ref_start, end) != end:
+                return False
+        self.room_end = room_end
+        self.data_end = data_end
+        self.ref_start = ref_start
+        return True
+
+    def room_of(self, frame: bytes) -> str:
+        """The room of the frame scan_pub took last."""
+        p = frame
+        room_end = self.room_end
+        key = self.last_room_key
+        if key is not None and len(key) == room_end - 20 and (_same_c(p + 20, key) if _COMPILED else frame.startswith(key, 20)):  # noqa: F821 - defined in the .pxd
+            self.known = True
+            return self.last_room
+        self.known = False
+        return p[20:room_end].decode("ascii")
+
+    def history_of(self, frame: bytes, room: str) -> Any:
+        """The history policy of ``room``, room_of's answer for ``frame``: the last room's
+        again, or looked up (and this room is the last one from now on)."""
+        if self.known:
+            return self.last_history
+        policy = self.policies.get(room)
+        if policy is None:
+            policy = self.app.policy(room)
+        history = policy.history
+        self.last_room_key = frame[20 : self.room_end]
+        self.last_room = room
+        self.last_history = history
+        self.known = True
+        return history
+
+
+class InlineFrames(PubScanner):
+    """``frame(conn, data)`` for the hub: ping and pub here, the rest in the app."""
+
+    __slots__ = ("table", "stats", "publish_now", "gated", "scan", "published")
+
+    def __init__(self, app: Any, scan: bool = False) -> None:
+        super().__init__(app)
         table = app._room_table  # the rooms a local broker holds (None: ask the app)
         self.table = table if type(table) is dict else None
-        self.policies = app._policies
         self.stats = app.stats
         self.publish_now = getattr(app.broker, "publish_now", None)  # a local broker's
         self.gated = bool(app._gate)
@@ -260,15 +367,6 @@ class InlineFrames:
         self.scan = scan
         #: publications made here (``HubStats.published`` adds them: see ``HubStats.frames``)
         self.published = 0
-        #: the connection pub_frame last served, and its session (a connection's session is
-        #: the same from connect to close, and no frame of it is handled after)
-        self.last_conn: Any = None
-        self.last_session: Any = None
-        #: the room pub_frame last published to: its name's bytes, its name, its history
-        #: policy (a room's policy is the same for the server's life: the config's)
-        self.last_room_key: bytes | None = None
-        self.last_room: Any = None
-        self.last_history: Any = None
 
     def __call__(self, conn: Any, data: bytes) -> None:
         self.frame(conn, data)
@@ -310,63 +408,25 @@ class InlineFrames:
         """``{"op":"pub","room":ROOM,"data":DATA[,"ref":REF]}`` written in the canonical form
         (see the module), to a room that exists, by a client who may: published as
         :meth:`pub` would, True. False, having done nothing, for any other frame."""
-        n = len(frame)
-        end = n - 1
+        if not self.scan_pub(frame):
+            return False
         p = frame  # compiled: its bytes, as a C pointer (indexing and slicing them are C)
-        if p[end] != 125 or not frame.startswith(_PUB_HEAD):
-            return False
-        i = _string_end(p, 19, end)  # the room (from its opening quote, _PUB_HEAD's last byte)
-        if i < 0:
-            return False
-        room_end = i - 1
-        if room_end == 20 or room_end - 20 > _MAX_ROOM_LENGTH or not frame.startswith(_DATA_KEY, i):
-            return False
-        data_start = room_end + 9
-        c = p[data_start]
-        if c == 32 or c == 9 or c == 13:  # space before the value: not in the data the decoder gives
-            return False
-        data_end = json_end(p, data_start, end)
-        if data_end < 0:
-            return False
-        ref_start = -1
-        if data_end != end:
-            if not frame.startswith(_REF_KEY, data_end):
-                return False
-            ref_start = data_end + 7
-            if ref_end(p, ref_start, end) != end:
-                return False
-        key = self.last_room_key
-        if key is not None and len(key) == room_end - 20 and (_same_c(p + 20, key) if _COMPILED else frame.startswith(key, 20)):  # noqa: F821 - defined in the .pxd
-            room = self.last_room  # the room published to last: its name and history policy again
-            history = self.last_history
-        else:
-            room = p[20:room_end].decode("ascii")
-            history = None
+        end = len(frame) - 1
+        room = self.room_of(frame)
         if room not in self.table:
             return False
-        if conn is self.last_conn:  # the frames of one read come together
-            s = self.last_session
-        else:
-            s = self.sessions[conn.id]
-            self.last_conn = conn
-            self.last_session = s
+        s = self.session_of(conn)
         if self.gated and not s.greeted:
             return False
         try:
             if s.claims is not None and not s.claims.may_publish(room):
                 return False  # the decoder's path says why
             self.published += 1
-            if history is None:
-                policy = self.policies.get(room)
-                if policy is None:
-                    policy = self.app.policy(room)
-                history = policy.history
-                self.last_room_key = p[20:room_end]
-                self.last_room = room
-                self.last_history = history
+            history = self.history_of(frame, room)
             ts = _now_ms_c() if _COMPILED else _time_ns() // 1_000_000  # noqa: F821 - defined in the .pxd
-            pub = self.publish_now(room, p[data_start:data_end], s.client, ts, history)
-            if ref_start >= 0:
+            pub = self.publish_now(room, p[self.room_end + 9 : self.data_end], s.client, ts, history)
+            ref_start = self.ref_start
+            if ref_start != end:
                 seq = pub.seq
                 if _COMPILED:  # formatted in C (_frames.pxd)
                     conn.send(_ack_c(p + ref_start, end - ref_start, seq))  # noqa: F821 - defined in the .pxd
@@ -399,3 +459,215 @@ class InlineFrames:
         pub = self.publish_now(room, data, s.client, _time_ns() // 1_000_000, policy.history)
         if cmd.ref is not None:
             s.conn.send(_ok(cmd.ref, pub.seq))
+
+
+#: publications one connection may have in flight at a remote broker; its next one waits
+#: (and its reads pause once its queue of frames fills) until the oldest is answered
+PUB_WINDOW = 64
+#: publications the whole node may have in flight; beyond it a connection waits for its own
+PUB_IN_FLIGHT = 8192
+
+
+class PipelinedFrames(PubScanner):
+    """``frame(conn, data)`` for the hub on a remote broker, in the connection's task: a
+    ``pub`` whose publication can start now starts here and None is returned; any other frame
+    (and a ``pub`` that must wait for room in the window, or that hooks handle) is the
+    coroutine the task awaits before the next.
+
+    A connection's publications in flight are its window, ``Session.publishing``: a deque of
+    ``(future, cmd, k)``, oldest first. ``cmd`` is the ``pub`` (decoded), or, for a ``pub``
+    taken by its bytes (:meth:`pub_frame`), its ``ref``'s bytes (``b""``: none), or a
+    1-tuple holding the bytes of a reply that waits for the acks before it (see
+    ``HubApp._error``). The future gives the seq: the seq itself (``k`` is -1), or, shared by
+    a batch of publications (a broker's ``publish_batched_nowait``), the batch's first seq,
+    to which ``k`` is added. The future of the front alone has a callback: a broker answers a
+    batch of publications in one go, and one call answers every publication answered at the
+    front."""
+
+    __slots__ = ("broker", "stats", "publish", "batched", "runner", "rate", "gated", "table", "scan")
+
+    def __init__(self, app: Any, scan: bool = False) -> None:
+        super().__init__(app)
+        self.broker = app.broker
+        self.stats = app.stats
+        #: a broker's publish_nowait whose future gives the seq alone, when it has one (base.py)
+        self.publish = getattr(app.broker, "publish_seq_nowait", None) or app.broker.publish_nowait
+        #: a broker's publish whose future is shared by a batch (base.py), when it has one
+        self.batched = getattr(app.broker, "publish_batched_nowait", None)
+        self.runner = app._runner  # the hooks' (None: no hooks)
+        self.rate = bool(app._rate)
+        self.gated = bool(app._gate)
+        self.table = app._room_table  # the rooms a broker holds in this process (a remote one: None)
+        #: take the canonical pub by its bytes first (as InlineFrames does; worth it compiled)
+        self.scan = scan
+
+    def __call__(self, conn: Any, data: bytes) -> Any:
+        return self.frame(conn, data)
+
+    def frame(self, conn: Any, data: bytes) -> Any:
+        """The frame handler (the app's ``frame``: a bound method of a compiled class is
+        called without an argument tuple, the instance itself would not be)."""
+        if self.scan and type(data) is bytes:
+            head = data  # compiled: typed bytes, whose bytes are read in C
+            if len(head) > 20 and head[7] == 112 and head[8] == 117 and self.pub_frame(conn, head):  # '{"op":"pu'
+                return None
+        session = self.sessions[conn.id]
+        try:
+            cmd = _decode(data)
+        except Exception:  # noqa: BLE001 - not a command: the error reply says why
+            cmd = _explain(data)
+        if type(cmd) is _Pub and self.runner is None:
+            window = session.publishing
+            if window is None or (len(window) < PUB_WINDOW and self.broker.in_flight < PUB_IN_FLIGHT):
+                app = self.app
+                if not self.rate or app._admit(session, cmd.ref):
+                    try:
+                        if self.table is None and session.claims is None and (not self.gated or session.greeted):
+                            # the common case, a client who may: only the data to check
+                            body = bytes(cmd.data)
+                            if not body.isascii() or 10 in body:  # (data_bytes's own tests)
+                                body = _data_bytes(body)
+                                if type(body) is str:
+                                    app._error(session, "bad_frame", body, cmd.ref)
+                                    body = None
+                        else:
+                            body = app._pub_data(session, cmd)
+                        if body is None:
+                            self.stats.pub_refused += 1
+                        else:
+                            self.start(session, cmd, body, None)
+                    except BrokerError as exc:
+                        app._broker_failed(session, cmd.ref, exc)
+                    except Exception:  # noqa: BLE001 - a server bug: logged, answered, counted
+                        app._failed(session, cmd)
+                return None
+        return self.app._frame_async(session, cmd)
+
+    def pub_frame(self, conn: Any, frame: bytes) -> bool:
+        """A ``pub`` written in the canonical form (see the module), by a client who may,
+        when there is room in its window and no hook or rate limit applies: started as
+        :meth:`start` would start it, True. False, having done nothing, otherwise."""
+        if self.runner is not None or self.rate or self.table is not None or not self.scan_pub(frame):
+            return False
+        s = self.session_of(conn)
+        if self.gated and not s.greeted:
+            return False
+        window = s.publishing
+        if window is not None and (len(window) >= PUB_WINDOW or self.broker.in_flight >= PUB_IN_FLIGHT):
+            return False  # the decoder's path waits for room
+        p = frame  # compiled: its bytes, as a C pointer (indexing and slicing them are C)
+        room = self.room_of(frame)
+        try:
+            if s.claims is not None and not s.claims.may_publish(room):
+                return False  # the decoder's path says why
+            history = self.history_of(frame, room)
+            data = p[self.room_end + 9 : self.data_end]
+            ts = _now_ms_c() if _COMPILED else _time_ns() // 1_000_000  # noqa: F821 - defined in the .pxd
+            k = -1
+            if self.batched is not None:
+                future, k = self.batched(room, data, sender=s.client, ts=ts, history=history)
+            else:
+                future = self.publish(room, data, sender=s.client, ts=ts, history=history)
+            if window is None:
+                window = s.publishing = _deque()
+            if not window:  # the front of the window: its answer answers the client (published)
+                future.add_done_callback(_partial(self.published, s))
+            window.append((future, p[self.ref_start : len(frame) - 1], k))
+        except BrokerError as exc:
+            self.app._broker_failed(s, _decode(frame).ref, exc)
+        except Exception:  # noqa: BLE001 - a server bug: logged, answered, counted (as frame's)
+            self.app._failed(s, _decode(frame))
+        return True
+
+    def start(self, s: Any, cmd: Any, data: bytes, info: Any) -> None:
+        """Start ``cmd``'s publication at the broker and put it in ``s``'s window (which the
+        caller made sure has room)."""
+        window = s.publishing
+        if window is None:
+            window = s.publishing = _deque()
+        room = cmd.room
+        policy = self.policies.get(room)
+        if policy is None:
+            policy = self.app.policy(room)
+        ts = _now_ms_c() if _COMPILED else _time_ns() // 1_000_000  # noqa: F821 - defined in the .pxd
+        k = -1
+        if self.batched is not None:
+            future, k = self.batched(room, data, sender=s.client, ts=ts, history=policy.history, info=info)
+        else:
+            future = self.publish(room, data, sender=s.client, ts=ts, history=policy.history, info=info)
+        if not window:  # the front of the window: its answer answers the client (published)
+            future.add_done_callback(_partial(self.published, s))
+        window.append((future, cmd, k))
+
+    def published(self, s: Any, _: Any) -> None:
+        """The publication at the front of ``s``'s window was answered: answer the client for
+        every one answered at the front, in the order they were sent. The new front gets this
+        callback, when one is left."""
+        window = s.publishing
+        if window is None:
+            return
+        send = s.conn.send
+        published = 0
+        last = None  # the future answered last, whose result is value (or error)
+        value: Any = None
+        error: Any = None
+        while window:
+            entry = window[0]
+            future = entry[0]
+            if future is not last:  # (a batch's publications share theirs)
+                if not future.done():
+                    break
+                last = future
+                error = None
+                try:
+                    value = future.result()  # the seq, a batch's first seq, or the Publication
+                except CancelledError as exc:
+                    error = exc
+                except Exception as exc:  # noqa: BLE001 - a BrokerError, or a broker bug
+                    error = exc
+            window.popleft()
+            cmd = entry[1]
+            kind = type(cmd)
+            if kind is tuple:  # a reply queued behind the acks (see HubApp._error)
+                reply = cmd[0]
+                s.held -= len(reply)
+                send(reply)
+                continue
+            if error is not None:
+                if type(error) is not CancelledError:
+                    self.failed(s, cmd, error)
+                continue
+            published += 1
+            k = entry[2]
+            if k >= 0:
+                seq = value + k
+            elif type(value) is int:
+                seq = value
+            else:
+                seq = value.seq
+            if kind is bytes:  # taken by its bytes: cmd is its ref's (b"": none)
+                ref = cmd  # compiled: typed bytes, whose bytes the ack copies in C
+                n = len(ref)
+                if n:
+                    if _COMPILED:
+                        rp = ref
+                        send(_ack_c(rp, n, seq))  # noqa: F821 - defined in the .pxd
+                    else:
+                        send(b'{"op":"ok","ref":%b,"seq":%d}' % (ref, seq))
+            elif cmd.ref is not None:
+                send(_ok(cmd.ref, seq))
+        self.stats.counted += published
+        if window:
+            window[0][0].add_done_callback(_partial(self.published, s))
+        else:
+            s.publishing = None
+
+    def failed(self, s: Any, cmd: Any, exc: Exception) -> None:
+        """The publication at the front failed: say so (it was the front: before the acks
+        behind it)."""
+        self.stats.pub_failed += 1
+        ref = (_json_decode(cmd) if cmd else None) if type(cmd) is bytes else cmd.ref
+        if isinstance(exc, BrokerError):
+            self.app._broker_failed(s, ref, exc, now=True)
+        else:  # a broker bug: logged within the same budget as HubApp._failed's
+            self.app._pub_bug(s, ref, exc)

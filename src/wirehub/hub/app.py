@@ -27,8 +27,7 @@ from . import protocol as wire
 from .auth import AuthError, Claims, TokenVerifier, glob_match
 from .broker import Broker, BrokerError, HistoryPolicy, Member, Publication, create_broker
 from .actions import CONTROL, USER_ROOM_PREFIX, Actions
-from .frames import SCAN, InlineFrames
-from .pipelined import PUB_IN_FLIGHT, PUB_WINDOW, PipelinedFrames
+from .frames import PUB_IN_FLIGHT, PUB_WINDOW, SCAN, InlineFrames, PipelinedFrames
 from .hooked import HookRunner
 from .hooks import Context, Hooks
 from .metrics import HEARTBEAT_PREFIX, NODES_ROOM, HubStats, Telemetry
@@ -145,8 +144,8 @@ class Session:
         self.expiry: Any = None
         #: this connection's publications in flight at a remote broker, oldest first (None
         #: when there are none): its other frames wait for them, so replies keep their order
-        #: (see hub/_pipelined.py: (future, pub or reply, k))
-        self.publishing: collections.deque[tuple[asyncio.Future[Any], Pub | bytes, int]] | None = None
+        #: (see hub/_frames.py, PipelinedFrames: (future, the pub or its ref's bytes or (reply,), k))
+        self.publishing: collections.deque[tuple[asyncio.Future[Any], Pub | bytes | tuple[bytes], int]] | None = None
         #: bytes of the replies waiting in ``publishing`` for the acks before them: counted
         #: with the send buffer against max_send_buffer (see HubApp._error)
         self.held = 0
@@ -338,8 +337,8 @@ class HubApp(App):
         local = self.broker.local and not hooks.need_task
         self.connect = self._connect_inline if local else self._connect_async  # type: ignore[method-assign]
         # (with a remote broker, connect is async: the framework runs each connection's frames
-        # in a task, and awaits what the frame handler returns: hub/_pipelined.py)
-        self._pipelined = PipelinedFrames(self)
+        # in a task, and awaits what the frame handler returns: hub/_frames.py)
+        self._pipelined = PipelinedFrames(self, scan=SCAN)
         self.frame = self._frame_inline if local else self._pipelined.frame  # type: ignore[method-assign]
         self._frames = InlineFrames(self, scan=SCAN)
         stats = self.stats
@@ -481,7 +480,7 @@ class HubApp(App):
                 try:
                     await self._pub_pipelined(session, cmd)
                 except BrokerError as exc:
-                    self._broker_failed(session, cmd, exc)
+                    self._broker_failed(session, cmd.ref, exc)
                 except Exception:
                     self._failed(session, cmd)
             return
@@ -496,7 +495,7 @@ class HubApp(App):
             try:
                 await self._ops[type(cmd)](session, cmd)
             except BrokerError as exc:
-                self._broker_failed(session, cmd, exc)
+                self._broker_failed(session, cmd.ref, exc)
             except Exception:
                 self._failed(session, cmd)
 
@@ -508,13 +507,14 @@ class HubApp(App):
             return None
         return asyncio.wait(tuple(f for f, *_ in session.publishing))
 
-    def _broker_failed(self, session: Session, cmd: Any, exc: BrokerError, *, now: bool = False) -> None:
+    def _broker_failed(self, session: Session, ref: Any, exc: BrokerError, *, now: bool = False) -> None:
+        """The broker failed ``ref``'s request: say so (it does not count toward max_errors)."""
         if exc.maybe_applied:
             why = f"the broker connection failed during this request; it may or may not have taken effect: {exc}"
         else:
             why = f"the broker is unavailable, nothing was done: {exc}"
         # The server's trouble, not the client's: it does not count toward max_errors.
-        self._error(session, "internal", why, cmd.ref, counts=False, now=now)
+        self._error(session, "internal", why, ref, counts=False, now=now)
 
     def _failed(self, session: Session, cmd: Any) -> None:
         """A server bug while handling a frame (bad client input is an error reply, never an
@@ -565,7 +565,7 @@ class HubApp(App):
             session.held = held
             ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             ready.set_result(None)  # (the front's answer sends it: see PipelinedFrames.published)
-            window.append((ready, frame, -1))
+            window.append((ready, (frame,), -1))
         else:
             conn.send(frame)
         errors = self.stats.errors
@@ -929,15 +929,15 @@ class HubApp(App):
 
     def _pub_start(self, s: Session, cmd: Pub, data: bytes, info: bytes | None) -> None:
         """Start ``cmd``'s publication at the broker and put it in ``s``'s window (which the
-        caller made sure has room); its ack goes out when the broker answers (hub/_pipelined.py)."""
+        caller made sure has room); its ack goes out when the broker answers (hub/_frames.py)."""
         self._pipelined.start(s, cmd, data, info)
 
-    def _pub_bug(self, s: Session, cmd: Pub, exc: Exception) -> None:
+    def _pub_bug(self, s: Session, ref: Any, exc: Exception) -> None:
         """A publication failed with something other than a BrokerError: a broker bug, logged
         within the same budget as _failed's, and answered."""
         if _tracebacks.allow():
             log.error("hub_op_failed", conn=s.client, op="pub", error=repr(exc))
-        self._error(s, "internal", "the server failed to handle this frame; it has been logged", cmd.ref, now=True)
+        self._error(s, "internal", "the server failed to handle this frame; it has been logged", ref, now=True)
 
     async def _send(self, s: Session, cmd: Send) -> None:
         if self._needs_hello(s, cmd.ref):
@@ -1072,6 +1072,8 @@ class HubApp(App):
         _drive(self._cleanup(conn, reason))
 
     async def _disconnect_async(self, conn: Connection, reason: str) -> None:
+        if self._pipelined.last_conn is conn:  # (see _disconnect_inline)
+            self._pipelined.last_conn = self._pipelined.last_session = None
         try:
             await self._cleanup(conn, reason)
         except BrokerError as exc:
