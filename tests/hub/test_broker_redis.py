@@ -604,7 +604,7 @@ class TestRedisOnly:
         """The publications of several rooms in one event-loop turn are one EVALSHA (counted by
         the broker and by Redis), each room getting its own seqs in call order, its own
         stream entry and message; past CALL_ROOMS rooms a turn takes more calls."""
-        from wirehub.hub.broker.publishing import CALL_ROOMS
+        from wirehub.hub.broker.publishing import CALL_BYTES, CALL_ROOMS
 
         rooms = [f"{prefix}:r{i}" for i in range(3)]
         client = aioredis.Redis.from_url(own_redis.url)
@@ -640,6 +640,20 @@ class TestRedisOnly:
             assert broker.publish_calls == calls + 1  # (not sent before the turn ends)
             assert [await f + k for f, k in many] == [1] * (CALL_ROOMS + 1)
             assert broker.publish_calls == calls + 3
+            # and more data than one call takes (two batches of 3/4 CALL_BYTES): one call each
+            big = [broker.publish_batched_now(f"{prefix}:b{i}", b"x" * (CALL_BYTES * 3 // 4), "c", now_ms(), POLICY) for i in range(2)]
+            assert [await f + k for f, k in big] == [1, 1] and broker.publish_calls == calls + 5
+            # Redis lost the script: every batch of the call fails as not applied, the next call works
+            await client.script_flush()
+            lost = [broker.publish_batched_now(room, raw(0), "c", now_ms(), POLICY) for room in rooms]
+            for future, _ in lost:
+                with pytest.raises(BrokerError, match="lost wirehub's scripts") as failed:
+                    await future
+                assert not failed.value.maybe_applied
+            assert broker.in_flight == 0
+            again = [broker.publish_batched_now(room, raw(0), "c", now_ms(), POLICY) for room in rooms]
+            assert [await f + k for f, k in again] == [2, 3, 4]  # (the failed ones took no seq)
+            assert broker.publish_calls == calls + 7
         await client.aclose()
 
     async def test_a_room_that_fails_in_a_shared_call_fails_alone(self, prefix):
