@@ -587,14 +587,7 @@ class TestRedisOnly:
             shared = {id(c[0]) for c in calls if type(c) is tuple}
             assert len(shared) == 1 and [c[1] for c in calls if type(c) is tuple] == [0, 2, 4]
             assert broker.in_flight == 5
-            seqs = []
-            for call in calls:
-                if type(call) is tuple:
-                    seqs.append(await call[0] + call[1])
-                else:
-                    answer = await call
-                    seqs.append(answer if type(answer) is int else answer.seq)
-            assert seqs == [1, 2, 3, 4, 5] and broker.in_flight == 0
+            assert await _seqs(calls) == [1, 2, 3, 4, 5] and broker.in_flight == 0
             more = [broker.publish_batched_nowait(f"{room}{i % 2}", raw(i), sender="c", ts=now_ms(), history=POLICY) for i in range(4)]
             assert [k for _, k in more] == [0, 0, 1, 1] and more[0][0] is more[2][0] and more[0][0] is not more[1][0]
             assert [await f + k for f, k in more] == [1, 1, 2, 2]  # two rooms: two batches
@@ -606,6 +599,136 @@ class TestRedisOnly:
         future, k = broker.publish_batched_nowait(room, raw(9), sender="c", ts=now_ms(), history=POLICY)  # closed
         with pytest.raises(BrokerError, match="not running"):
             await future
+
+    async def test_the_batches_of_one_turn_go_in_one_script_call(self, own_redis, prefix):
+        """The publications of several rooms in one event-loop turn are one EVALSHA (counted by
+        the broker and by Redis), each room getting its own seqs in call order, its own
+        stream entry and message; past CALL_ROOMS rooms a turn takes more calls."""
+        from wirehub.hub.broker.publishing import CALL_BYTES, CALL_ROOMS
+
+        rooms = [f"{prefix}:r{i}" for i in range(3)]
+        client = aioredis.Redis.from_url(own_redis.url)
+        async with started(own_redis.url, prefix, "a") as a, started(own_redis.url, prefix, "b") as b:
+            broker = a.broker
+            for room in rooms:
+                await b.broker.subscribe(room)
+            await client.config_resetstat()
+            calls = broker.publish_calls
+            # rooms interleaved, each published 1, 2 and 3 times; every kind of call
+            order = [rooms[0], rooms[1], rooms[2], rooms[1], rooms[2], rooms[2]]
+            answers = []
+            for i, room in enumerate(order):
+                if i % 3 == 0:
+                    answers.append(broker.publish_nowait(room, raw(i), sender=f"c{i}", ts=now_ms(), history=POLICY))
+                elif i % 3 == 1:
+                    answers.append(broker.publish_seq_nowait(room, raw(i), sender=f"c{i}", ts=now_ms(), history=POLICY))
+                else:
+                    answers.append(broker.publish_batched_now(room, raw(i), f"c{i}", now_ms(), POLICY))
+            seqs = await _seqs(answers)
+            assert seqs == [1, 1, 1, 2, 2, 3]
+            assert broker.publish_calls == calls + 1 and broker.in_flight == 0
+            assert (await client.info("commandstats"))["cmdstat_evalsha"]["calls"] == 1
+            for r, room in enumerate(rooms):
+                mine = [(i, seq) for i, (where, seq) in enumerate(zip(order, seqs)) if where == room]
+                held = await broker.history(room, history=POLICY)
+                assert [(p.seq, bytes(p.data), p.sender) for p in held.publications] == [(seq, bytes(raw(i)), f"c{i}") for i, seq in mine]
+                assert await client.xlen(f"{prefix}:h:{room}") == 1  # one entry per batch
+                got = await b.handler.wait_publications(r + 1, room)
+                assert [(p.seq, bytes(p.data)) for p in got] == [(seq, bytes(raw(i))) for i, seq in mine]
+            # more rooms in a turn than one call takes: two calls, every room answered
+            many = [broker.publish_batched_now(f"{prefix}:m{i}", raw(i), "c", now_ms(), POLICY) for i in range(CALL_ROOMS + 1)]
+            assert broker.publish_calls == calls + 1  # (not sent before the turn ends)
+            assert [await f + k for f, k in many] == [1] * (CALL_ROOMS + 1)
+            assert broker.publish_calls == calls + 3
+            # and more data than one call takes (two batches of 3/4 CALL_BYTES): one call each
+            big = [broker.publish_batched_now(f"{prefix}:b{i}", b"x" * (CALL_BYTES * 3 // 4), "c", now_ms(), POLICY) for i in range(2)]
+            assert [await f + k for f, k in big] == [1, 1] and broker.publish_calls == calls + 5
+            # Redis lost the script: every batch of the call fails as not applied, the next call works
+            await client.script_flush()
+            lost = [broker.publish_batched_now(room, raw(0), "c", now_ms(), POLICY) for room in rooms]
+            for future, _ in lost:
+                with pytest.raises(BrokerError, match="lost wirehub's scripts") as failed:
+                    await future
+                assert not failed.value.maybe_applied
+            assert broker.in_flight == 0
+            again = [broker.publish_batched_now(room, raw(0), "c", now_ms(), POLICY) for room in rooms]
+            assert [await f + k for f, k in again] == [2, 3, 4]  # (the failed ones took no seq)
+            assert broker.publish_calls == calls + 7
+        await client.aclose()
+
+    async def test_a_room_that_fails_in_a_shared_call_fails_alone(self, prefix):
+        """In one script call, a room whose stream key is not a stream (WRONGTYPE at its
+        append) and one whose meta key is not a hash (WRONGTYPE at its first read) fail with
+        Redis's error and write nothing (no seq taken, no message); the others are applied,
+        acked and delivered."""
+        good, stream_bad, meta_bad, good2 = (f"{prefix}:{name}" for name in ("good", "sbad", "mbad", "good2"))
+        client = aioredis.Redis.from_url(URL)
+        async with started(URL, prefix, "a") as a:
+            broker = a.broker
+            for room in (good, stream_bad, meta_bad, good2):
+                await broker.subscribe(room)
+            assert await broker.publish_seq_nowait(stream_bad, raw(0), sender="c", ts=now_ms(), history=POLICY) == 1
+            await client.set(f"{prefix}:h:{stream_bad}", "not a stream")
+            await client.set(f"{prefix}:m:{meta_bad}", "not a hash")
+            calls = broker.publish_calls
+            answers = [(room, broker.publish_seq_nowait(room, raw(i), sender="c", ts=now_ms(), history=POLICY))
+                       for i, room in enumerate((good, stream_bad, meta_bad, good2, good, stream_bad))]
+            results = await asyncio.gather(*(answer for _, answer in answers), return_exceptions=True)
+            assert broker.publish_calls == calls + 1 and broker.in_flight == 0
+            assert results[0] == 1 and results[3] == 1 and results[4] == 2
+            for k in (1, 2, 5):
+                assert isinstance(results[k], BrokerError) and "WRONGTYPE" in str(results[k]), results[k]
+                assert not results[k].maybe_applied
+            assert await client.get(f"{prefix}:h:{stream_bad}") == b"not a stream"
+            assert await client.hget(f"{prefix}:m:{stream_bad}", "s") == b"1"  # no seq taken
+            assert await client.get(f"{prefix}:m:{meta_bad}") == b"not a hash"
+            # fixed, each goes on where it was: the failed publications took no seq and sent nothing
+            await client.delete(f"{prefix}:h:{stream_bad}", f"{prefix}:m:{meta_bad}")
+            assert await broker.publish_seq_nowait(stream_bad, raw(9), sender="c", ts=now_ms(), history=POLICY) == 2
+            assert await broker.publish_seq_nowait(meta_bad, raw(9), sender="c", ts=now_ms(), history=POLICY) == 1
+            assert [(p.seq, bytes(p.data)) for p in await a.handler.wait_publications(2, stream_bad)] == [(1, raw(0)), (2, raw(9))]
+            assert [(p.seq, bytes(p.data)) for p in await a.handler.wait_publications(1, meta_bad)] == [(1, raw(9))]
+            assert [p.seq for p in await a.handler.wait_publications(2, good)] == [1, 2]
+            assert [p.seq for p in await a.handler.wait_publications(1, good2)] == [1]
+        await client.aclose()
+
+    async def test_entries_past_the_ttl_are_trimmed_when_seen_old_and_never_read(self, prefix):
+        """The publish script looks for entries past the TTL when seq passes a multiple of 64
+        and the oldest entry it saw last time is past it (meta's ``o``); until then expired
+        entries may stay in the stream, but a history read never returns them."""
+        room = f"{prefix}:r"
+        now = [1_700_000_000.0]
+        policy = HistoryPolicy(size=1000, ttl=60.0)
+        client = aioredis.Redis.from_url(URL)
+        meta, stream = f"{prefix}:m:{room}", f"{prefix}:h:{room}"
+        ms = lambda: int(now[0] * 1000)  # noqa: E731
+        async with started(URL, prefix, "a", clock=lambda: now[0]) as a:
+            broker = a.broker
+
+            async def publish(count: int) -> None:
+                for _ in range(count):  # one batch each
+                    await broker.publish_seq_nowait(room, b"1", sender="", ts=ms(), history=policy)
+
+            t0 = ms()
+            await publish(64)  # seq 64: looks (no o yet), keeps them all, notes the oldest
+            assert await client.hget(meta, "o") == b"%d" % t0 and await client.xlen(stream) == 64
+            now[0] += 30
+            await publish(64)  # seq 128: the oldest seen is within the TTL: not looked at again
+            assert await client.hget(meta, "o") == b"%d" % t0 and await client.xlen(stream) == 128
+            now[0] += 31  # seqs 1-64 are 61 s old
+            await publish(63)
+            assert await client.xlen(stream) == 191  # (held until seq 192)
+            result = await broker.history(room, since=0, history=policy)
+            assert [p.seq for p in result.publications] == list(range(65, 192)) and result.complete is False
+            assert await client.xlen(stream) == 127  # the read trimmed them first
+            await publish(1)  # seq 192: o is past the TTL: looks, notes the new oldest
+            assert await client.hget(meta, "o") == b"%d" % (t0 + 30_000) and await client.xlen(stream) == 128
+            now[0] += 30  # seqs 65-128 expired; 64 more pass seq 256: trimmed by the publication
+            await publish(64)
+            assert await client.xlen(stream) == 128 and await client.hget(meta, "o") == b"%d" % (t0 + 61_000)
+            result = await broker.history(room, since=128, history=policy)
+            assert [p.seq for p in result.publications] == list(range(129, 257)) and result.complete is True
+        await client.aclose()
 
     async def test_history_ttl_drops_old_entries(self, prefix):
         room = f"{prefix}:r"
@@ -623,6 +746,19 @@ class TestRedisOnly:
             now[0] += 30
             result = await a.broker.history(room, since=1, history=policy)
             assert result.publications == [] and result.complete is False and result.position.seq == 2
+
+
+async def _seqs(answers) -> list[int]:
+    """The seqs the publish calls' answers give, in order: ``(future, k)`` of the batched
+    calls, the futures of the others (a seq or a Publication)."""
+    seqs = []
+    for answer in answers:
+        if type(answer) is tuple:
+            seqs.append(await answer[0] + answer[1])
+        else:
+            got = await answer
+            seqs.append(got if type(got) is int else got.seq)
+    return seqs
 
 
 async def _without(members_call, member: Member):

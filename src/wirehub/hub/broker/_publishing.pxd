@@ -11,17 +11,22 @@ cdef class Batch:
 
 cdef class Publisher:
     cdef public object _loop, _cmd, _idle
-    cdef public bytes _epoch_seed
-    cdef public long long _epochs
+    cdef public bytes _epoch_seed, _evalsha
+    cdef public long long _epochs, publish_calls
     cdef public dict _batches, _publish_heads
     cdef public bint _up, _closing
     cdef public Py_ssize_t in_flight
+    cpdef tuple publish_batched_now(self, room, data, sender, ts, history)
+    cdef tuple _batched(self, room, data, sender, ts, history, info, exclude)
     @cython.locals(batch=Batch, batches=dict, k=Py_ssize_t)
     cpdef _queue(self, room, history, bytes body, tuple entry, bint publication, future)
-    @cython.locals(n=Py_ssize_t, k=Py_ssize_t, answers=list, bodies=list)
-    cpdef _answered(self, Batch batch, reply)
-    @cython.locals(batch=Batch, batches=dict)
+    @cython.locals(n=Py_ssize_t, i=Py_ssize_t, batch=Batch)
+    cpdef _answered(self, list batches, reply)
+    @cython.locals(n=Py_ssize_t, k=Py_ssize_t, first=Py_ssize_t, answers=list, bodies=list)
+    cpdef _answer(self, Batch batch, Py_ssize_t last, epoch_b)
+    @cython.locals(batch=Batch, batches=dict, group=list, size=Py_ssize_t)
     cpdef _send_batches(self)
-    cpdef _send_batch(self, Batch batch)
+    @cython.locals(batch=Batch, keys=list, args=list, sent=list, part=tuple, k=Py_ssize_t)
+    cpdef _send_call(self, list batches)
     @cython.locals(n=Py_ssize_t, bodies=list, head=tuple)
-    cpdef _send_batch_now(self, Batch batch)
+    cpdef tuple _part(self, Batch batch)

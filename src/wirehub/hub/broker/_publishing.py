@@ -1,5 +1,6 @@
 """The Redis broker's publications on their way: each queued in its room's batch of the
-event-loop turn, then answered from the batch's script reply.
+event-loop turn, the turn's batches sent together (up to CALL_ROOMS rooms per script call),
+then answered from the call's reply.
 
 Compiled with the accelerator (``hatch_build.py``, typed by ``_publishing.pxd``) like the
 memory broker: :class:`~wirehub.hub.broker.redis.RedisBroker` is a subclass of
@@ -32,6 +33,10 @@ _ts_of = operator.itemgetter(2)  # a body's ts
 #: publications one batch (one stream entry, one pub/sub message) carries at most, and data bytes
 BATCH_PUBLICATIONS = 512
 BATCH_BYTES = 256 * 1024
+#: the batches (rooms) of one script call at most, and their data bytes (a batch larger than
+#: that goes alone): bounds how long one call holds Redis (about 30 µs of Redis CPU a room)
+CALL_ROOMS = 32
+CALL_BYTES = 256 * 1024
 
 
 class Batch:
@@ -78,8 +83,11 @@ class Publisher:
         self._idle.set()
         self._epoch_seed = secrets.token_hex(6).encode()  # new epochs: this seed and a counter (_new_epoch)
         self._epochs = 0
-        #: room -> what its script calls send alike (see RedisBroker._publish_head)
-        self._publish_heads: dict[str, tuple[Any, bytes, bytes, bytes, int]] = {}
+        #: room -> what its part of a script call sends alike (see RedisBroker._publish_head)
+        self._publish_heads: dict[str, tuple[Any, bytes, bytes, bytes]] = {}
+        #: the publish script call's command and script (RESP bulks; set by the broker)
+        self._evalsha = b""
+        self.publish_calls = 0  # publish script calls sent (each for up to CALL_ROOMS batches)
 
     def _new_epoch(self) -> str:
         """The epoch a script gives a room whose stream it finds gone: unique to this process
@@ -117,6 +125,14 @@ class Publisher:
         acks): returns ``(future, k)``, where ``future`` is shared by the publications of
         its batch and gives the seq of the batch's first one; this one's seq is that plus
         ``k``. It fails as the batch does."""
+        return self._batched(room, data, sender, ts, history, info, exclude)
+
+    def publish_batched_now(self, room: str, data: bytes, sender: str, ts: int, history: Any) -> tuple[asyncio.Future[int], int]:
+        """``publish_batched_nowait(room, data, sender=sender, ts=ts, history=history)``,
+        its arguments by position (no keywords to parse: the hub's hot path)."""
+        return self._batched(room, data, sender, ts, history, None, "")
+
+    def _batched(self, room: str, data: bytes, sender: str, ts: int, history: Any, info: bytes | None, exclude: str) -> tuple[asyncio.Future[int], int]:
         if self._cmd is None or self._closing or not self._up:
             future = (self._loop or asyncio.get_running_loop()).create_future()
             future.set_exception(self._refusal(f"publish to {room!r}"))
@@ -154,61 +170,102 @@ class Publisher:
         batch.size += len(body)
         self.in_flight += 1
         if batch.size >= BATCH_BYTES or k + 1 >= BATCH_PUBLICATIONS:
-            del batches[room]  # full: it goes now, the room's next publications start a new one
-            self._send_batch(batch)
+            del batches[room]  # full: it goes now (a call of its own), the room's next publications start a new one
+            self._send_call([batch])
         return answer
 
     def _send_batches(self) -> None:
-        """The batches of this turn go (scheduled by the first publication of the turn)."""
+        """The batches of this turn go (scheduled by the first publication of the turn): in
+        script calls of up to CALL_ROOMS batches and CALL_BYTES of data each."""
         batches, self._batches = self._batches, {}
+        group = []
+        size = 0
         for batch in batches.values():
-            self._send_batch(batch)
+            if group and (len(group) >= CALL_ROOMS or size + batch.size > CALL_BYTES):
+                self._send_call(group)
+                group = []
+                size = 0
+            group.append(batch)
+            size += batch.size
+        if group:
+            self._send_call(group)
 
-    def _send_batch(self, batch: Batch) -> None:
-        try:
-            self._send_batch_now(batch)
-        except Exception as exc:  # a bug (a value that does not encode): this batch fails alone
-            log.exception("redis_publish_failed", room=batch.room)
-            self.in_flight -= len(batch.answers)
-            self._settle()
-            batch.fail(exc)
-
-    def _send_batch_now(self, batch: Batch) -> None:
-        """``batch``'s script call (PUBLISH_LUA), queued on the command connection."""
-        bodies = batch.bodies
-        n = len(bodies)
-        answered = _partial(self._answered, batch)
+    def _send_call(self, batches: list) -> None:
+        """One script call (PUBLISH_LUA) for ``batches`` (of different rooms), queued on the
+        command connection. A batch that cannot be encoded (a bug: a value that does not
+        encode) fails alone."""
         cmd = self._cmd
         if cmd is None:
-            answered(LinkLost("is not connected", sent=False))
+            self._answered(batches, LinkLost("is not connected", sent=False))
             return
+        keys = []
+        args = []
+        sent = []
+        for batch in batches:
+            try:
+                part = self._part(batch)
+            except Exception as exc:
+                log.exception("redis_publish_failed", room=batch.room)
+                self.in_flight -= len(batch.answers)
+                self._settle()
+                batch.fail(exc)
+                continue
+            sent.append(batch)
+            keys.append(part[0])
+            args.extend(part[1:])
+        k = len(sent)
+        if not k:
+            return
+        counter = b"%d" % (self._epochs + 1)  # the call's first new epoch (one per room: _part)
+        self._epochs += k
+        seed = self._epoch_seed
+        nkeys = b"%d" % (2 * k)
+        self.publish_calls += 1
+        # EVALSHA sha, the number of keys, each room's keys; ARGV: the epoch seed and counter
+        # (after the keys), then each room's policy (size, ttl, meta ttl), ts, n, blob, channel
+        keys.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(seed), seed, len(counter), counter))
+        cmd.then_encoded(_partial(self._answered, sent), b"".join(
+            [b"*%d\r\n%b$%d\r\n%b\r\n" % (5 + 9 * k, self._evalsha, len(nkeys), nkeys)] + keys + args))
+
+    def _part(self, batch: Batch) -> tuple:
+        """``batch``'s part of a script call: its keys, then its arguments up to the blob,
+        the blob, and the rest (RESP bulks, the blob's not copied)."""
+        bodies = batch.bodies
+        n = len(bodies)
         room, history = batch.room, batch.history
         head = self._publish_heads.get(room)
         if head is None or (head[0] is not history and head[0] != history):
             head = self._publish_head(room, history)
-        keys, policy, channel, ttl_ms = head[1], head[2], head[3], head[4]
-        ts = max(map(_ts_of, bodies))
         blob = _encode(bodies[0]) if n == 1 else _encode(bodies)
-        self._epochs += 1
-        epoch = b"%b%x" % (self._epoch_seed, self._epochs)
-        since = b"%d" % (ts - ttl_ms)
-        newest = b"%d" % ts
+        newest = b"%d" % max(map(_ts_of, bodies))
         count = b"%d" % n
-        # the head's keys, then ARGV: epoch, the head's policy (size, ttl, meta ttl), horizon, ts, n, blob, the head's channel
-        cmd.then_encoded(answered, b"%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
-            keys, len(epoch), epoch, policy, len(since), since, len(newest), newest, len(count), count, len(blob), blob, channel))
+        return (head[1], b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n" % (head[2], len(newest), newest, len(count), count, len(blob)),
+                blob, b"\r\n" + head[3])
 
-    def _answered(self, batch: Batch, reply: Any) -> None:
-        """Redis answered ``batch``'s script call (``reply``: ``[last seq, epoch]``, or the
-        exception saying why not): answer each of its publications."""
-        answers = batch.answers
-        n = len(answers)
+    def _answered(self, batches: list, reply: Any) -> None:
+        """Redis answered the script call of ``batches`` (``reply``: ``[last seq, epoch]``
+        per batch, or in its place the error of a room that failed alone; or the exception
+        saying why the call failed): answer each of their publications."""
+        n = 0
+        for batch in batches:
+            n += len(batch.answers)
         self.in_flight -= n
         self._settle()
         if isinstance(reply, BaseException):
-            self._publish_failed(batch, reply)
+            self._publish_failed(batches, reply)
             return
-        first = int(reply[0]) - n + 1
+        for i in range(len(batches)):
+            last = reply[2 * i]
+            if isinstance(last, BaseException):  # this room failed (and wrote nothing)
+                self._publish_failed([batches[i]], last)
+            else:
+                self._answer(batches[i], int(last), reply[2 * i + 1])
+
+    def _answer(self, batch: Batch, last: int, epoch_b: bytes) -> None:
+        """``batch`` was published, its last seq ``last``: answer each of its publications."""
+        answers = batch.answers
+        n = len(answers)
+        first = last - n + 1
         shared = batch.shared
         if shared is not None and not shared.done():
             shared.set_result(first)
@@ -216,7 +273,7 @@ class Publisher:
             return
         publications = batch.publications
         room, bodies = batch.room, batch.bodies
-        epoch = reply[1].decode() if publications is not None else ""
+        epoch = epoch_b.decode() if publications is not None else ""
         for k in range(n):
             future = answers[k]
             if future is None or future.done():
@@ -236,11 +293,11 @@ class Publisher:
     def _refusal(self, what: str) -> Any:
         raise NotImplementedError
 
-    def _publish_head(self, room: str, history: Any) -> tuple[Any, bytes, bytes, bytes, int]:
+    def _publish_head(self, room: str, history: Any) -> tuple[Any, bytes, bytes, bytes]:
         raise NotImplementedError
 
     def _settle(self) -> None:
         raise NotImplementedError
 
-    def _publish_failed(self, batch: Batch, exc: BaseException) -> None:
+    def _publish_failed(self, batches: list, exc: BaseException) -> None:
         raise NotImplementedError

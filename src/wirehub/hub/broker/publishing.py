@@ -17,3 +17,5 @@ Publisher = _impl.Publisher
 Batch = _impl.Batch
 BATCH_PUBLICATIONS = _impl.BATCH_PUBLICATIONS
 BATCH_BYTES = _impl.BATCH_BYTES
+CALL_ROOMS = _impl.CALL_ROOMS
+CALL_BYTES = _impl.CALL_BYTES

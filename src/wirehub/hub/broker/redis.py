@@ -2,7 +2,8 @@
 
 Everything shared lives in one Redis (``redis://HOST:PORT/DB``), under a key prefix::
 
-    {prefix}:m:{room}     hash    e = the stream's epoch, s = the last seq
+    {prefix}:m:{room}     hash    e = the stream's epoch, s = the last seq, o = the ts of the
+                                  stream's oldest entry when the publish script last looked
     {prefix}:h:{room}     stream  history; entry id ``{seq}-0``, fields t = ts, b = body
     {prefix}:p:{room}     hash    presence: client id -> msgpack Member
     {prefix}:pe:{room}    zset    presence leases: client id -> expiry (ms, the nodes' clock)
@@ -11,10 +12,12 @@ Everything shared lives in one Redis (``redis://HOST:PORT/DB``), under a key pre
     {prefix}:r:{room}     channel publications and room events of one room
     {prefix}:n:{node}     channel direct frames for the clients of one node
 
-A publication is one Lua script (EVALSHA, reloaded on NOSCRIPT): it reads the room's epoch
-(a new random one, and an emptied stream, when the meta hash had expired), increments the
-seq, appends to the stream with an exact MAXLEN and drops entries older than the TTL, sets the
-expiries and PUBLISHes on the room's channel, all atomically, so every node sees one order.
+Publications go through one Lua script (EVALSHA, reloaded on NOSCRIPT) that, for each room of
+the call, reads the room's epoch (a new one, and an emptied stream, when the meta hash had
+expired), increments the seq, appends to the stream trimmed to the history size and drops
+entries older than the TTL, sets the expiries and PUBLISHes on the room's channel, all
+atomically, so every node sees one order. One call carries the batches of several rooms (the
+publications of one event-loop turn); a room that fails there fails alone.
 
 Each node keeps two connections to Redis (``_resp.py``, replies parsed by hiredis), with no
 pool and no request/response lock-step:
@@ -67,7 +70,7 @@ import msgspec
 
 from ..._log import get_logger
 from .publishing import Batch, Publisher
-from ._resp import CommandLink, Endpoint, LinkLost, ReplyError, SubscriberLink, encode, open_link
+from ._resp import CommandLink, Endpoint, LinkLost, ReplyError, SubscriberLink, open_link
 from .base import BrokerError, BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication
 
 log = get_logger("wirehub.hub.broker.redis")
@@ -111,11 +114,17 @@ local function blob_of(fields)
   end
   return fields[4]
 end
+-- drops the entries older than horizon from the head; returns the ts (t) of the oldest one
+-- left, as stored (nil: the stream is empty)
 local function trim_old(stream, horizon)
   while true do
     local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-    if #first == 0 or tonumber(first[1][2][2]) >= horizon then
-      return
+    if #first == 0 then
+      return nil
+    end
+    local t = first[1][2][2]
+    if tonumber(t) >= horizon then
+      return t
     end
     redis.call('XDEL', stream, first[1][1])
   end
@@ -130,51 +139,86 @@ local function trim(stream, size, top, horizon)
 end
 """
 
-# One entry (and one message on the room's channel) per batch: the n publications of one
-# room from one event-loop turn. The entry's id is the batch's last seq.
-# KEYS: meta, stream
-# ARGV: new epoch, size, ttl ms, meta ttl ms, horizon ms, ts (the newest), n, blob, channel
+# The batches of one event-loop turn, several rooms' in one call (at most CALL_ROOMS rooms and
+# about CALL_BYTES of data: see _publishing.py), each room's as if it were a call of its own:
+# one entry (and one message on the room's channel) per batch, the n publications of one room
+# from one turn. The entry's id is the batch's last seq.
+# KEYS: meta1, stream1, meta2, stream2, ...
+# ARGV: epoch seed, epoch counter (a room found without an epoch gets the seed and, in hex, the
+#       counter plus its index - 1), then 7 per room: size, ttl ms, meta ttl ms, ts (the
+#       newest), n, blob, channel
+# -> {seq1, epoch1, seq2, epoch2, ...}: each room's last seq and epoch or, for a room that
+#    failed (WRONGTYPE on its keys, OOM) and wrote nothing, its error and false
 PUBLISH_LUA = (
     _TRIM
     + """
-local meta, stream = KEYS[1], KEYS[2]
-local m = redis.call('HMGET', meta, 'e', 's')
-local epoch = m[1]
-local n = tonumber(ARGV[7])
-local seq = n
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', stream)
-else
-  seq = tonumber(m[2]) + n
-end
-local size = tonumber(ARGV[2])
-local seq_s = string.format('%d', seq)  -- (n and ts go on as the strings given: no number formatting)
--- the stream first: when the append fails, nothing was written and no seq was used
-if size > 0 then
-  local floor = string.format('%d', math.max(0, seq - size + 1))
-  if n == 1 then
-    redis.call('XADD', stream, 'MINID', floor, seq_s .. '-0', 't', ARGV[6], 'b', ARGV[8])
+local function publish(meta, stream, a, i)
+  -- every write up to the first one that succeeded through pcall: a room that fails writes nothing
+  local m = redis.pcall('HMGET', meta, 'e', 's', 'o')
+  if m.err then
+    return m, false
+  end
+  local epoch = m[1]
+  local n = tonumber(ARGV[a + 4])
+  local seq = n
+  local r
+  if not epoch then
+    epoch = string.format('%s%x', ARGV[1], ARGV[2] + i - 1)
+    r = redis.pcall('DEL', stream)
+    if type(r) == 'table' then
+      return r, false
+    end
   else
-    redis.call('XADD', stream, 'MINID', floor, seq_s .. '-0', 't', ARGV[6], 'n', ARGV[7], 'b', ARGV[8])
+    seq = tonumber(m[2]) + n
   end
-  -- entries past the TTL: looked for when seq passes a multiple of 64 (reading the oldest
-  -- entry costs as much as a third of this script; reads trim them before reading anyway)
-  if math.fmod(seq, 64) < n then
-    trim_old(stream, tonumber(ARGV[5]))
+  local size = tonumber(ARGV[a])
+  local seq_s = string.format('%d', seq)  -- (n and ts go on as the strings given: no number formatting)
+  local oldest = false
+  -- the stream first: when the append fails, nothing was written and no seq was used
+  if size > 0 then
+    local floor = string.format('%d', math.max(0, seq - size + 1))
+    if n == 1 then
+      r = redis.pcall('XADD', stream, 'MINID', floor, seq_s .. '-0', 't', ARGV[a + 3], 'b', ARGV[a + 5])
+    else
+      r = redis.pcall('XADD', stream, 'MINID', floor, seq_s .. '-0', 't', ARGV[a + 3], 'n', ARGV[a + 4], 'b', ARGV[a + 5])
+    end
+    if type(r) == 'table' then
+      return r, false
+    end
+    -- entries past the TTL: looked for when seq passes a multiple of 64, and then only when the
+    -- oldest entry seen last time (meta's o, its ts) is past it, so a room whose entries are
+    -- younger than the TTL never reads its oldest one (reads trim them before reading anyway)
+    if math.fmod(seq, 64) < n then
+      local horizon = tonumber(ARGV[a + 3]) - tonumber(ARGV[a + 1])
+      if not m[3] or tonumber(m[3]) < horizon then
+        oldest = trim_old(stream, horizon)
+      end
+    end
+    redis.call('PEXPIRE', stream, ARGV[a + 1])
+  else
+    r = redis.pcall('DEL', stream)
+    if type(r) == 'table' then
+      return r, false
+    end
   end
-  redis.call('PEXPIRE', stream, ARGV[3])
-else
-  redis.call('DEL', stream)
+  if oldest then
+    redis.call('HSET', meta, 'e', epoch, 's', seq_s, 'o', oldest)
+  else
+    redis.call('HSET', meta, 'e', epoch, 's', seq_s)
+  end
+  redis.call('PEXPIRE', meta, ARGV[a + 2])
+  if n == 1 then
+    redis.call('PUBLISH', ARGV[a + 6], 'p' .. seq_s .. ' ' .. epoch .. ' ' .. ARGV[a + 5])
+  else
+    redis.call('PUBLISH', ARGV[a + 6], 'P' .. seq_s .. ' ' .. ARGV[a + 4] .. ' ' .. epoch .. ' ' .. ARGV[a + 5])
+  end
+  return seq, epoch
 end
-redis.call('HSET', meta, 'e', epoch, 's', seq_s)
-redis.call('PEXPIRE', meta, ARGV[4])
-if n == 1 then
-  redis.call('PUBLISH', ARGV[9], 'p' .. seq_s .. ' ' .. epoch .. ' ' .. ARGV[8])
-else
-  redis.call('PUBLISH', ARGV[9], 'P' .. seq_s .. ' ' .. ARGV[7] .. ' ' .. epoch .. ' ' .. ARGV[8])
+local out = {}
+for i = 1, #KEYS / 2 do
+  out[2 * i - 1], out[2 * i] = publish(KEYS[2 * i - 1], KEYS[2 * i], 3 + 7 * (i - 1), i)
 end
-return {seq, epoch}
+return out
 """
 )
 
@@ -413,6 +457,7 @@ class RedisBroker(Publisher):
         timeout: float = 5.0,
     ) -> None:
         super().__init__()  # the loop, the connections' state, in_flight and the batches of this turn
+        self._evalsha = _bulk(b"EVALSHA") + _bulk(SHAS["publish"])
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
         self.url = url
@@ -668,22 +713,23 @@ class RedisBroker(Publisher):
                 except ValueError:
                     pass
 
-    def _publish_failed(self, batch: Batch, reply: BaseException) -> None:
-        """``batch``'s script call failed (Redis refused it, or the connection went): each of
-        its publications fails, saying whether it may have been applied."""
+    def _publish_failed(self, batches: list[Batch], reply: BaseException) -> None:
+        """The script call of ``batches`` failed (Redis refused it, or the connection went),
+        or Redis refused one room's part of it (``batches`` is then that room's batch alone):
+        each of their publications fails, saying whether it may have been applied."""
         if _noscript(reply):
             self._load_scripts()  # for the next ones; these were not applied
-        batch.fail(self._error(f"publish to {batch.room!r}", reply, unknown=True))
+        for batch in batches:
+            batch.fail(self._error(f"publish to {batch.room!r}", reply, unknown=True))
 
-    def _publish_head(self, room: str, history: HistoryPolicy) -> tuple[HistoryPolicy, bytes, bytes, bytes, int]:
-        """What every publish script call of ``room`` under ``history`` sends alike, encoded
-        once: (history, the command up to its keys, the size and TTL arguments, the channel
-        argument, the TTL in ms). Remembered for PUBLISH_HEADS rooms."""
+    def _publish_head(self, room: str, history: HistoryPolicy) -> tuple[HistoryPolicy, bytes, bytes, bytes]:
+        """What every publish script call with ``room`` under ``history`` sends alike for it,
+        encoded once: (history, its keys, its size and TTL arguments, its channel argument).
+        Remembered for PUBLISH_HEADS rooms."""
         ttl_ms = self._ttl_ms(history)
-        keys = encode((b"EVALSHA", SHAS["publish"], 2, self._meta(room), self._stream(room)))
-        keys = b"*14" + keys[keys.index(b"\r\n"):]  # the script call has 14 arguments, 5 of them here
+        keys = _bulk(self._meta(room).encode()) + _bulk(self._stream(room).encode())
         policy = b"".join(_bulk(b"%d" % v) for v in (max(0, history.size), ttl_ms, max(ttl_ms, META_MIN_TTL_MS)))
-        head = (history, keys, policy, _bulk(self._channel(room)), ttl_ms)
+        head = (history, keys, policy, _bulk(self._channel(room)))
         if len(self._publish_heads) >= PUBLISH_HEADS:
             self._publish_heads.clear()
         self._publish_heads[room] = head
