@@ -63,6 +63,9 @@ class Broker:
         self.in_flight += 1
         return self.batch[0], k
 
+    def publish_batched_now(self, room: str, data: bytes, sender: str, ts: int, history: Any) -> tuple[asyncio.Future[int], int]:
+        return self.publish_batched_nowait(room, data, sender=sender, ts=ts, history=history)
+
     def publish_nowait(self, *args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a broker with publish_batched_nowait is asked for that")
 

@@ -120,7 +120,7 @@ cdef class InlineFrames(PubScanner):
     cpdef pub(self, s, cmd)
 
 cdef class PipelinedFrames(PubScanner):
-    cdef public object broker, stats, publish, batched, runner, table
+    cdef public object broker, stats, publish, batched, batched_now, runner, table
     cdef public bint rate, gated, scan
     @cython.locals(head=bytes)
     cpdef frame(self, conn, data)

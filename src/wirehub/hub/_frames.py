@@ -484,7 +484,7 @@ class PipelinedFrames(PubScanner):
     batch of publications in one go, and one call answers every publication answered at the
     front."""
 
-    __slots__ = ("broker", "stats", "publish", "batched", "runner", "rate", "gated", "table", "scan")
+    __slots__ = ("broker", "stats", "publish", "batched", "batched_now", "runner", "rate", "gated", "table", "scan")
 
     def __init__(self, app: Any, scan: bool = False) -> None:
         super().__init__(app)
@@ -492,8 +492,10 @@ class PipelinedFrames(PubScanner):
         self.stats = app.stats
         #: a broker's publish_nowait whose future gives the seq alone, when it has one (base.py)
         self.publish = getattr(app.broker, "publish_seq_nowait", None) or app.broker.publish_nowait
-        #: a broker's publish whose future is shared by a batch (base.py), when it has one
+        #: a broker's publish whose future is shared by a batch (base.py), when it has one, and
+        #: the same by position (publish_batched_now: no keywords to parse)
         self.batched = getattr(app.broker, "publish_batched_nowait", None)
+        self.batched_now = getattr(app.broker, "publish_batched_now", None) if self.batched is not None else None
         self.runner = app._runner  # the hooks' (None: no hooks)
         self.rate = bool(app._rate)
         self.gated = bool(app._gate)
@@ -564,7 +566,9 @@ class PipelinedFrames(PubScanner):
             data = p[self.room_end + 9 : self.data_end]
             ts = _now_ms_c() if _COMPILED else _time_ns() // 1_000_000  # noqa: F821 - defined in the .pxd
             k = -1
-            if self.batched is not None:
+            if self.batched_now is not None:
+                future, k = self.batched_now(room, data, s.client, ts, history)
+            elif self.batched is not None:
                 future, k = self.batched(room, data, sender=s.client, ts=ts, history=history)
             else:
                 future = self.publish(room, data, sender=s.client, ts=ts, history=history)

@@ -7,6 +7,7 @@ cdef class Batch:
     cdef public object room, history, shared, publications
     cdef public list bodies, answers
     cdef public Py_ssize_t singles, size
+    cdef public long long newest
     cpdef fail(self, error)
 
 cdef class Publisher:
@@ -18,7 +19,7 @@ cdef class Publisher:
     cdef public Py_ssize_t in_flight
     cpdef tuple publish_batched_now(self, room, data, sender, ts, history)
     cdef tuple _batched(self, room, data, sender, ts, history, info, exclude)
-    @cython.locals(batch=Batch, batches=dict, k=Py_ssize_t)
+    @cython.locals(batch=Batch, batches=dict, k=Py_ssize_t, ts=cython.longlong)
     cpdef _queue(self, room, history, bytes body, tuple entry, bint publication, future)
     @cython.locals(n=Py_ssize_t, i=Py_ssize_t, batch=Batch)
     cpdef _answered(self, list batches, reply)

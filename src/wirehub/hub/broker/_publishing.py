@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import operator
 import secrets
 from typing import Any
 
@@ -28,7 +27,6 @@ log = get_logger("wirehub.hub.broker.redis")
 _Raw = msgspec.Raw
 _encode = msgspec.msgpack.Encoder().encode
 _partial = functools.partial
-_ts_of = operator.itemgetter(2)  # a body's ts
 
 #: publications one batch (one stream entry, one pub/sub message) carries at most, and data bytes
 BATCH_PUBLICATIONS = 512
@@ -42,7 +40,7 @@ CALL_BYTES = 256 * 1024
 class Batch:
     """The publications of one room queued in this event-loop turn."""
 
-    __slots__ = ("room", "history", "bodies", "answers", "singles", "shared", "publications", "size")
+    __slots__ = ("room", "history", "bodies", "answers", "singles", "shared", "publications", "size", "newest")
 
     def __init__(self, room: str, history: Any) -> None:
         self.room = room
@@ -57,6 +55,7 @@ class Batch:
         self.shared: asyncio.Future[int] | None = None
         self.publications: set[int] | None = None
         self.size = 0
+        self.newest = 0  # the newest ts of its publications
 
     def fail(self, error: BaseException) -> None:
         """Every publication of the batch fails with ``error``."""
@@ -168,6 +167,9 @@ class Publisher:
                 batch.publications.add(k)
             answer = None
         batch.size += len(body)
+        ts = entry[2]
+        if ts > batch.newest:
+            batch.newest = ts
         self.in_flight += 1
         if batch.size >= BATCH_BYTES or k + 1 >= BATCH_PUBLICATIONS:
             del batches[room]  # full: it goes now (a call of its own), the room's next publications start a new one
@@ -237,7 +239,7 @@ class Publisher:
         if head is None or (head[0] is not history and head[0] != history):
             head = self._publish_head(room, history)
         blob = _encode(bodies[0]) if n == 1 else _encode(bodies)
-        newest = b"%d" % max(map(_ts_of, bodies))
+        newest = b"%d" % batch.newest
         count = b"%d" % n
         return (head[1], b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n" % (head[2], len(newest), newest, len(count), count, len(blob)),
                 blob, b"\r\n" + head[3])
