@@ -100,6 +100,7 @@ cdef class PubScanner:
     cdef public bytes last_room_key
     cdef public Py_ssize_t room_end, data_end, ref_start
     cdef public bint known
+    cpdef forget(self, conn)
     cpdef session_of(self, conn)
     @cython.locals(n=Py_ssize_t, end=Py_ssize_t, i=Py_ssize_t, c=Py_ssize_t, room_end=Py_ssize_t,
                    data_start=Py_ssize_t, data_end=Py_ssize_t, ref_start=Py_ssize_t, p=cython.p_uchar)
@@ -128,6 +129,7 @@ cdef class PipelinedFrames(PubScanner):
     cpdef bint pub_frame(self, conn, bytes frame) except -1
     @cython.locals(k=Py_ssize_t, ts=cython.longlong)
     cpdef start(self, s, cmd, data, info)
+    cpdef in_window(self, s, window, future, cmd, Py_ssize_t k)
     @cython.locals(published=Py_ssize_t, entry=tuple, k=Py_ssize_t, n=Py_ssize_t, ref=bytes, rp=cython.p_uchar)
     cpdef published(self, s, _)
     cpdef failed(self, s, cmd, exc)

@@ -281,6 +281,11 @@ class PubScanner:
         self.last_conn: Any = None
         self.last_session: Any = None
 
+    def forget(self, conn: Any) -> None:
+        """``conn`` closed: no longer the last connection (the app calls it on disconnect)."""
+        if self.last_conn is conn:
+            self.last_conn = self.last_session = None
+
     def session_of(self, conn: Any) -> Any:
         """``conn``'s session (the frames of one read come together)."""
         if conn is self.last_conn:
@@ -572,11 +577,7 @@ class PipelinedFrames(PubScanner):
                 future, k = self.batched(room, data, sender=s.client, ts=ts, history=history)
             else:
                 future = self.publish(room, data, sender=s.client, ts=ts, history=history)
-            if window is None:
-                window = s.publishing = _deque()
-            if not window:  # the front of the window: its answer answers the client (published)
-                future.add_done_callback(_partial(self.published, s))
-            window.append((future, p[self.ref_start : len(frame) - 1], k))
+            self.in_window(s, window, future, p[self.ref_start : len(frame) - 1], k)
         except BrokerError as exc:
             self.app._broker_failed(s, _decode(frame).ref, exc)
         except Exception:  # noqa: BLE001 - a server bug: logged, answered, counted (as frame's)
@@ -586,9 +587,6 @@ class PipelinedFrames(PubScanner):
     def start(self, s: Any, cmd: Any, data: bytes, info: Any) -> None:
         """Start ``cmd``'s publication at the broker and put it in ``s``'s window (which the
         caller made sure has room)."""
-        window = s.publishing
-        if window is None:
-            window = s.publishing = _deque()
         room = cmd.room
         policy = self.policies.get(room)
         if policy is None:
@@ -599,6 +597,13 @@ class PipelinedFrames(PubScanner):
             future, k = self.batched(room, data, sender=s.client, ts=ts, history=policy.history, info=info)
         else:
             future = self.publish(room, data, sender=s.client, ts=ts, history=policy.history, info=info)
+        self.in_window(s, s.publishing, future, cmd, k)
+
+    def in_window(self, s: Any, window: Any, future: Any, cmd: Any, k: int) -> None:
+        """A publication just started goes at the back of ``s``'s window (``window``: its
+        ``publishing``, read by the caller; see the class)."""
+        if window is None:
+            window = s.publishing = _deque()
         if not window:  # the front of the window: its answer answers the client (published)
             future.add_done_callback(_partial(self.published, s))
         window.append((future, cmd, k))

@@ -1067,13 +1067,11 @@ class HubApp(App):
     # ------------------------------------------------------------------ disconnect
 
     def _disconnect_inline(self, conn: Connection, reason: str) -> None:
-        if self._frames.last_conn is conn:  # the frame handler's last (see InlineFrames.last_conn)
-            self._frames.last_conn = self._frames.last_session = None
+        self._frames.forget(conn)  # (the frame handler's last connection, see PubScanner.session_of)
         _drive(self._cleanup(conn, reason))
 
     async def _disconnect_async(self, conn: Connection, reason: str) -> None:
-        if self._pipelined.last_conn is conn:  # (see _disconnect_inline)
-            self._pipelined.last_conn = self._pipelined.last_session = None
+        self._pipelined.forget(conn)
         try:
             await self._cleanup(conn, reason)
         except BrokerError as exc:

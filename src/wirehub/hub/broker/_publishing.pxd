@@ -19,8 +19,9 @@ cdef class Publisher:
     cdef public Py_ssize_t in_flight
     cpdef tuple publish_batched_now(self, room, data, sender, ts, history)
     cdef tuple _batched(self, room, data, sender, ts, history, info, exclude)
-    @cython.locals(batch=Batch, batches=dict, k=Py_ssize_t, ts=cython.longlong)
-    cpdef _queue(self, room, history, bytes body, tuple entry, bint publication, future)
+    cdef object _refused(self, room)
+    @cython.locals(batch=Batch, batches=dict, k=Py_ssize_t, newest=cython.longlong, body=bytes, entry=tuple)
+    cpdef _queue(self, room, data, sender, ts, history, info, exclude, bint publication, future)
     @cython.locals(n=Py_ssize_t, i=Py_ssize_t, batch=Batch)
     cpdef _answered(self, list batches, reply)
     @cython.locals(n=Py_ssize_t, k=Py_ssize_t, first=Py_ssize_t, answers=list, bodies=list)

@@ -105,18 +105,12 @@ class Publisher:
         """:meth:`publish_nowait` whose future gives the publication's ``seq`` alone (with
         ``publication``, the :class:`Publication`): no Publication is built for a caller that
         only acks (see the Broker protocol)."""
+        refused = self._refused(room)
+        if refused is not None:
+            return refused
         # the loop cached at start: asyncio.get_running_loop() costs a getpid() system call
-        loop = self._loop or asyncio.get_running_loop()
-        future = loop.create_future()
-        if self._cmd is None or self._closing or not self._up:  # (_refusal's test, without its message each time)
-            refused = self._refusal(f"publish to {room!r}")
-            assert refused is not None
-            future.set_exception(refused)
-            return future
-        body = data if type(data) is bytes else bytes(data)
-        # an application hook's info and exclude, when set, make it [room, sender, ts, data, info, exclude]
-        self._queue(room, history, body, (room, sender, ts, body, info, exclude) if info is not None or exclude else (room, sender, ts, body),
-                    publication, future)
+        future = (self._loop or asyncio.get_running_loop()).create_future()
+        self._queue(room, data, sender, ts, history, info, exclude, publication, future)
         return future
 
     def publish_batched_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: Any, info: bytes | None = None, exclude: str = "") -> tuple[asyncio.Future[int], int]:
@@ -132,18 +126,27 @@ class Publisher:
         return self._batched(room, data, sender, ts, history, None, "")
 
     def _batched(self, room: str, data: bytes, sender: str, ts: int, history: Any, info: bytes | None, exclude: str) -> tuple[asyncio.Future[int], int]:
-        if self._cmd is None or self._closing or not self._up:
-            future = (self._loop or asyncio.get_running_loop()).create_future()
-            future.set_exception(self._refusal(f"publish to {room!r}"))
-            return future, 0
-        body = data if type(data) is bytes else bytes(data)
-        return self._queue(room, history, body, (room, sender, ts, body, info, exclude) if info is not None or exclude else (room, sender, ts, body),
-                           False, None)
+        refused = self._refused(room)
+        if refused is not None:
+            return refused, 0
+        return self._queue(room, data, sender, ts, history, info, exclude, False, None)
 
-    def _queue(self, room: str, history: Any, body: bytes, entry: tuple, publication: bool, future: Any) -> Any:
-        """Put a publication (``entry``, its body) and its future in ``room``'s batch of this
-        turn; a full batch goes now. Without a future (None), the publication shares the
-        batch's: returns ``(that future, its index in the batch)``."""
+    def _refused(self, room: str) -> Any:
+        """None while publications can go; otherwise a future failed with the reason."""
+        if self._cmd is not None and not self._closing and self._up:
+            return None
+        future = (self._loop or asyncio.get_running_loop()).create_future()
+        future.set_exception(self._refusal(f"publish to {room!r}"))
+        return future
+
+    def _queue(self, room: str, data: bytes, sender: str, ts: int, history: Any, info: bytes | None, exclude: str, publication: bool,
+               future: Any) -> Any:
+        """Put a publication and its future in ``room``'s batch of this turn; a full batch
+        goes now. Without a future (None), the publication shares the batch's: returns
+        ``(that future, its index in the batch)``."""
+        body = data if type(data) is bytes else bytes(data)
+        # an application hook's info and exclude, when set, make it [room, sender, ts, data, info, exclude]
+        entry = (room, sender, ts, body, info, exclude) if info is not None or exclude else (room, sender, ts, body)
         batches = self._batches
         batch = batches.get(room)
         if batch is None:
@@ -167,9 +170,9 @@ class Publisher:
                 batch.publications.add(k)
             answer = None
         batch.size += len(body)
-        ts = entry[2]
-        if ts > batch.newest:
-            batch.newest = ts
+        newest = ts
+        if newest > batch.newest:
+            batch.newest = newest
         self.in_flight += 1
         if batch.size >= BATCH_BYTES or k + 1 >= BATCH_PUBLICATIONS:
             del batches[room]  # full: it goes now (a call of its own), the room's next publications start a new one
