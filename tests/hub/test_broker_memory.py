@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 
 import msgspec
 import pytest
@@ -163,6 +164,31 @@ def cost(n_rooms: int, n_pubs: int, data_len: int) -> int:
 
 
 class TestHistoryBudget:
+    def test_the_counted_overheads_cover_what_history_holds(self):
+        """PUB_OVERHEAD and ROOM_OVERHEAD are at least what a held publication (beyond its
+        data) and a room holding history take, measured as the hub makes them: the data a
+        slice of the frame, the ts an int of its own."""
+        broker = MemoryBroker(max_bytes=1 << 40)
+        policy = HistoryPolicy(size=10_000, ttl=3600.0)
+        frame = b'{"op":"pub","room":"r","data":"' + b"x" * 62 + b'"}'
+        n, rooms, ts = 10_000, 500, now_ms()
+        tracemalloc.start()
+        try:
+            start = tracemalloc.get_traced_memory()[0]
+            for i in range(n):
+                broker.publish_seq_now("room", frame[30:94], "client-1", ts + i, policy)
+            held = tracemalloc.get_traced_memory()[0]
+            for i in range(rooms):
+                broker.publish_seq_now(f"room-{i}", frame[30:94], "client-1", ts + i, policy)
+            end = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        per_pub = (held - start) / n - 64
+        assert 64 < per_pub <= PUB_OVERHEAD
+        per_room = (end - held) / rooms - 64 - per_pub
+        assert 0 < per_room <= ROOM_OVERHEAD
+        assert broker.bytes == cost(rooms + 1, n + rooms, 64)
+
     async def test_bytes_count_what_is_held_and_return_to_zero(self):
         clock = FakeClock()
         broker = MemoryBroker(clock=clock)

@@ -96,7 +96,7 @@ cpdef Py_ssize_t json_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t end) 
 cdef Py_ssize_t _key_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t end) noexcept
 
 cdef class PubScanner:
-    cdef public object app, sessions, policies, last_room, last_history, last_conn, last_session
+    cdef public object app, sessions, policies, last_room, last_history, last_conn, last_session, last_client, last_send
     cdef public bytes last_room_key
     cdef public Py_ssize_t room_end, data_end, ref_start
     cdef public bint known
@@ -110,7 +110,7 @@ cdef class PubScanner:
     cpdef history_of(self, bytes frame, room)
 
 cdef class InlineFrames(PubScanner):
-    cdef public object stats, publish_now
+    cdef public object stats, publish_seq
     cdef public dict table
     cdef public bint gated, scan
     cdef public long long published

@@ -260,7 +260,7 @@ class PubScanner:
     policy is the config's for the server's life)."""
 
     __slots__ = ("app", "sessions", "policies", "room_end", "data_end", "ref_start", "known", "last_room_key", "last_room",
-                 "last_history", "last_conn", "last_session")
+                 "last_history", "last_conn", "last_session", "last_client", "last_send")
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -275,24 +275,30 @@ class PubScanner:
         self.last_room_key: bytes | None = None
         self.last_room: Any = None
         self.last_history: Any = None
-        #: the connection a frame was last taken from, and its session (a connection's
-        #: session is the same from connect to close, and no frame of it is handled after;
-        #: the app forgets it when it closes)
+        #: the connection a frame was last taken from, its session, the session's client id
+        #: and the connection's send (a connection's session and client id are the same from
+        #: connect to close, and no frame of it is handled after; the app forgets it when it
+        #: closes)
         self.last_conn: Any = None
         self.last_session: Any = None
+        self.last_client: Any = None
+        self.last_send: Any = None
 
     def forget(self, conn: Any) -> None:
         """``conn`` closed: no longer the last connection (the app calls it on disconnect)."""
         if self.last_conn is conn:
-            self.last_conn = self.last_session = None
+            self.last_conn = self.last_session = self.last_client = self.last_send = None
 
     def session_of(self, conn: Any) -> Any:
-        """``conn``'s session (the frames of one read come together)."""
+        """``conn``'s session (the frames of one read come together); ``last_client`` and
+        ``last_send`` are its client id and ``conn.send`` from now on."""
         if conn is self.last_conn:
             return self.last_session
         s = self.sessions[conn.id]
         self.last_conn = conn
         self.last_session = s
+        self.last_client = s.client
+        self.last_send = conn.send
         return s
 
     def scan_pub(self, frame: bytes) -> bool:
@@ -359,14 +365,14 @@ class PubScanner:
 class InlineFrames(PubScanner):
     """``frame(conn, data)`` for the hub: ping and pub here, the rest in the app."""
 
-    __slots__ = ("table", "stats", "publish_now", "gated", "scan", "published")
+    __slots__ = ("table", "stats", "publish_seq", "gated", "scan", "published")
 
     def __init__(self, app: Any, scan: bool = False) -> None:
         super().__init__(app)
         table = app._room_table  # the rooms a local broker holds (None: ask the app)
         self.table = table if type(table) is dict else None
         self.stats = app.stats
-        self.publish_now = getattr(app.broker, "publish_now", None)  # a local broker's
+        self.publish_seq = getattr(app.broker, "publish_seq_now", None)  # a local broker's
         self.gated = bool(app._gate)
         #: recognise the canonical ping and pub by their bytes first (worth it compiled)
         self.scan = scan
@@ -423,20 +429,20 @@ class InlineFrames(PubScanner):
         s = self.session_of(conn)
         if self.gated and not s.greeted:
             return False
+        send = self.last_send  # conn's (fan-out may make another connection the last)
         try:
             if s.claims is not None and not s.claims.may_publish(room):
                 return False  # the decoder's path says why
             self.published += 1
             history = self.history_of(frame, room)
             ts = _now_ms_c() if _COMPILED else _time_ns() // 1_000_000  # noqa: F821 - defined in the .pxd
-            pub = self.publish_now(room, p[self.room_end + 9 : self.data_end], s.client, ts, history)
+            seq = self.publish_seq(room, p[self.room_end + 9 : self.data_end], self.last_client, ts, history)
             ref_start = self.ref_start
             if ref_start != end:
-                seq = pub.seq
                 if _COMPILED:  # formatted in C (_frames.pxd)
-                    conn.send(_ack_c(p + ref_start, end - ref_start, seq))  # noqa: F821 - defined in the .pxd
+                    send(_ack_c(p + ref_start, end - ref_start, seq))  # noqa: F821 - defined in the .pxd
                 else:
-                    conn.send(b'{"op":"ok","ref":%b,"seq":%d}' % (p[ref_start:end], seq))
+                    send(b'{"op":"ok","ref":%b,"seq":%d}' % (p[ref_start:end], seq))
         except Exception:  # noqa: BLE001 - a server bug: logged, answered, counted (as pub's caller does)
             self.app._failed(s, _decode(frame))
         return True
@@ -461,9 +467,9 @@ class InlineFrames(PubScanner):
         policy = self.policies.get(room)
         if policy is None:
             policy = self.app.policy(room)
-        pub = self.publish_now(room, data, s.client, _time_ns() // 1_000_000, policy.history)
+        seq = self.publish_seq(room, data, s.client, _time_ns() // 1_000_000, policy.history)
         if cmd.ref is not None:
-            s.conn.send(_ok(cmd.ref, pub.seq))
+            s.conn.send(_ok(cmd.ref, seq))
 
 
 #: publications one connection may have in flight at a remote broker; its next one waits

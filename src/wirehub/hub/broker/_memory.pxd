@@ -10,7 +10,7 @@ cdef class _Stream:
     cdef public Py_ssize_t size
 
 cdef class MemoryBroker:
-    cdef public object _clock, _epoch, _epoch_now, _handler, _lru, _touch, _sweeper
+    cdef public object _clock, _epoch, _epoch_now, _handler, _lru, _touch, _touched, _sweeper
     cdef public dict _streams, _presence
     cdef public set _subscribed, _clients
     cdef public list _sweep_keys
@@ -20,5 +20,9 @@ cdef class MemoryBroker:
 
 @cython.locals(seq=cython.longlong, size=Py_ssize_t, ttl_ms=cython.longlong, cost=Py_ssize_t, now=cython.longlong,
                held=Py_ssize_t)
-cdef object _append(MemoryBroker broker, object room, _Stream stream, object data, object sender, object ts, object history,
-                    object info, object exclude)
+cdef long long _append(MemoryBroker broker, object room, _Stream stream, object data, object sender, object ts, object history,
+                    object info, object exclude) except? -1
+
+cdef object _deque_append, _deque_popleft
+
+cdef _publication(room, seq, epoch, data, sender, ts, info, exclude)

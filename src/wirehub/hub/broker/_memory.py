@@ -17,8 +17,8 @@ epoch) stays, its history is gone, and recovery from before it reports incomplet
 
 This file is the implementation; import it as :mod:`wirehub.hub.broker.memory`, which picks
 this Python code or its compiled copy (the accelerator: ``_memory.pxd`` makes ``_Stream`` and
-``MemoryBroker`` extension types with C fields; keep the two in step). ``publish_now`` runs
-for every ``pub`` on a local broker.
+``MemoryBroker`` extension types with C fields; keep the two in step). ``publish_seq_now``
+runs for every ``pub`` on a local broker.
 """
 
 from __future__ import annotations
@@ -33,10 +33,13 @@ import msgspec
 
 from .base import BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication, history_result
 
-#: bytes one held publication costs beyond its data (measured: ~105 on CPython 3.11)
-PUB_OVERHEAD = 160
-#: bytes a room that holds history costs beyond its publications (measured: ~980)
-ROOM_OVERHEAD = 1024
+#: bytes one held publication costs beyond its data (measured: 197 on CPython 3.11, the
+#: entry's tuple, its seq and ts, the data's bytes object and its slot in the deque;
+#: tests/hub/test_broker_memory.py holds the measurement to it)
+PUB_OVERHEAD = 200
+#: bytes a room that holds history costs beyond its publications (measured: ~1,040 with its
+#: name, its deque, its stream and their entries in the broker's tables; the same test)
+ROOM_OVERHEAD = 1152
 #: the default of ``history_max_bytes``
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 #: seconds between two sweep ticks, and rooms visited per tick: a full pass over 100,000
@@ -46,6 +49,18 @@ SWEEP_BATCH = 1000
 
 _Raw = msgspec.Raw
 _Publication = Publication
+# deque's own methods, called with the deque: cheaper than looking them up on it per call
+_deque_append = collections.deque.append
+_deque_popleft = collections.deque.popleft
+
+# A room's history holds each publication as a tuple (seq, ts, data, sender, info, exclude),
+# data the bytes (or msgspec.Raw) it was published with: cheaper to make and to drop than a
+# Publication with its Raw, one of each per pub. A read (and fan-out) makes the Publication.
+
+
+def _publication(room: str, seq: int, epoch: str, data: bytes, sender: str, ts: int, info: bytes | None, exclude: str) -> Publication:
+    """A Publication of ``room`` (``data`` bytes or msgspec.Raw)."""
+    return _Publication(room, seq, epoch, data if type(data) is _Raw else _Raw(data), sender, ts, info, exclude)
 
 
 class _Stream:
@@ -54,7 +69,7 @@ class _Stream:
     def __init__(self, epoch: str) -> None:
         self.epoch = epoch
         self.seq = 0
-        self.items: collections.deque[Publication] = collections.deque()
+        self.items: collections.deque[tuple] = collections.deque()  # history entries (see above)
         self.bytes = 0  # what ``items`` counts toward the budget (ROOM_OVERHEAD included while not empty)
         self.ttl_ms = 0  # the room's history TTL at its last write (for the sweep)
         #: the HistoryPolicy of the last write, and its size (ttl_ms above): read from it only
@@ -69,14 +84,11 @@ class _Stream:
 
 
 def _append(broker: MemoryBroker, room: str, stream: _Stream, data: bytes, sender: str, ts: int, history: HistoryPolicy,
-            info: bytes | None, exclude: str) -> Publication:
+            info: bytes | None, exclude: str) -> int:
     """``data`` published to ``room`` as the next of ``stream``, kept in its history as
-    ``history`` says, within the broker's byte budget: the body of ``publish_now`` (compiled,
-    the stream's fields are C fields here)."""
+    ``history`` says, within the broker's byte budget; its ``seq``. The body of the publish
+    calls (compiled, the stream's fields are C fields here)."""
     seq = stream.seq = stream.seq + 1
-    raw = data if type(data) is _Raw else _Raw(data)
-    # positional: a publication is made per pub, and keywords cost more than the fields
-    pub = _Publication(room, seq, stream.epoch, raw, sender, ts, info, exclude)
     if history is not stream.policy:
         stream.policy = history
         stream.size = history.size
@@ -86,33 +98,36 @@ def _append(broker: MemoryBroker, room: str, stream: _Stream, data: bytes, sende
     now = ts  # compiled: a C integer
     items = stream.items
     if size > 0:
-        cost = len(raw) + PUB_OVERHEAD
+        cost = len(data) + PUB_OVERHEAD
         if items:
-            broker._touch(room)
+            if room is not broker._touched:  # written: most recently used (unless it is already)
+                broker._touch(room)
+                broker._touched = room
             if now < stream.oldest:  # the clock went back
                 stream.oldest = now
         else:
             cost += ROOM_OVERHEAD
             broker._lru[room] = stream
+            broker._touched = room
             stream.oldest = now
-        items.append(pub)
+        _deque_append(items, (seq, ts, data, sender, info, exclude))
         held = len(items)
         if held > size:  # a full room: its oldest goes (the common case, inline)
-            cost -= len(items.popleft().data) + PUB_OVERHEAD
+            cost -= len(_deque_popleft(items)[2]) + PUB_OVERHEAD
             held -= 1
         stream.bytes += cost
         broker.bytes += cost
         if held > size:
             broker._trim(room, stream, size, ttl_ms, ts)
         elif stream.oldest < now - ttl_ms:  # perhaps expired: the oldest held says
-            stream.oldest = items[0].ts
+            stream.oldest = items[0][1]
             if stream.oldest < now - ttl_ms:
                 broker._trim(room, stream, size, ttl_ms, ts)
     elif items:
         broker._trim(room, stream, size, ttl_ms, ts)
     if broker.bytes > broker.max_bytes:
         broker._evict(room)
-    return pub
+    return seq
 
 
 class MemoryBroker:
@@ -129,6 +144,8 @@ class MemoryBroker:
         #: rooms holding history, least recently used first
         self._lru: collections.OrderedDict[str, _Stream] = collections.OrderedDict()
         self._touch = self._lru.move_to_end  # a room written or read: most recently used
+        #: the room _touch moved to the end of _lru last, while it is still there (else None)
+        self._touched: str | None = None
         self._subscribed: set[str] = set()
         self._clients: set[str] = set()
         self._presence: dict[str, dict[str, Member]] = {}
@@ -175,7 +192,7 @@ class MemoryBroker:
         items = stream.items
         freed = 0
         for _ in range(n):
-            freed += len(items.popleft().data) + PUB_OVERHEAD
+            freed += len(_deque_popleft(items)[2]) + PUB_OVERHEAD
         stream.bytes -= freed
         self.bytes -= freed
 
@@ -184,6 +201,7 @@ class MemoryBroker:
         self.bytes -= stream.bytes  # its ROOM_OVERHEAD
         stream.bytes = 0
         self._lru.pop(room, None)
+        self._touched = None
 
     def _trim(self, room: str, stream: _Stream, size: int, ttl_ms: int, now_ms: int) -> None:
         items = stream.items
@@ -194,14 +212,15 @@ class MemoryBroker:
             self._drop(stream, over)
         horizon = now_ms - ttl_ms
         n = 0
-        for pub in items:
-            if pub.ts >= horizon:
+        for held in items:
+            if held[1] < horizon:  # its ts
+                n += 1
+            else:
                 break
-            n += 1
         if n:
             self._drop(stream, n)
         if items:
-            stream.oldest = items[0].ts
+            stream.oldest = items[0][1]
         else:
             self._emptied(room, stream)
 
@@ -223,6 +242,7 @@ class MemoryBroker:
             stream.bytes = 0
             stream.items.clear()
             del lru[room]
+            self._touched = None
             if room not in self._subscribed:
                 self._forget(room, stream)
 
@@ -291,15 +311,27 @@ class MemoryBroker:
             self._forget(room, stream)
 
     def publish_now(self, room: str, data: bytes, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> Publication:
-        """:meth:`publish` without a coroutine (a local broker's; the hub's hot path, which
-        passes its arguments by position: cheaper than keywords)."""
+        """:meth:`publish` without a coroutine (a local broker's; the hub passes its arguments
+        by position: cheaper than keywords)."""
         stream = self._streams.get(room)
         if stream is None:
             stream = self._stream(room)
-        pub = _append(self, room, stream, data, sender, ts, history, info, exclude)
+        seq = _append(self, room, stream, data, sender, ts, history, info, exclude)
+        pub = _publication(room, seq, stream.epoch, data, sender, ts, info, exclude)
         if room in self._subscribed and self._handler is not None:
             self._handler.on_publication(pub)
         return pub
+
+    def publish_seq_now(self, room: str, data: bytes, sender: str, ts: int, history: HistoryPolicy) -> int:
+        """:meth:`publish_now` giving the publication's ``seq`` alone (the hub's ``pub``),
+        which makes a Publication only for a node that subscribes to ``room``."""
+        stream = self._streams.get(room)
+        if stream is None:
+            stream = self._stream(room)
+        seq = _append(self, room, stream, data, sender, ts, history, None, "")
+        if room in self._subscribed and self._handler is not None:
+            self._handler.on_publication(_publication(room, seq, stream.epoch, data, sender, ts, None, ""))
+        return seq
 
     def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> asyncio.Future[Publication]:
         future: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
@@ -319,14 +351,16 @@ class MemoryBroker:
     async def history(self, room: str, *, since: int | None = None, limit: int | None = None, history: HistoryPolicy) -> HistoryResult:
         stream = self._streams.get(room)
         if stream is None:  # nothing held: reading creates nothing
-            items: list[Publication] = []
+            items = []
             position = Position(0, self._epoch_now)
         else:
             if stream.items:
                 self._trim(room, stream, history.size, int(history.ttl * 1000), self._now_ms())
                 if stream.items:
                     self._touch(room)  # read: recently used
-            items = list(stream.items)
+                    self._touched = room
+            epoch = stream.epoch
+            items = [_publication(room, h[0], epoch, h[2], h[3], h[1], h[4], h[5]) for h in stream.items]
             position = Position(stream.seq, stream.epoch)
         return history_result(items, position, since, limit)
 

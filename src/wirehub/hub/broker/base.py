@@ -114,7 +114,8 @@ class Broker(Protocol):
     #: True when every call completes without I/O, so the hub may run calls inline
     #: instead of in a task (the memory broker). Such a broker also has
     #: ``publish_now(room, data, sender, ts, history) -> Publication``: ``publish`` without
-    #: a coroutine (arguments by position on the hot path).
+    #: a coroutine (arguments by position on the hot path), and ``publish_seq_now`` (the same
+    #: arguments) which gives the publication's ``seq`` alone.
     local: bool
 
     async def start(self, handler: BrokerHandler) -> None: ...
