@@ -78,6 +78,7 @@ cdef inline long long _now_ms_c() noexcept:
     return <long long>t.tv_sec * 1000 + t.tv_nsec // 1000000
 
 cdef bytes _PING_HEAD, _PONG_HEAD, _PUB_HEAD, _DATA_KEY, _REF_KEY
+cdef object _deque_append, _deque_popleft
 cdef Py_ssize_t MAX_REF_DIGITS, MAX_SCAN_DEPTH, _MAX_ROOM_LENGTH
 cdef bint _COMPILED
 

@@ -45,6 +45,9 @@ _pong = wire.pong
 _data_bytes = wire.data_bytes
 _time_ns = time.time_ns
 _deque = collections.deque
+# deque's own methods, called with the deque: cheaper than looking them up on it per call
+_deque_append = _deque.append
+_deque_popleft = _deque.popleft
 _partial = functools.partial
 
 
@@ -390,9 +393,11 @@ class InlineFrames(PubScanner):
             if len(head) > 20 and head[7] == 112:  # '{"op":"p'
                 if head[8] == 105:  # ping
                     reply = ping_reply(head)
-                    if reply is not None and (not self.gated or self.sessions[conn.id].greeted):
-                        conn.send(reply)
-                        return
+                    if reply is not None:
+                        s = self.session_of(conn)
+                        if not self.gated or s.greeted:
+                            self.last_send(reply)
+                            return
                 elif head[8] == 117 and self.table is not None:  # pub
                     if self.pub_frame(conn, head):
                         return
@@ -577,12 +582,13 @@ class PipelinedFrames(PubScanner):
             data = p[self.room_end + 9 : self.data_end]
             ts = _now_ms_c() if _COMPILED else _time_ns() // 1_000_000  # noqa: F821 - defined in the .pxd
             k = -1
+            client = self.last_client  # s's (session_of)
             if self.batched_now is not None:
-                future, k = self.batched_now(room, data, s.client, ts, history)
+                future, k = self.batched_now(room, data, client, ts, history)
             elif self.batched is not None:
-                future, k = self.batched(room, data, sender=s.client, ts=ts, history=history)
+                future, k = self.batched(room, data, sender=client, ts=ts, history=history)
             else:
-                future = self.publish(room, data, sender=s.client, ts=ts, history=history)
+                future = self.publish(room, data, sender=client, ts=ts, history=history)
             self.in_window(s, window, future, p[self.ref_start : len(frame) - 1], k)
         except BrokerError as exc:
             self.app._broker_failed(s, _decode(frame).ref, exc)
@@ -612,7 +618,7 @@ class PipelinedFrames(PubScanner):
             window = s.publishing = _deque()
         if not window:  # the front of the window: its answer answers the client (published)
             future.add_done_callback(_partial(self.published, s))
-        window.append((future, cmd, k))
+        _deque_append(window, (future, cmd, k))
 
     def published(self, s: Any, _: Any) -> None:
         """The publication at the front of ``s``'s window was answered: answer the client for
@@ -640,7 +646,7 @@ class PipelinedFrames(PubScanner):
                     error = exc
                 except Exception as exc:  # noqa: BLE001 - a BrokerError, or a broker bug
                     error = exc
-            window.popleft()
+            _deque_popleft(window)
             cmd = entry[1]
             kind = type(cmd)
             if kind is tuple:  # a reply queued behind the acks (see HubApp._error)

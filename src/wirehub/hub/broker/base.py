@@ -35,7 +35,7 @@ class Position(msgspec.Struct, frozen=True):
 
 
 class Publication(msgspec.Struct, frozen=True, omit_defaults=True, gc=False):
-    """One message published to a room, as history keeps it and fan-out carries it.
+    """One message published to a room, as a history read gives it and fan-out carries it.
 
     Not tracked by the garbage collector (``gc=False``): its fields are strings, integers and
     bytes, which cannot form a cycle, and a hub makes one per publication and holds many in
