@@ -255,11 +255,12 @@ class HubApp(App):
         self._replays: set[asyncio.Task[None]] = set()
         #: bytes of replay a join puts into the send buffer before waiting for it to drain
         self._replay_window = max(1, config.max_send_buffer // 2)
-        #: the frames replayed in this event-loop turn, by publication: a broker that hands
-        #: the joins of one turn the same publications (Redis shares one read among them)
-        #: has each encoded once, and its members' send buffers share one bytes object.
-        #: Emptied after the turn.
-        self._replayed: dict[int, tuple[Publication, bytes]] = {}
+        #: the frames replayed in this event-loop turn, by (room, epoch, seq): the joins of
+        #: one turn that replay the same publications (whether the broker hands them the
+        #: same objects, as Redis's shared read does, or makes them per read, as the memory
+        #: broker does) have each encoded once, and their send buffers share one bytes
+        #: object. Emptied after the turn.
+        self._replayed: dict[tuple[str, str, int], bytes] = {}
         self.default_policy = RoomPolicy(
             HistoryPolicy(size=config.history_size, ttl=config.history_ttl), config.presence, config.max_room_members,
             PresenceLevels(config.presence_threshold, config.presence_max, config.presence_window),
@@ -800,12 +801,10 @@ class HubApp(App):
         for pub in pubs:
             if n and conn.send_buffer >= window:
                 break
-            hit = frames.get(id(pub))
-            if hit is not None and hit[0] is pub:
-                frame = hit[1]
-            else:
-                frame = self._msg(room, pub)
-                frames[id(pub)] = (pub, frame)
+            key = (room.name, pub.epoch, pub.seq)
+            frame = frames.get(key)
+            if frame is None:
+                frame = frames[key] = self._msg(room, pub)
             if not conn.send(frame):
                 break
             n += 1
