@@ -20,8 +20,8 @@ cdef class MemoryBroker:
 
 @cython.locals(seq=cython.longlong, size=Py_ssize_t, ttl_ms=cython.longlong, cost=Py_ssize_t, now=cython.longlong,
                held=Py_ssize_t)
-cdef object _append(MemoryBroker broker, object room, _Stream stream, object data, object sender, object ts, object history,
-                    object info, object exclude)
+cdef long long _append(MemoryBroker broker, object room, _Stream stream, object data, object sender, object ts, object history,
+                    object info, object exclude) except? -1
 
 cdef object _deque_append, _deque_popleft
 

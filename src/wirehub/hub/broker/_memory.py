@@ -33,10 +33,10 @@ import msgspec
 
 from .base import BrokerHandler, HistoryPolicy, HistoryResult, Member, Position, Publication, history_result
 
-#: bytes one held publication costs beyond its data (measured: 237 on CPython 3.11, the
-#: Publication, its Raw, its seq and ts, the data's bytes object and its slot in the deque,
-#: with a margin; tests/hub/test_broker_memory.py holds the measurement to it)
-PUB_OVERHEAD = 248
+#: bytes one held publication costs beyond its data (measured: 197 on CPython 3.11, the
+#: entry's tuple, its seq and ts, the data's bytes object and its slot in the deque, with
+#: a margin; tests/hub/test_broker_memory.py holds the measurement to it)
+PUB_OVERHEAD = 208
 #: bytes a room that holds history costs beyond its publications (measured: ~1,040 with its
 #: name, its deque, its stream and their entries in the broker's tables; the same test)
 ROOM_OVERHEAD = 1152
@@ -53,9 +53,11 @@ _Publication = Publication
 _deque_append = collections.deque.append
 _deque_popleft = collections.deque.popleft
 
-# A room's history holds its Publications: a read hands out the same objects every time, so
-# the joins replaying them share what is made of them (held as tuples and made into
-# Publications per read, the process grew eightfold in tests/abuse's row 4).
+# A room's history holds each publication as a tuple (seq, ts, data, sender, info, exclude),
+# data the bytes (or msgspec.Raw) it was published with: cheaper to make and to drop than a
+# Publication with its Raw, one of each per pub. A read (and fan-out) makes the Publication,
+# so two reads give two objects for one publication: what the hub shares between the joins
+# that replay it is keyed by (room, epoch, seq), not by the object (HubApp._replayed).
 
 
 def _publication(room: str, seq: int, epoch: str, data: bytes, sender: str, ts: int, info: bytes | None, exclude: str) -> Publication:
@@ -69,7 +71,7 @@ class _Stream:
     def __init__(self, epoch: str) -> None:
         self.epoch = epoch
         self.seq = 0
-        self.items: collections.deque[Publication] = collections.deque()
+        self.items: collections.deque[tuple] = collections.deque()  # history entries (see above)
         self.bytes = 0  # what ``items`` counts toward the budget (ROOM_OVERHEAD included while not empty)
         self.ttl_ms = 0  # the room's history TTL at its last write (for the sweep)
         #: the HistoryPolicy of the last write, and its size (ttl_ms above): read from it only
@@ -84,12 +86,11 @@ class _Stream:
 
 
 def _append(broker: MemoryBroker, room: str, stream: _Stream, data: bytes, sender: str, ts: int, history: HistoryPolicy,
-            info: bytes | None, exclude: str) -> Publication:
+            info: bytes | None, exclude: str) -> int:
     """``data`` published to ``room`` as the next of ``stream``, kept in its history as
-    ``history`` says, within the broker's byte budget. The body of the publish calls
-    (compiled, the stream's fields are C fields here)."""
+    ``history`` says, within the broker's byte budget; its ``seq``. The body of the publish
+    calls (compiled, the stream's fields are C fields here)."""
     seq = stream.seq = stream.seq + 1
-    pub = _publication(room, seq, stream.epoch, data, sender, ts, info, exclude)
     if history is not stream.policy:
         stream.policy = history
         stream.size = history.size
@@ -111,24 +112,24 @@ def _append(broker: MemoryBroker, room: str, stream: _Stream, data: bytes, sende
             broker._lru[room] = stream
             broker._touched = room
             stream.oldest = now
-        _deque_append(items, pub)
+        _deque_append(items, (seq, ts, data, sender, info, exclude))
         held = len(items)
         if held > size:  # a full room: its oldest goes (the common case, inline)
-            cost -= len(_deque_popleft(items).data) + PUB_OVERHEAD
+            cost -= len(_deque_popleft(items)[2]) + PUB_OVERHEAD
             held -= 1
         stream.bytes += cost
         broker.bytes += cost
         if held > size:
             broker._trim(room, stream, size, ttl_ms, ts)
         elif stream.oldest < now - ttl_ms:  # perhaps expired: the oldest held says
-            stream.oldest = items[0].ts
+            stream.oldest = items[0][1]
             if stream.oldest < now - ttl_ms:
                 broker._trim(room, stream, size, ttl_ms, ts)
     elif items:
         broker._trim(room, stream, size, ttl_ms, ts)
     if broker.bytes > broker.max_bytes:
         broker._evict(room)
-    return pub
+    return seq
 
 
 class MemoryBroker:
@@ -193,7 +194,7 @@ class MemoryBroker:
         items = stream.items
         freed = 0
         for _ in range(n):
-            freed += len(_deque_popleft(items).data) + PUB_OVERHEAD
+            freed += len(_deque_popleft(items)[2]) + PUB_OVERHEAD
         stream.bytes -= freed
         self.bytes -= freed
 
@@ -214,14 +215,14 @@ class MemoryBroker:
         horizon = now_ms - ttl_ms
         n = 0
         for held in items:
-            if held.ts < horizon:
+            if held[1] < horizon:  # its ts
                 n += 1
             else:
                 break
         if n:
             self._drop(stream, n)
         if items:
-            stream.oldest = items[0].ts
+            stream.oldest = items[0][1]
         else:
             self._emptied(room, stream)
 
@@ -317,21 +318,22 @@ class MemoryBroker:
         stream = self._streams.get(room)
         if stream is None:
             stream = self._stream(room)
-        pub = _append(self, room, stream, data, sender, ts, history, info, exclude)
+        seq = _append(self, room, stream, data, sender, ts, history, info, exclude)
+        pub = _publication(room, seq, stream.epoch, data, sender, ts, info, exclude)
         if room in self._subscribed and self._handler is not None:
             self._handler.on_publication(pub)
         return pub
 
     def publish_seq_now(self, room: str, data: bytes, sender: str, ts: int, history: HistoryPolicy) -> int:
-        """:meth:`publish_now` giving the publication's ``seq`` alone (the hub's ``pub``: no
-        attribute read, and a C integer compiled)."""
+        """:meth:`publish_now` giving the publication's ``seq`` alone (the hub's ``pub``),
+        which makes a Publication only for a node that subscribes to ``room``."""
         stream = self._streams.get(room)
         if stream is None:
             stream = self._stream(room)
-        pub = _append(self, room, stream, data, sender, ts, history, None, "")
+        seq = _append(self, room, stream, data, sender, ts, history, None, "")
         if room in self._subscribed and self._handler is not None:
-            self._handler.on_publication(pub)
-        return stream.seq  # pub's
+            self._handler.on_publication(_publication(room, seq, stream.epoch, data, sender, ts, None, ""))
+        return seq
 
     def publish_nowait(self, room: str, data: bytes, *, sender: str, ts: int, history: HistoryPolicy, info: bytes | None = None, exclude: str = "") -> asyncio.Future[Publication]:
         future: asyncio.Future[Publication] = asyncio.get_running_loop().create_future()
@@ -359,7 +361,8 @@ class MemoryBroker:
                 if stream.items:
                     self._touch(room)  # read: recently used
                     self._touched = room
-            items = list(stream.items)
+            epoch = stream.epoch
+            items = [_publication(room, h[0], epoch, h[2], h[3], h[1], h[4], h[5]) for h in stream.items]
             position = Position(stream.seq, stream.epoch)
         return history_result(items, position, since, limit)
 
