@@ -434,7 +434,7 @@ class InlineFrames(PubScanner):
         s = self.session_of(conn)
         if self.gated and not s.greeted:
             return False
-        send = self.last_send  # conn's (fan-out may make another connection the last)
+        send = self.last_send  # conn's, kept: fan-out may close a connection, and its forget clear this
         try:
             if s.claims is not None and not s.claims.may_publish(room):
                 return False  # the decoder's path says why

@@ -10,7 +10,7 @@ cdef class _Stream:
     cdef public Py_ssize_t size
 
 cdef class MemoryBroker:
-    cdef public object _clock, _epoch, _epoch_now, _handler, _lru, _touch, _touched, _sweeper
+    cdef public object _clock, _epoch, _epoch_now, _handler, _lru, _touch, _sweeper
     cdef public dict _streams, _presence
     cdef public set _subscribed, _clients
     cdef public list _sweep_keys

@@ -102,15 +102,12 @@ def _append(broker: MemoryBroker, room: str, stream: _Stream, data: bytes, sende
     if size > 0:
         cost = len(data) + PUB_OVERHEAD
         if items:
-            if room is not broker._touched:  # written: most recently used (unless it is already)
-                broker._touch(room)
-                broker._touched = room
+            broker._touch(room)
             if now < stream.oldest:  # the clock went back
                 stream.oldest = now
         else:
             cost += ROOM_OVERHEAD
             broker._lru[room] = stream
-            broker._touched = room
             stream.oldest = now
         _deque_append(items, (seq, ts, data, sender, info, exclude))
         held = len(items)
@@ -146,8 +143,6 @@ class MemoryBroker:
         #: rooms holding history, least recently used first
         self._lru: collections.OrderedDict[str, _Stream] = collections.OrderedDict()
         self._touch = self._lru.move_to_end  # a room written or read: most recently used
-        #: the room _touch moved to the end of _lru last, while it is still there (else None)
-        self._touched: str | None = None
         self._subscribed: set[str] = set()
         self._clients: set[str] = set()
         self._presence: dict[str, dict[str, Member]] = {}
@@ -203,7 +198,6 @@ class MemoryBroker:
         self.bytes -= stream.bytes  # its ROOM_OVERHEAD
         stream.bytes = 0
         self._lru.pop(room, None)
-        self._touched = None
 
     def _trim(self, room: str, stream: _Stream, size: int, ttl_ms: int, now_ms: int) -> None:
         items = stream.items
@@ -215,10 +209,9 @@ class MemoryBroker:
         horizon = now_ms - ttl_ms
         n = 0
         for held in items:
-            if held[1] < horizon:  # its ts
-                n += 1
-            else:
+            if held[1] >= horizon:  # its ts
                 break
+            n += 1
         if n:
             self._drop(stream, n)
         if items:
@@ -244,7 +237,6 @@ class MemoryBroker:
             stream.bytes = 0
             stream.items.clear()
             del lru[room]
-            self._touched = None
             if room not in self._subscribed:
                 self._forget(room, stream)
 
@@ -360,9 +352,11 @@ class MemoryBroker:
                 self._trim(room, stream, history.size, int(history.ttl * 1000), self._now_ms())
                 if stream.items:
                     self._touch(room)  # read: recently used
-                    self._touched = room
             epoch = stream.epoch
-            items = [_publication(room, h[0], epoch, h[2], h[3], h[1], h[4], h[5]) for h in stream.items]
+            # only what the read gives becomes a Publication (a join's replay reads once per
+            # window, since the last one sent); history_result filters the same again
+            held = stream.items if since is None else [h for h in stream.items if h[0] > since]
+            items = [_publication(room, h[0], epoch, h[2], h[3], h[1], h[4], h[5]) for h in held]
             position = Position(stream.seq, stream.epoch)
         return history_result(items, position, since, limit)
 
